@@ -1,0 +1,38 @@
+"""clipforge: CLIP (Radford et al. 2021) in PyTorch.
+
+The public API is imported lazily, so ``import clipforge`` stays cheap and each name pulls in only
+the module that defines it.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    # models and checkpoints
+    "CLIP": "clipforge.models", "CLIPConfig": "clipforge.models", "list_models": "clipforge.models",
+    "get_model_config": "clipforge.models",
+    "available_models": "clipforge.factory", "create_model": "clipforge.factory",
+    "create_model_and_transforms": "clipforge.factory", "load": "clipforge.factory", "save": "clipforge.factory",
+    # text and images
+    "tokenize": "clipforge.tokenizer", "get_tokenizer": "clipforge.tokenizer", "Tokenizer": "clipforge.tokenizer",
+    "image_transform": "clipforge.transforms",
+    # losses and zero-shot
+    "contrastive_loss": "clipforge.loss", "sigmoid_loss": "clipforge.loss",
+    "build_zeroshot_classifier": "clipforge.zeroshot", "ZeroShotClassifier": "clipforge.zeroshot",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'clipforge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,151 @@
+"""Architecture configuration: frozen dataclasses that round-trip to JSON.
+
+The JSON schema is OpenCLIP's model-config schema (``embed_dim``, ``vision_cfg``, ``text_cfg``,
+``quick_gelu``), so OpenCLIP config files load unchanged; ``text_cfg.encoder = "cbow"`` selects the
+paper's continuous-bag-of-words text baseline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# OpenCLIP keys that do not change the architecture we build, accepted and dropped.
+_IGNORED_KEYS = {"custom_text", "output_tokens", "patch_dropout", "output_dict"}
+# OpenCLIP keys that change the architecture in ways clipforge does not implement; accepted only
+# when they hold their neutral value.
+_NEUTRAL_VALUES = {
+    "timm_model_name": (None,), "hf_model_name": (None,), "ls_init_value": (None,),
+    "attentional_pool": (False,), "no_ln_pre": (False,), "final_ln_after_pool": (False,),
+    "pool_type": ("argmax", "tok"), "proj_bias": (False,), "embed_cls": (False,),
+    "pad_id": (0,), "input_patchnorm": (False,), "global_average_pool": (False,),
+    "act_kwargs": (None, {}), "norm_kwargs": (None, {}), "cast_dtype": (None,),
+    "init_logit_bias": (None,), "proj_type": ("linear",), "tokenizer_kwargs": (None, {}),
+    "hf_tokenizer_name": (None, ""), "text_mask": ("first", "last"),
+}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Image tower: a ViT when ``layers`` is an int, OpenAI's modified ResNet when it is 4 ints."""
+
+    image_size: int = 224
+    layers: int | tuple[int, int, int, int] = 12
+    width: int = 768
+    patch_size: int | None = 32
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.layers, tuple)
+
+    @property
+    def heads(self) -> int:
+        # OpenAI: ViT heads = width / 64; ResNet attention-pool heads = (width * 32) / 64.
+        return (self.width * 32 if self.is_resnet else self.width) // self.head_width
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Text tower: OpenAI's causal Transformer, or ``encoder="cbow"`` (mean of token embeddings)."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    encoder: str = "transformer"
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """A whole CLIP architecture: two towers projected into an ``embed_dim`` joint space."""
+
+    embed_dim: int = 512
+    vision_cfg: VisionConfig = field(default_factory=VisionConfig)
+    text_cfg: TextConfig = field(default_factory=TextConfig)
+    quick_gelu: bool = False
+    init_logit_scale: float = math.log(1 / 0.07)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.vision_cfg.is_resnet:
+            d["vision_cfg"]["layers"] = list(self.vision_cfg.layers)
+            d["vision_cfg"]["patch_size"] = None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def replace(self, **overrides: Any) -> "CLIPConfig":
+        """A copy with overrides; ``image_size=336`` or ``context_length=32`` reach into the towers."""
+        vision = {k: overrides.pop(k) for k in list(overrides) if k in _fields(VisionConfig)}
+        text = {k: overrides.pop(k) for k in list(overrides) if k in _fields(TextConfig)}
+        unknown = set(overrides) - _fields(CLIPConfig)
+        if unknown:
+            raise TypeError(f"unknown model override(s) {sorted(unknown)}; valid ones are "
+                            f"{sorted(_fields(CLIPConfig) | _fields(VisionConfig) | _fields(TextConfig))}")
+        if "layers" in vision and isinstance(vision["layers"], list):
+            vision["layers"] = tuple(vision["layers"])
+        return dataclasses.replace(
+            self, vision_cfg=dataclasses.replace(self.vision_cfg, **vision),
+            text_cfg=dataclasses.replace(self.text_cfg, **text), **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "CLIPConfig":
+        """Build from an OpenCLIP-schema dict; unsupported architecture options raise ValueError."""
+        d = dict(d)
+        if "model_cfg" in d:  # our saved config.json and OpenCLIP's open_clip_config.json
+            d = dict(d["model_cfg"])
+        vision = _section(d.pop("vision_cfg", {}), VisionConfig, f"{source}: vision_cfg")
+        text = _section(d.pop("text_cfg", {}), TextConfig, f"{source}: text_cfg")
+        top = _section(d, CLIPConfig, source, skip={"vision_cfg", "text_cfg"})
+        if isinstance(vision.get("layers"), (list, tuple)):
+            if len(vision["layers"]) != 4:
+                raise ValueError(f"{source}: vision_cfg.layers must be an int (ViT) or 4 ints (ResNet), "
+                                 f"got {vision['layers']}")
+            vision["layers"] = tuple(int(x) for x in vision["layers"])
+            vision["patch_size"] = None
+        elif vision.get("patch_size", 32) is None:
+            raise ValueError(f"{source}: a ViT (integer vision_cfg.layers) needs a patch_size")
+        if text.get("encoder", "transformer") not in ("transformer", "cbow"):
+            raise ValueError(f"{source}: text_cfg.encoder must be 'transformer' or 'cbow', got {text['encoder']!r}")
+        return cls(vision_cfg=VisionConfig(**vision), text_cfg=TextConfig(**text), **top)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CLIPConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read model config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"model config {path} must hold a JSON object")
+        return cls.from_dict(data, source=str(path))
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _section(d: dict[str, Any], cls, where: str, skip: set[str] = frozenset()) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(d).__name__}")
+    known, out = _fields(cls), {}
+    for key, value in d.items():
+        if key in known:
+            out[key] = value
+        elif key in skip or key in _IGNORED_KEYS:
+            continue
+        elif key in _NEUTRAL_VALUES:
+            if value not in _NEUTRAL_VALUES[key]:
+                raise ValueError(f"{where}: option {key}={value!r} is not supported by clipforge "
+                                 f"(only {_NEUTRAL_VALUES[key]!r}); remove it or use OpenCLIP for this model")
+        else:
+            raise ValueError(f"{where}: unknown option {key!r}; valid options are {sorted(known)}")
+    return out
