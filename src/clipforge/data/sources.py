@@ -1,0 +1,332 @@
+"""Image-caption sources for training and evaluation: CSV/TSV files, caption folders, WebDataset tar
+shards in img2dataset's layout (``KEY.jpg`` + ``KEY.txt``) and the built-in shapes data.
+
+Bad samples (unreadable image, missing file, empty caption, ...) are skipped and counted by reason in a
+:class:`~clipforge.data.samples.SkipCounter`, which stops with ``DataSourceError`` once most of a source is bad.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from .samples import BadSample, SkipCounter, check_caption, decode_caption, decode_image, load_image_file
+from .shapes import ShapesDataset
+
+DEFAULT_BUILTIN_SAMPLES = 10_000
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_REMOTE = re.compile(r"^[a-z][a-z0-9+.-]+:", re.IGNORECASE)  # pipe:, http://, s3:// ... (not C:\)
+
+
+class _Strings:
+    """A compact, read-only list of strings: one bytes blob plus offsets.
+
+    Worker processes share it without the copy-on-access that Python lists of str objects cause.
+    """
+
+    def __init__(self, items: list[str]):
+        encoded = [s.encode("utf-8", errors="surrogateescape") for s in items]
+        self._offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        start, end = self._offsets[i], self._offsets[i + 1]
+        return self._blob[start:end].tobytes().decode("utf-8", errors="surrogateescape")
+
+
+class MapSource:
+    """A source with random access: ``len(source)`` samples, ``source.load(i) -> (image, caption)``.
+
+    ``load`` raises :class:`BadSample` for an unusable sample.
+    """
+
+    name: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int) -> tuple[Image.Image, str]:
+        raise NotImplementedError
+
+
+class CsvSource(MapSource):
+    """A CSV or TSV file of image paths and captions; relative paths resolve against the file's folder.
+
+    Rows with a missing, empty or non-UTF-8 caption, or no image path, are skipped while indexing and
+    recorded in ``counter``.
+    """
+
+    def __init__(self, path: str, img_key: str = "filepath", caption_key: str = "caption",
+                 separator: str | None = None, max_pixels: int | None = None, counter: SkipCounter | None = None):
+        self.name, self.max_pixels = path, max_pixels
+        if separator is None:
+            separator = "\t" if Path(path).suffix.lower() in (".tsv", ".tab") else ","
+        folder = os.path.dirname(os.path.abspath(path))
+        paths, captions = [], []
+        counter = counter if counter is not None else SkipCounter()
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            rows = csv.reader(f, delimiter=separator)
+            header = next(rows, None)
+            img_col, cap_col = (_column(header, key, path, separator) for key in (img_key, caption_key))
+            for line, row in enumerate(rows, start=2):
+                where = f"{path} line {line}"
+                try:
+                    image_path = row[img_col].strip() if img_col < len(row) else ""
+                    if not image_path:
+                        raise BadSample("missing_file", f"{where} has no image path")
+                    caption = check_caption(row[cap_col] if cap_col < len(row) else None, where)
+                except BadSample as bad:
+                    counter.record(self.name, bad.reason)
+                    continue
+                paths.append(os.path.join(folder, image_path))
+                captions.append(caption)
+        self._paths, self._captions = _Strings(paths), _Strings(captions)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def load(self, i: int) -> tuple[Image.Image, str]:
+        return load_image_file(self._paths[i], self.max_pixels), self._captions[i]
+
+
+def _column(header: list[str] | None, key: str, path: str, separator: str) -> int:
+    if not header:
+        raise ValueError(f"{path} is empty; expected a header row naming the image and caption columns")
+    names = [h.strip() for h in header]
+    if key not in names:
+        raise ValueError(f"{path} has no column {key!r} (separator {separator!r}); its columns are {names}. "
+                         "Pass the right names (csv_img_key / csv_caption_key) or csv_separator.")
+    return names.index(key)
+
+
+class FolderSource(MapSource):
+    """A folder searched recursively for images with a same-name ``.txt`` caption (``x.jpg`` + ``x.txt``).
+
+    Images without a caption file are skipped while indexing and recorded in ``counter``.
+    """
+
+    def __init__(self, folder: str, max_pixels: int | None = None, counter: SkipCounter | None = None):
+        self.name, self.max_pixels = folder, max_pixels
+        counter = counter if counter is not None else SkipCounter()
+        paths = []
+        for image in _image_files(folder):
+            if os.path.exists(os.path.splitext(image)[0] + ".txt"):
+                paths.append(image)
+            else:
+                counter.record(self.name, "missing_caption")
+        if not paths and not counter.seen[self.name]:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+        self._paths = _Strings(paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def load(self, i: int) -> tuple[Image.Image, str]:
+        path = self._paths[i]
+        caption_path = os.path.splitext(path)[0] + ".txt"
+        try:
+            with open(caption_path, "rb") as f:
+                caption = decode_caption(f.read(), caption_path)
+        except FileNotFoundError:
+            raise BadSample("missing_caption", f"{caption_path} does not exist") from None
+        return load_image_file(path, self.max_pixels), caption
+
+
+def _image_files(folder: str) -> list[str]:
+    """Image files under ``folder``, recursively, in a fixed (sorted) order."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+class BuiltinSource(MapSource):
+    """The generated shapes data (training split), ``num_samples`` samples rendered at ``image_size``."""
+
+    def __init__(self, num_samples: int = DEFAULT_BUILTIN_SAMPLES, image_size: int = 64, seed: int = 0):
+        self.name = f"builtin:{num_samples}"
+        self.dataset = ShapesDataset(num_samples, "train", seed=seed, image_size=image_size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, i: int) -> tuple[Image.Image, str]:
+        return self.dataset[i]
+
+
+class ShardSource:
+    """WebDataset tar shards in img2dataset's layout: ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt`` [+ ``KEY.json``].
+
+    ``spec`` is a shard path or URL with brace ranges (``shards/{00000..00127}.tar``) or a folder of
+    ``.tar`` files. Shards are read with the ``webdataset`` package.
+    """
+
+    def __init__(self, spec: str, max_pixels: int | None = None):
+        self.name, self.max_pixels = spec, max_pixels
+        self.urls = _expand_shards(spec)
+        missing = [u for u in self.urls if not _REMOTE.match(u) and not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shards of {spec!r} do not exist, "
+                                    f"e.g. {missing[0]}; check the path and the brace range")
+
+    def size(self) -> int | None:
+        """Samples in all shards: from ``sizes.json`` beside them (shard name -> count), img2dataset's
+        ``*_stats.json``, or by reading the tar headers of local shards; None if unknown (remote)."""
+        listed = {}  # folder -> its sizes.json, read once per call
+        sizes = [_shard_size(u, listed) for u in self.urls]
+        return None if None in sizes else sum(sizes)
+
+    def raw_samples(self, urls, counter: SkipCounter) -> Iterator[dict]:
+        """Undecoded samples (dicts of member bytes by extension, plus ``__key__``/``__url__``) of ``urls``
+        in order; a shard that cannot be opened or read to its end is counted once in ``counter``."""
+        import webdataset as wds
+
+        for url in urls:
+            errors = []
+
+            def keep_going(error: Exception) -> bool:
+                errors.append(error)
+                return True
+
+            yield from wds.tarfile_samples([{"url": url}], handler=keep_going)
+            if errors:
+                counter.record(self.name, "unreadable_shard")
+
+    def decode(self, raw: dict) -> tuple[Image.Image, str]:
+        """The (image, caption) of a raw sample; raises :class:`BadSample`."""
+        name = f"{raw.get('__url__')}:{raw.get('__key__')}"
+        ext = next((e for e in SHARD_IMAGE_KEYS if e in raw), None)
+        if ext is None:
+            raise BadSample("missing_image", f"{name} has no {'/'.join(SHARD_IMAGE_KEYS)} member")
+        caption = decode_caption(raw.get("txt"), f"{name}.txt")
+        return decode_image(raw[ext], f"{name}.{ext}", self.max_pixels), caption
+
+
+def _expand_shards(spec: str) -> list[str]:
+    if os.path.isdir(spec):
+        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
+        if not urls:
+            raise FileNotFoundError(f"no .tar shards in folder {spec}")
+        return urls
+    try:
+        from webdataset.shardlists import expand_urls
+    except ImportError:
+        raise ImportError("WebDataset sources need the 'webdataset' package: pip install 'clipforge[train]'") from None
+    return expand_urls(spec)  # brace ranges and lists: shards/{00000..00127}.tar
+
+
+def _shard_size(url: str, listed: dict) -> int | None:
+    if _REMOTE.match(url):
+        return None
+    folder, name = os.path.split(url)
+    if folder not in listed:
+        listed[folder] = _sizes_json(folder)
+    sizes = listed[folder]
+    if name in sizes:
+        return int(sizes[name])
+    stats_file = os.path.splitext(url)[0] + "_stats.json"
+    if os.path.isfile(stats_file):
+        return int(json.loads(Path(stats_file).read_text())["successes"])
+    return _count_tar_keys(url)
+
+
+def _sizes_json(folder: str) -> dict:
+    """``folder/sizes.json`` (shard file name -> sample count, OpenCLIP's convention), or {}."""
+    path = os.path.join(folder, "sizes.json")
+    return json.loads(Path(path).read_text()) if os.path.isfile(path) else {}
+
+
+def _count_tar_keys(path: str) -> int:
+    """Distinct sample keys among a tar's regular files (headers only; a damaged tail is ignored)."""
+    keys = set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.isreg() and "." in os.path.basename(member.name):
+                    folder, base = os.path.split(member.name)
+                    keys.add(os.path.join(folder, base.split(".", 1)[0]))
+    except (tarfile.TarError, OSError):
+        pass
+    return len(keys)
+
+
+def source_kind(part: str) -> str:
+    """Which kind of source a spec part names: "builtin", "csv", "folder" or "shards"."""
+    lower = part.lower()
+    if lower == "builtin" or lower.startswith("builtin:"):
+        return "builtin"
+    if lower.endswith((".tar", ".tar.gz", ".tgz")) or (".tar" in lower and ("{" in lower or _REMOTE.match(part))):
+        return "shards"
+    if lower.endswith((".csv", ".tsv", ".tab")):
+        return "csv"
+    if os.path.isdir(part):
+        has_tars = any(Path(part).glob("*.tar"))
+        return "shards" if has_tars and not _image_files(part) else "folder"
+    raise FileNotFoundError(f"training data {part!r} is not a CSV/TSV file, a folder, WebDataset shards "
+                            "(*.tar, brace ranges allowed) or 'builtin[:N]'" +
+                            ("" if os.path.exists(part) else " (no such file or folder)"))
+
+
+def open_sources(spec: str, *, counter: SkipCounter | None = None, max_pixels: int | None = None,
+                 csv_img_key: str = "filepath", csv_caption_key: str = "caption", csv_separator: str | None = None,
+                 builtin_samples: int | None = None, builtin_image_size: int = 64) -> list:
+    """Open each ``::``-separated part of ``spec`` as a :class:`MapSource` or :class:`ShardSource`.
+
+    ``builtin`` uses ``builtin_samples`` (default 10,000) unless written ``builtin:N``. Problems found
+    while indexing (e.g. CSV rows with empty captions) are recorded in ``counter``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"training data spec must be a non-empty string, got {spec!r}")
+    counter = counter if counter is not None else SkipCounter()
+    sources = []
+    for part in (p.strip() for p in spec.split("::")):
+        kind = source_kind(part)
+        if kind == "builtin":
+            count = part.partition(":")[2]
+            if count and not count.isdigit():
+                raise ValueError(f"{part!r}: expected 'builtin' or 'builtin:N' with N a number of samples")
+            n = int(count) if count else builtin_samples or DEFAULT_BUILTIN_SAMPLES
+            sources.append(BuiltinSource(n, builtin_image_size))
+        elif kind == "csv":
+            sources.append(CsvSource(part, csv_img_key, csv_caption_key, csv_separator, max_pixels, counter))
+        elif kind == "folder":
+            sources.append(FolderSource(part, max_pixels, counter))
+        else:
+            sources.append(ShardSource(part, max_pixels))
+    counter.check()
+    return sources
+
+
+def iter_pairs(spec: str, *, counter: SkipCounter | None = None, **options) -> Iterator[tuple[Image.Image, str]]:
+    """Every good (image, caption) pair of ``spec`` in source order, skipping and counting bad samples.
+
+    ``options`` are those of :func:`open_sources`. Raises :class:`DataSourceError` once a source is
+    mostly bad. Pass a ``counter`` to read the skip counts afterwards.
+    """
+    counter = counter if counter is not None else SkipCounter()
+    for source in open_sources(spec, counter=counter, **options):
+        if isinstance(source, ShardSource):
+            samples = ((source.decode, raw) for raw in source.raw_samples(source.urls, counter))
+        else:
+            samples = ((source.load, i) for i in range(len(source)))
+        for read, item in samples:
+            try:
+                pair = read(item)
+            except BadSample as bad:
+                counter.record(source.name, bad.reason)
+                counter.check()
+                continue
+            counter.record(source.name)
+            yield pair
