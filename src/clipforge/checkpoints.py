@@ -1,0 +1,397 @@
+"""CLIP checkpoints in and out: clipforge folders, OpenAI's TorchScript/state-dict files, OpenCLIP and HF.
+
+Our format is a folder holding ``model.safetensors`` and ``config.json`` (``model_cfg``, ``preprocess_cfg``),
+so loading it never guesses. Foreign weights are converted to OpenAI's key layout; a file without a config
+gets its architecture read from tensor shapes, as OpenAI's ``clip.model.build_model`` does.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import uuid
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .hf import config_from_hf, config_to_hf, hf_to_openai, is_hf_state_dict, openai_to_hf
+from .models.clip import CLIP
+from .models.config import CLIPConfig
+from .transforms import PreprocessConfig
+
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+FORMAT, FORMAT_VERSION = "clipforge", 1
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # scalars in OpenAI's archives
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    """Weights in OpenAI's key layout, with the config and preprocessing they came with (if any)."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: CLIPConfig | None  # None: a foreign file without a config; see infer_config
+    preprocess: PreprocessConfig | None
+    path: Path
+    format: str  # "clipforge", "hf", "open_clip", "torchscript", "safetensors" or "torch"
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read any supported checkpoint file or folder into OpenAI's layout.
+
+    Files: OpenAI's TorchScript archives and state dicts, OpenCLIP ``.pt``/``.bin``/``.safetensors``
+    (with or without a ``state_dict`` wrapper or ``module.`` prefixes). Folders: ours, Hugging Face
+    ``CLIPModel`` (``config.json`` + weights), OpenCLIP hub folders, and training run directories
+    (the newest complete ``checkpoints/step_*``).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return _read_folder(path)
+    tensors, kind = read_tensors(path)
+    return Checkpoint(tensors, None, None, path, kind)
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A weights file -> (state dict in OpenAI's layout, file kind); never unpickles arbitrary objects."""
+    kind = _sniff(path)
+    try:
+        if kind == "safetensors":
+            obj = load_file(str(path))
+        elif kind == "torchscript":  # OpenAI's release format: only the tensors are kept
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                obj = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if (found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e))) is None:
+            raise CheckpointError(f"{path}: cannot read this {kind} file; it is truncated or corrupt (not a "
+                                  f"valid pickle). Download or save it again") from e
+        raise CheckpointError(
+            f"{path}: refusing to load it: it holds a pickled Python object ({found.group(1)}) besides tensors, "
+            f"and unpickling one can run arbitrary code. Re-save just its state dict with torch.save or "
+            f"safetensors") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # every reader has its own error types for damaged files
+        raise CheckpointError(f"{path}: cannot read this {kind} file; it is truncated or corrupt "
+                              f"({type(e).__name__}: {e}). Download or save it again") from e
+    return _to_openai_layout(_unwrap(obj, path)), kind
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty")
+    if head.startswith(b"PK\x03\x04"):  # a zip: torch.save's format, or a TorchScript archive
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile as e:
+            raise CheckpointError(f"{path}: the zip archive is truncated or corrupt ({e}); download or "
+                                  f"save it again") from e
+        return "torchscript" if any(n.endswith("/constants.pkl") for n in names) else "torch"
+    header_len = int.from_bytes(head[:8], "little")
+    if path.suffix == ".safetensors" or (head[8:9] == b"{" and header_len < path.stat().st_size):
+        return "safetensors"
+    return "torch"  # legacy (pre-zip) torch.save files
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model"):  # OpenCLIP's {"epoch", "name", "state_dict", "optimizer"}
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = [str(k) for k in obj][:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: holds no state dict of tensors (found {found}); expected a CLIP "
+                              f"state dict, optionally wrapped as {{'state_dict': ...}}")
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def _to_openai_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if is_hf_state_dict(state_dict):
+        state_dict = hf_to_openai(state_dict)
+    return {k: v for k, v in state_dict.items() if k not in _OPENAI_EXTRA_KEYS}
+
+
+def _read_folder(path: Path) -> Checkpoint:
+    if (path / "checkpoints").is_dir():
+        return _read_folder(latest_checkpoint(path))
+    if (path / "open_clip_config.json").is_file():
+        source = str(path / "open_clip_config.json")
+        meta = _read_json(path / "open_clip_config.json")
+        tensors, _ = read_tensors(_weights_file(path, _OPEN_CLIP_WEIGHTS))
+        return Checkpoint(tensors, CLIPConfig.from_dict(meta, source=source), _preprocess(meta, source),
+                          path, "open_clip")
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        detail = "; it holds model.safetensors but no config.json: an incomplete (interrupted?) save" \
+            if (path / WEIGHTS_NAME).is_file() else f"; it holds {sorted(p.name for p in path.iterdir())[:8]}"
+        raise CheckpointError(
+            f"folder {path} is not a checkpoint: it has neither clipforge's files (model.safetensors + "
+            f"config.json) nor a Hugging Face CLIPModel's (config.json + model.safetensors or "
+            f"pytorch_model.bin){detail}")
+    meta = _read_json(config_path)
+    if meta.get("format") == FORMAT:
+        return _read_ours(path, meta)
+    if meta.get("model_type") == "clip" or "vision_config" in meta:
+        tensors, _ = read_tensors(_weights_file(path, _HF_WEIGHTS))
+        return Checkpoint(tensors, config_from_hf(meta, source=str(config_path)), None, path, "hf")
+    raise CheckpointError(f"{config_path}: neither a clipforge checkpoint config (\"format\": \"clipforge\") "
+                          f"nor a Hugging Face CLIPModel config (\"model_type\": \"clip\")")
+
+
+def _read_ours(path: Path, meta: dict[str, Any]) -> Checkpoint:
+    if int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path / CONFIG_NAME}: written by a newer clipforge (format version "
+                              f"{meta['version']} > {FORMAT_VERSION}); upgrade clipforge to load it")
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: has config.json but no {WEIGHTS_NAME}")
+    tensors, _ = read_tensors(weights)
+    source = str(path / CONFIG_NAME)
+    return Checkpoint(tensors, CLIPConfig.from_dict(meta, source=source), _preprocess(meta, source), path, FORMAT)
+
+
+def _preprocess(meta: dict[str, Any], source: str) -> PreprocessConfig | None:
+    cfg = meta.get("preprocess_cfg")
+    return None if cfg is None else PreprocessConfig.from_dict(cfg, source=f"{source}: preprocess_cfg")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is truncated or corrupt") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _weights_file(folder: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"folder {folder} has a config but no weights file (one of {', '.join(names)})")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete ``checkpoints/step_*`` folder (with model.safetensors and config.json) of a run."""
+    run_dir = Path(run_dir)
+    steps = []
+    for p in (run_dir / "checkpoints").iterdir():
+        if p.is_dir() and (m := re.fullmatch(r"step_(\d+)", p.name)):
+            steps.append((int(m.group(1)), p))
+    for _, folder in sorted(steps, reverse=True):
+        if (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file():
+            return folder
+    raise CheckpointError(f"run directory {run_dir} has no complete checkpoint: no checkpoints/step_* folder "
+                          f"holds both {WEIGHTS_NAME} and {CONFIG_NAME} (found {len(steps)} step folders)")
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True,
+                 source: str = "state dict") -> CLIPConfig:
+    """Read the architecture from tensor shapes, as OpenAI's ``build_model`` does.
+
+    Attention heads are not visible in shapes: OpenAI's rule (64 channels per head) is assumed, and
+    ``quick_gelu`` defaults to True as OpenAI's weights were trained with it.
+    """
+    try:
+        vision = _infer_vision(state_dict)
+        text = _infer_text(state_dict)
+        embed_dim = state_dict["text_projection"].shape[1]
+    except KeyError as e:
+        raise CheckpointError(f"{source}: cannot infer the architecture, key {e} is missing; this does not look "
+                              f"like a CLIP checkpoint (its first keys: {sorted(state_dict)[:6]})") from e
+    return CLIPConfig.from_dict({"embed_dim": embed_dim, "quick_gelu": quick_gelu,
+                                 "vision_cfg": vision, "text_cfg": text}, source=source)
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+
+def _head_width(width: int) -> int:
+    return math.gcd(width, 64)  # 64 for every OpenAI width; a divisor of any other
+
+
+def _infer_vision(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    if "visual.proj" in sd:  # ViT
+        width, _, patch, _ = sd["visual.conv1.weight"].shape
+        grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+        return {"image_size": patch * grid, "layers": _count_blocks(sd, "visual.transformer.resblocks."),
+                "width": width, "patch_size": patch, "head_width": _head_width(width),
+                "mlp_ratio": sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width}
+    layers = [_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5)]
+    grid = math.isqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)  # image_size / 32
+    width = sd["visual.layer1.0.conv1.weight"].shape[0]
+    return {"image_size": grid * 32, "layers": layers, "width": width, "head_width": _head_width(width * 32)}
+
+
+def _infer_text(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    vocab_size, width = sd["token_embedding.weight"].shape
+    if "positional_embedding" not in sd:  # the CBOW baseline has no positions and no Transformer
+        return {"vocab_size": vocab_size, "width": width, "encoder": "cbow"}
+    return {"context_length": sd["positional_embedding"].shape[0], "vocab_size": vocab_size, "width": width,
+            "heads": width // _head_width(width), "layers": _count_blocks(sd, "transformer.resblocks."),
+            "mlp_ratio": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width}
+
+
+def resize_positional_embeddings(state_dict: dict[str, torch.Tensor],
+                                 model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Fit positional embeddings to the model: image grids by bicubic interpolation, text by truncation.
+
+    The class-token (ViT) or mean-token (ResNet attention pool) row is kept as is; the text rows are
+    truncated only (a causal model's first positions do not depend on later ones).
+    """
+    target = model.state_dict()
+    out = dict(state_dict)
+    for key in ("visual.positional_embedding", "visual.attnpool.positional_embedding"):
+        if key in out and key in target and out[key].shape != target[key].shape:
+            out[key] = _resize_grid(out[key], target[key].shape[0])
+    key = "positional_embedding"
+    if key in out and key in target and out[key].shape[0] > target[key].shape[0]:
+        out[key] = out[key][: target[key].shape[0]]
+    return out
+
+
+def _resize_grid(pos: torch.Tensor, new_len: int) -> torch.Tensor:
+    old, new = math.isqrt(pos.shape[0] - 1), math.isqrt(new_len - 1)
+    if old * old != pos.shape[0] - 1 or new * new != new_len - 1:
+        return pos  # not square grids: left for the shape check to report
+    grid = pos[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1)  # (new*new, D)
+    return torch.cat([pos[:1], grid.to(pos.dtype)], dim=0)
+
+
+def load_weights(model: CLIP, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                 assign: bool = False) -> None:
+    """Strictly load OpenAI-layout weights, resizing positional embeddings; mismatches raise CheckpointError."""
+    state_dict = resize_positional_embeddings(state_dict, model)
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(target))
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+                  for k, v in state_dict.items() if k in target and v.shape != target[k].shape]
+    problems = [f"{label} ({len(items)}): {'; '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("shape mismatches", mismatched), ("missing keys", missing),
+                                     ("unexpected keys", unexpected)) if items]
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit the model architecture -- {' | '.join(problems)}. Is it a checkpoint of "
+            f"another architecture? clipforge.load(path) reads a checkpoint's own config (or infers it)")
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, config: CLIPConfig | None = None, **overrides: Any) -> CLIP:
+    """A CLIP (fp32, CPU) holding the checkpoint's weights.
+
+    The architecture is ``config`` if given, else the checkpoint's own, else inferred from shapes; then
+    ``overrides`` (e.g. ``image_size=336``) are applied and positional embeddings resized to fit.
+    """
+    config = config or checkpoint.config or infer_config(checkpoint.state_dict, source=str(checkpoint.path))
+    config = config.replace(**overrides) if overrides else config
+    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+        model = CLIP(config)
+    # Copies: the model must not share storage with the checkpoint (which may build another model).
+    state_dict = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+                  for k, v in checkpoint.state_dict.items()}
+    load_weights(model, state_dict, str(checkpoint.path), assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer: not in any state dict, so assign=True cannot fill it
+        raise RuntimeError(f"clipforge bug: {left} are not restored from a checkpoint; build the model on CPU")
+    return model
+
+
+def save(model: CLIP, folder: str | Path, preprocess: Any = None) -> Path:
+    """Save ``model`` as a clipforge checkpoint folder: ``model.safetensors`` + ``config.json``.
+
+    ``preprocess`` is a ``PreprocessConfig``, its dict, or a transform from ``load`` (default: OpenAI's
+    preprocessing at the model's image size). Files are written to temporaries and renamed,
+    ``config.json`` last, so an interrupted save never leaves a folder that looks complete.
+    """
+    if preprocess is None:
+        preprocess = PreprocessConfig(image_size=model.image_size)
+    if isinstance(preprocess, dict):
+        preprocess = PreprocessConfig.from_dict(preprocess)
+    preprocess = getattr(preprocess, "config", preprocess)  # EvalTransform / TrainTransform carry theirs
+    if not isinstance(preprocess, PreprocessConfig):
+        raise TypeError(f"preprocess must be a PreprocessConfig, its dict, a transform or None, "
+                        f"got {type(preprocess).__name__}")
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "clipforge_version": __version__,
+            "model_cfg": model.config.to_dict(), "preprocess_cfg": preprocess.to_dict()}
+    return _write_folder(Path(folder), _cpu_tensors(model.state_dict()), meta)
+
+
+def export_hf(model: CLIP, folder: str | Path) -> Path:
+    """Write ``model`` as a Hugging Face ``CLIPModel`` folder (``config.json`` + ``model.safetensors``).
+
+    ``transformers.CLIPModel.from_pretrained(folder)`` then gives the same features. ViT models with
+    the Transformer text tower only: HF has no ResNet or CBOW CLIP.
+    """
+    meta = config_to_hf(model.config, model.logit_scale.item())
+    return _write_folder(Path(folder), openai_to_hf(_cpu_tensors(model.state_dict())), meta)
+
+
+def _cpu_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+
+def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder, {
+        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2)),
+    })
+    return folder
+
+
+def _write_atomically(folder: Path, writers: dict[str, Callable[[Path], Any]]) -> None:
+    """Write each file to a temporary, fsync, then rename into place; the last one marks completion."""
+    tag = uuid.uuid4().hex[:8]
+    temps = {name: folder / f".{name}.{tag}.tmp" for name in writers}
+    try:
+        for name, write in writers.items():
+            write(temps[name])
+            _fsync(temps[name])
+        marker = list(writers)[-1]
+        (folder / marker).unlink(missing_ok=True)  # an old marker must not vouch for new weights
+        for name in writers:
+            os.replace(temps[name], folder / name)
+        if os.name == "posix":  # directories cannot be opened for fsync on Windows
+            _fsync(folder)
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,161 @@
+"""Conversion between OpenAI's CLIP state-dict layout and Hugging Face ``transformers.CLIPModel``'s.
+
+HF splits each fused attention input projection into ``q_proj``/``k_proj``/``v_proj``, stores the
+two output projections as transposed ``nn.Linear`` weights and renames every module; the config is
+HF's ``CLIPConfig`` JSON (``text_config``, ``vision_config``, ``projection_dim``). ViT models only.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from .models.config import CLIPConfig
+
+# HF's defaults for keys a config.json may leave out (transformers' CLIPTextConfig / CLIPVisionConfig).
+_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                  "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                  "layer_norm_eps": 1e-5}
+_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                    "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
+                    "layer_norm_eps": 1e-5}
+_ACTIVATIONS = {"quick_gelu": True, "gelu": False}  # HF hidden_act -> CLIPConfig.quick_gelu
+
+# Renames outside the Transformer blocks: OpenAI key -> HF key.
+_TOP_LEVEL = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",  # sic: HF's spelling
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "logit_scale": "logit_scale",
+}
+_PROJECTIONS = {"text_projection": "text_projection.weight", "visual.proj": "visual_projection.weight"}
+# Renames inside one block: OpenAI suffix -> HF suffix (the fused in_proj is handled separately).
+_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+          "attn.out_proj": "self_attn.out_proj"}
+_TOWERS = {"transformer.resblocks.": "text_model.encoder.layers.",
+           "visual.transformer.resblocks.": "vision_model.encoder.layers."}
+_FROM_HF = {hf: ours for ours, hf in _TOP_LEVEL.items()}
+_PROJECTIONS_FROM_HF = {hf: ours for ours, hf in _PROJECTIONS.items()}
+_BLOCK_FROM_HF = {hf: ours for ours, hf in _BLOCK.items()}
+_HF_BLOCK = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def is_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    """True when the keys are in ``transformers.CLIPModel``'s layout."""
+    return any(k.startswith(("text_model.", "vision_model.")) for k in state_dict)
+
+
+def hf_to_openai(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An HF ``CLIPModel`` state dict in OpenAI's layout (q/k/v fused, projections transposed)."""
+    out, qkv = {}, {}
+    for key, value in state_dict.items():
+        if key.endswith("embeddings.position_ids"):  # a non-learned buffer that old HF files saved
+            continue
+        if key in _FROM_HF:
+            out[_FROM_HF[key]] = value
+        elif key in _PROJECTIONS_FROM_HF:
+            out[_PROJECTIONS_FROM_HF[key]] = value.t().contiguous()  # nn.Linear (out, in) -> OpenAI's (in, out) matrix
+        elif (m := _HF_BLOCK.match(key)) is not None:
+            tower, index, module, kind = m.groups()
+            prefix = ("transformer.resblocks." if tower == "text_model" else "visual.transformer.resblocks.") + index
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault(f"{prefix}.attn.in_proj_{kind}", {})[module.split(".")[1][0]] = value
+            else:
+                out[f"{prefix}.{_BLOCK_FROM_HF.get(module, module)}.{kind}"] = value
+        else:
+            out[key] = value  # left as is: the strict load reports it as unexpected
+    for key, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"HF checkpoint has only the {sorted(parts)} projections for {key}; q, k and v are needed")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # (3D, D) or (3D,)
+    return out
+
+
+def openai_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An OpenAI-layout ViT CLIP state dict in ``transformers.CLIPModel``'s layout."""
+    out = {}
+    for key, value in state_dict.items():
+        if key in _TOP_LEVEL:
+            out[_TOP_LEVEL[key]] = value
+        elif key in _PROJECTIONS:
+            out[_PROJECTIONS[key]] = value.t().contiguous()  # (in, out) -> nn.Linear's (out, in)
+        else:
+            tower = next((t for t in sorted(_TOWERS, key=len, reverse=True) if key.startswith(t)), None)
+            if tower is None:
+                raise ValueError(f"state-dict key {key!r} has no Hugging Face CLIPModel equivalent")
+            index, rest = key[len(tower):].split(".", 1)
+            prefix = f"{_TOWERS[tower]}{index}"
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rsplit("_", 1)[1]  # "weight" or "bias"
+                for name, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{prefix}.self_attn.{name}_proj.{kind}"] = part.contiguous()
+            else:
+                module, kind = rest.rsplit(".", 1)
+                out[f"{prefix}.{_BLOCK[module]}.{kind}"] = value
+    return out
+
+
+def config_from_hf(hf_config: dict[str, Any], source: str = "config.json") -> CLIPConfig:
+    """A ``CLIPConfig`` from an HF ``CLIPModel`` config.json dict."""
+    text = {**_TEXT_DEFAULTS, **(hf_config.get("text_config") or {})}
+    vision = {**_VISION_DEFAULTS, **(hf_config.get("vision_config") or {})}
+    acts = {text["hidden_act"], vision["hidden_act"]}
+    if len(acts) != 1 or not acts <= set(_ACTIVATIONS):
+        raise ValueError(f"{source}: hidden_act {sorted(acts)} is not supported; clipforge needs one of "
+                         f"{sorted(_ACTIVATIONS)} shared by both towers")
+    for name, section in (("text_config", text), ("vision_config", vision)):
+        if abs(float(section["layer_norm_eps"]) - 1e-5) > 1e-12:
+            raise ValueError(f"{source}: {name}.layer_norm_eps={section['layer_norm_eps']} is not supported "
+                             f"(clipforge's LayerNorm uses 1e-5)")
+    image_size, patch_size = vision["image_size"], vision["patch_size"]
+    if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
+        raise ValueError(f"{source}: only square images and patches are supported, got image_size={image_size}, "
+                         f"patch_size={patch_size}")
+    return CLIPConfig.from_dict({
+        "embed_dim": hf_config.get("projection_dim", 512),
+        "quick_gelu": _ACTIVATIONS[acts.pop()],
+        "vision_cfg": {"image_size": image_size, "layers": vision["num_hidden_layers"],
+                       "width": vision["hidden_size"], "patch_size": patch_size,
+                       "head_width": vision["hidden_size"] // vision["num_attention_heads"],
+                       "mlp_ratio": vision["intermediate_size"] / vision["hidden_size"]},
+        "text_cfg": {"context_length": text["max_position_embeddings"], "vocab_size": text["vocab_size"],
+                     "width": text["hidden_size"], "heads": text["num_attention_heads"],
+                     "layers": text["num_hidden_layers"],
+                     "mlp_ratio": text["intermediate_size"] / text["hidden_size"]},
+    }, source=source)
+
+
+def config_to_hf(cfg: CLIPConfig, logit_scale: float) -> dict[str, Any]:
+    """HF ``CLIPModel`` config.json contents for a ViT ``CLIPConfig``."""
+    if cfg.vision_cfg.is_resnet:
+        raise ValueError("cannot export a ResNet CLIP to the Hugging Face layout: transformers' CLIPModel has "
+                         "only a ViT image tower. Save it with clipforge.save(model, folder) instead")
+    if cfg.text_cfg.encoder != "transformer":
+        raise ValueError(f"cannot export a {cfg.text_cfg.encoder!r} text encoder to the Hugging Face layout: "
+                         "transformers' CLIPModel has only the Transformer text tower")
+    v, t = cfg.vision_cfg, cfg.text_cfg
+    act = "quick_gelu" if cfg.quick_gelu else "gelu"
+    return {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": logit_scale,
+        # HF pools the text at the first eos_token_id; clipforge pools at the largest id, which for
+        # OpenAI's vocabulary is end-of-text (49407), so eos = vocab_size - 1 and bos the one below.
+        "text_config": {"vocab_size": t.vocab_size, "hidden_size": t.width,
+                        "intermediate_size": int(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
+                        "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
+                        "hidden_act": act, "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim,
+                        "bos_token_id": t.vocab_size - 2, "eos_token_id": t.vocab_size - 1, "pad_token_id": 1},
+        "vision_config": {"hidden_size": v.width, "intermediate_size": int(v.width * v.mlp_ratio),
+                          "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "num_channels": 3,
+                          "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": act,
+                          "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim},
+    }

@@ -1,0 +1,115 @@
+"""The model contract: reference parity, parameter counts, CBOW, grad checkpointing, freezing, fp32 LayerNorm."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipforge.models import CLIP, CLIPConfig, get_model_config
+from clipforge.models.layers import LayerNorm
+
+DATA = "tests/data"
+
+PARAM_COUNTS = {
+    "RN50": 102_007_137, "RN101": 119_688_033, "RN50x4": 178_300_601, "RN50x16": 290_979_217,
+    "RN50x64": 623_258_305, "ViT-B/32": 151_277_313, "ViT-B/16": 149_620_737, "ViT-L/14": 427_616_513,
+    "ViT-L/14@336px": 427_944_193,
+}
+
+
+def _tokens(n: int, length: int, context_length: int, vocab_size: int = 49408) -> torch.Tensor:
+    """Token rows shaped like the tokenizer's: start, words, end-of-text (the largest id), padding."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(n, context_length, dtype=torch.long)
+    tokens[:, 0] = vocab_size - 2
+    tokens[:, 1:length + 1] = torch.randint(1, vocab_size - 2, (n, length), generator=g)
+    tokens[:, length + 1] = vocab_size - 1
+    return tokens
+
+
+@pytest.mark.parametrize("name", ["tiny_rn", "tiny_vit"])
+def test_reference_parity(name):
+    model = CLIP(CLIPConfig.from_json(f"{DATA}/{name}.json")).eval()
+    model.load_state_dict(load_file(f"{DATA}/{name}.safetensors"), strict=True)
+    ref = load_file(f"{DATA}/{name}_io.safetensors")
+    with torch.no_grad():
+        image_features = model.encode_image(ref["images"])
+        text_features = model.encode_text(ref["tokens"])
+        logits_per_image, logits_per_text = model(ref["images"], ref["tokens"])
+    torch.testing.assert_close(image_features, ref["image_features"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text_features, ref["text_features"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_per_image, ref["logits_per_image"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_per_text, ref["logits_per_image"].t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_named_architectures_parameter_counts(name):
+    with torch.device("meta"):
+        model = CLIP(get_model_config(name))
+    assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[name]
+
+
+def test_cbow_text_encoder_is_a_bag_of_words():
+    torch.manual_seed(0)
+    model = CLIP(get_model_config("tiny-vit-cbow")).eval()
+    tokens = _tokens(2, 5, model.context_length)
+    shuffled = tokens.clone()
+    shuffled[:, 1:6] = tokens[:, [5, 3, 1, 4, 2]]  # same words, other order
+    with torch.no_grad():
+        features = model.encode_text(tokens)
+        assert features.shape == (2, 128) and torch.isfinite(features).all()
+        torch.testing.assert_close(model.encode_text(shuffled), features)
+        assert not torch.allclose(features[0], features[1])
+        images = torch.randn(2, 3, 32, 32)
+        assert model(images, tokens)[0].shape == (2, 2)
+
+
+def _loss_and_grads(model: CLIP, images: torch.Tensor, tokens: torch.Tensor):
+    model.zero_grad()
+    logits, _ = model(images, tokens)
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(images)))
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_rn"])
+def test_grad_checkpointing_gives_the_same_outputs_and_grads(name):
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig.from_json(f"{DATA}/{name}.json")).eval()  # eval: fixed BatchNorm statistics
+    images, tokens = torch.randn(3, 3, 64, 64), _tokens(3, 4, model.context_length, model.vocab_size)
+    logits, grads = _loss_and_grads(model, images, tokens)
+    model.set_grad_checkpointing(True)
+    logits_ckpt, grads_ckpt = _loss_and_grads(model, images, tokens)
+    torch.testing.assert_close(logits_ckpt, logits)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for name_ in grads:
+        torch.testing.assert_close(grads_ckpt[name_], grads[name_], atol=1e-6, rtol=1e-5)
+
+
+def test_freeze_image_tower_locks_weights_and_batchnorm():
+    torch.manual_seed(0)
+    model = CLIP(get_model_config("tiny-rn"))
+    model.freeze(image=True)
+    model.train()
+    assert not model.visual.training and model.transformer.training
+    bn_mean = model.visual.bn1.running_mean.clone()
+    _, grads = _loss_and_grads(model, torch.randn(2, 3, 64, 64), _tokens(2, 3, model.context_length))
+    assert all(not p.requires_grad for p in model.visual.parameters())
+    assert not any(n.startswith("visual.") for n in grads)
+    assert "token_embedding.weight" in grads and "logit_scale" in grads
+    torch.testing.assert_close(model.visual.bn1.running_mean, bn_mean)
+    model.freeze(text=True)
+    assert all(p.requires_grad for p in model.visual.parameters())
+    assert not any(p.requires_grad for p in model.text_parameters())
+
+
+def test_fp32_layernorm_under_bf16_autocast():
+    torch.manual_seed(0)
+    norm = LayerNorm(16)
+    x = (torch.randn(4, 16) * 1e3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), torch.nn.functional.layer_norm(x.float(), (16,)), atol=2e-2, rtol=1e-2)
+    model = CLIP(get_model_config("tiny-vit")).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.encode_image(torch.randn(2, 3, 32, 32))
+    assert features.dtype == torch.bfloat16 and torch.isfinite(features).all()
