@@ -1,0 +1,478 @@
+"""CLIP's byte-level BPE tokenizer (Radford et al. 2021; OpenAI's ``simple_tokenizer.py`` and merges file).
+
+Token ids equal OpenAI's for any text, computed fast: OpenAI's cleaning (ftfy, HTML unescaping, whitespace,
+lower case) takes exact shortcuts where ftfy has nothing or little to do, ids are cached per
+whitespace-separated chunk of text, and the padded batch is filled with numpy.
+"""
+from __future__ import annotations
+
+import gzip
+import html
+import numbers
+import re as stdlib_re
+import sys
+import unicodedata
+from functools import lru_cache
+from importlib import resources
+from itertools import chain
+from typing import Iterable, Sequence
+
+import ftfy
+import ftfy.badness
+import ftfy.fixes
+import numpy as np
+import regex
+import torch
+
+if sys.version_info >= (3, 11):
+    from re import _parser as _sre
+else:
+    import sre_parse as _sre
+
+DEFAULT_CONTEXT_LENGTH = 77
+SOT_TEXT, EOT_TEXT = "<|startoftext|>", "<|endoftext|>"
+_MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_NUM_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary: 512 byte tokens + 48894 merges + 2 special = 49408
+_CACHE_SIZE = 100_000  # entries per cache (words, chunks); a full cache is emptied
+
+# OpenAI's pre-tokenizer: contractions, letter runs, single digits, runs of other non-space characters.
+_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_SPECIAL_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|"
+_WHITESPACE = regex.compile(r"\s+")
+# Printable ASCII, tab, CR and LF without '&' is left as it is by ftfy.fix_text but for CR -> LF (its other
+# fixes need other characters) and by html.unescape (which needs '&'): it goes straight to lower-casing.
+_NEEDS_FULL_CLEAN = stdlib_re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")
+# ftfy's character fixes in the order fix_text applies them. Each maps a character to a string on its own,
+# except CR (CR LF), ESC (escape sequences) and surrogates (pairs).
+_FTFY_CHAR_FIXES = ("fix_c1_controls", "fix_latin_ligatures", "fix_character_width", "uncurl_quotes",
+                    "fix_line_breaks", "fix_surrogates", "remove_terminal_escapes", "remove_control_chars")
+_NOT_LOCAL = stdlib_re.compile("[\r\x1b\ud800-\udfff]")
+_MAX_FTFY_SEGMENT = 1_000_000  # fix_text's default max_decode_length
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's text cleaning: ftfy, HTML unescaped twice, whitespace runs collapsed, lower-cased."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+def _clean_chunks(text: str) -> list[str]:
+    """``clean_text(text).split(" ")`` (nothing for empty text), fast.
+
+    ``str.split()`` splits where regex's \\s matches, except at U+001C..U+001F, which ftfy and
+    html.unescape remove; lower-casing neither makes nor removes whitespace.
+    """
+    if text.isascii() and "&" not in text and (text.isprintable() or _NEEDS_FULL_CLEAN.search(text) is None):
+        return text.lower().split()
+    return html.unescape(html.unescape(_FTFY.fix_text(text))).lower().split()
+
+
+# ---- ftfy.fix_text, exactly and fast ----
+
+def _literal_chars(item) -> set[str] | None:
+    """The characters one parsed regex item matches, or None unless it is a literal or a plain class."""
+    op, value = item
+    if op is _sre.LITERAL:
+        return {chr(value)}
+    if op is not _sre.IN:
+        return None
+    chars = set()
+    for kind, member in value:
+        if kind is _sre.LITERAL:
+            chars.add(chr(member))
+        elif kind is _sre.RANGE:
+            chars.update(map(chr, range(member[0], member[1] + 1)))
+        else:  # a category or a negation: an open-ended set
+            return None
+    return chars
+
+
+def _walk(tree) -> Iterable[tuple]:
+    """All (op, value) items of a parsed regex, nested ones included."""
+    for op, value in tree:
+        yield op, value
+        for part in value if isinstance(value, (tuple, list)) else ():
+            for sub in part if isinstance(part, list) else [part]:
+                if isinstance(sub, _sre.SubPattern):
+                    yield from _walk(sub)
+
+
+def _mojibake_prefilter(pattern: stdlib_re.Pattern) -> tuple[stdlib_re.Pattern, int] | None:
+    """A character class that every match of ``pattern`` contains, and the longest match; None if not found.
+
+    Every alternative of ftfy's mojibake regex needs one of a few hundred non-ASCII characters, and its
+    matches are a few characters long, so only short windows around those characters need searching.
+    Shown by parsing the pattern: lookarounds, word boundaries or long matches disable the shortcut.
+    """
+    safe_ops = {_sre.LITERAL, _sre.NOT_LITERAL, _sre.IN, _sre.ANY, _sre.BRANCH, _sre.SUBPATTERN,
+                _sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.AT}
+    edge_anchors = {_sre.AT_BEGINNING, _sre.AT_BEGINNING_STRING, _sre.AT_END, _sre.AT_END_STRING}
+    if pattern.flags & (stdlib_re.IGNORECASE | stdlib_re.MULTILINE):
+        return None
+    try:
+        tree = _sre.parse(pattern.pattern, pattern.flags)
+        width = tree.getwidth()[1]
+        if width > 64 or any(op not in safe_ops or op is _sre.AT and v not in edge_anchors for op, v in _walk(tree)):
+            return None
+        alternatives = tree.data[0][1][1] if len(tree.data) == 1 and tree.data[0][0] is _sre.BRANCH else [tree]
+        witnesses = set()
+        for alternative in alternatives:
+            required = [s for s in map(_literal_chars, alternative) if s and min(map(ord, s)) >= 0x80]
+            if not required:
+                return None
+            witnesses |= min(required, key=len)
+    except (AttributeError, IndexError, TypeError, ValueError, stdlib_re.error):
+        return None
+    return stdlib_re.compile("[" + "".join(map(stdlib_re.escape, sorted(witnesses))) + "]"), width
+
+
+def _ftfy_segments(text: str) -> list[str]:
+    """fix_text's segments: lines with their line break."""
+    if "\n" not in text:
+        return [text] if text else []
+    lines = text.split("\n")
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+
+
+class _FtfyShortcut:
+    """``ftfy.fix_text``, exactly, at a fraction of its cost.
+
+    fix_text repeats on each line: unescape HTML, fix the encoding if the mojibake test
+    (``badness.is_bad``) fires, apply fixes that act character by character, normalize to NFC. This runs
+    the same loop, calling ftfy's encoding fix only where needed, searching for mojibake only around the
+    characters every mojibake match holds, and taking the character fixes from a table filled as new
+    characters appear. Text with CR, escape sequences or surrogates goes to ftfy itself.
+    """
+
+    def __init__(self):
+        self.unchanged = {chr(c) for c in range(0x20, 0x7F)} | {"\t", "\n"}
+        self.replacements: dict[str, str] = {}  # character -> its fixed string
+        self.not_local: set[str] = set()
+        self.prefilter = _mojibake_prefilter(ftfy.badness.BADNESS_RE)
+
+    def fix_text(self, text: str) -> str:
+        """Exactly ``ftfy.fix_text(text)`` with the default configuration."""
+        if len(text) > _MAX_FTFY_SEGMENT:
+            return ftfy.fix_text(text)
+        fixed, unescape = [], True
+        for segment in _ftfy_segments(text):
+            unescape = unescape and "<" not in segment  # fix_text stops unescaping HTML from the first '<' on
+            fixed_segment = self._fix_segment(segment, unescape)
+            if fixed_segment is None:
+                return ftfy.fix_text(text)
+            fixed.append(fixed_segment)
+        return "".join(fixed)
+
+    def _fix_segment(self, text: str, unescape: bool) -> str | None:
+        """fix_and_explain's loop on one segment; None if a character fix is not local."""
+        while True:
+            start = text
+            if unescape and "&" in text:
+                text = ftfy.fixes.unescape_html(text)
+            if not text.isascii() and self._may_be_mojibake(text):
+                text = ftfy.fix_encoding(text)  # fix_text calls it always; it returns early unless is_bad
+            fixes = self._character_fixes(set(text) - self.unchanged)
+            if fixes is None:
+                return None
+            if fixes:
+                text = _replace_characters(text, fixes)
+            if not unicodedata.is_normalized("NFC", text):
+                text = unicodedata.normalize("NFC", text)
+            if text == start:
+                return text
+
+    def _may_be_mojibake(self, text: str) -> bool:
+        """``ftfy.badness.is_bad(text)``, searching only the windows around characters all matches contain."""
+        if self.prefilter is None:
+            return ftfy.badness.is_bad(text)
+        witnesses, width = self.prefilter
+        windows: list[list[int]] = []
+        for match in witnesses.finditer(text):
+            start, end = max(0, match.start() - width + 1), match.start() + width
+            if windows and start <= windows[-1][1]:
+                windows[-1][1] = end
+            else:
+                windows.append([start, end])
+        bad = ftfy.badness.BADNESS_RE
+        return any(bad.search(text, start, end) for start, end in windows)  # '^' still means the real start
+
+    def _character_fixes(self, chars: set[str]) -> dict[str, str] | None:
+        """The fixed strings of those ``chars`` that change, learning new ones; None if one is not local."""
+        fixes = {}
+        for c in chars:
+            if c in self.not_local:
+                return None
+            fixed = self.replacements.get(c)
+            if fixed is None:
+                fixed = c
+                for name in _FTFY_CHAR_FIXES:
+                    fixed = getattr(ftfy.fixes, name)(fixed)
+                if _NOT_LOCAL.search(c + fixed):
+                    self.not_local.add(c)
+                    return None
+                if fixed == c:
+                    self.unchanged.add(c)
+                    continue
+                self.replacements[c] = fixed
+            fixes[c] = fixed
+        return fixes
+
+
+def _replace_characters(text: str, fixes: dict[str, str]) -> str:
+    """Replace each character of ``fixes`` in ``text`` by its string, all at once as str.translate does."""
+    if any(c in fixes for fixed in fixes.values() for c in fixed):
+        return text.translate({ord(c): fixed for c, fixed in fixes.items()})
+    for c, fixed in fixes.items():  # no replacement holds another replaced character: one pass each
+        text = text.replace(c, fixed)
+    return text
+
+
+_FTFY = _FtfyShortcut()
+
+
+# ---- BPE and the tokenizer ----
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's reversible map from the 256 byte values to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+    return dict(zip(printable + others, chars))
+
+
+class _BPE:
+    """The vocabulary and merge ranks, parsed once and shared, with bounded caches of ids per word and per
+    whitespace-free chunk of cleaned text (one chunk cache per pre-tokenizer pattern)."""
+
+    def __init__(self):
+        lines = gzip.decompress((resources.files("clipforge") / "assets" / _MERGES_FILE).read_bytes())
+        merges = [tuple(line.split()) for line in lines.decode("utf-8").split("\n")[1:_NUM_MERGES + 1]]
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        byte_tokens = list(self.byte_encoder.values())
+        vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges] + [SOT_TEXT, EOT_TEXT]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = vocab
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.specials = {SOT_TEXT: (self.encoder[SOT_TEXT],), EOT_TEXT: (self.encoder[EOT_TEXT],)}
+        self.word_cache: dict[str, tuple[int, ...]] = {}
+        self.chunk_caches: dict[str, dict[str, tuple[int, ...]]] = {}
+
+    def merge(self, word: str) -> list[str]:
+        """BPE of one byte-mapped word: apply the lowest-ranked adjacent merge until none applies."""
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        ranks = self.ranks
+        while len(symbols) > 1:
+            pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, _NUM_MERGES))
+            if pair not in ranks:
+                break
+            first, second = pair
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def word_ids_uncached(self, word: str) -> tuple[int, ...]:
+        """Ids of one pre-tokenized word (the raw regex match), computed from scratch."""
+        if word in self.specials:
+            return self.specials[word]
+        mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+        return tuple(self.encoder[s] for s in self.merge(mapped))
+
+    def word_ids(self, word: str) -> tuple[int, ...]:
+        """Ids of one pre-tokenized word, through the cache."""
+        ids = self.word_cache.get(word)
+        if ids is None:
+            if len(self.word_cache) >= _CACHE_SIZE:
+                self.word_cache.clear()
+            ids = self.word_cache[word] = self.word_ids_uncached(word)
+        return ids
+
+
+@lru_cache(maxsize=1)
+def _shared_bpe() -> _BPE:
+    return _BPE()
+
+
+@lru_cache(maxsize=None)
+def _compiled_pattern(pattern: str) -> regex.Pattern:
+    return regex.compile(pattern, regex.IGNORECASE)
+
+
+def _check_context_length(context_length) -> int:
+    if isinstance(context_length, bool) or not isinstance(context_length, numbers.Integral) or context_length < 2:
+        raise ValueError(f"context_length must be an int >= 2 (room for start and end of text), got {context_length!r}")
+    return int(context_length)
+
+
+class Tokenizer:
+    """CLIP's tokenizer: texts -> zero-padded id tensors ``[49406, ..., 49407, 0, ...]``.
+
+    ``context_length`` and ``truncate`` are the defaults of :meth:`__call__`. By default the literal
+    strings ``<|startoftext|>`` / ``<|endoftext|>`` inside a text are tokenized as ordinary text, as
+    OpenCLIP does (a stray end-of-text id would move the text tower's pooling position); pass
+    ``special_tokens_in_text=True`` to map them to their special ids, as OpenAI's original code does.
+    """
+
+    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False,
+                 special_tokens_in_text: bool = False):
+        self.context_length = _check_context_length(context_length)
+        self.truncate = bool(truncate)
+        self.special_tokens_in_text = bool(special_tokens_in_text)
+        self._bpe = _shared_bpe()
+        pattern = (_SPECIAL_PATTERN if special_tokens_in_text else "") + _WORD_PATTERN
+        self._findall = _compiled_pattern(pattern).findall
+        self._chunk_cache = self._bpe.chunk_caches.setdefault(pattern, {})
+        self._cached_chunk_ids = self._chunk_cache.__getitem__
+        self.encoder: dict[str, int] = self._bpe.encoder  # shared by all tokenizers: read only
+        self.vocab_size = len(self._bpe.decoder)
+        self.sot_token_id, self.eot_token_id = self.encoder[SOT_TEXT], self.encoder[EOT_TEXT]
+
+    def __reduce__(self):  # pickle the settings only (DataLoader workers): the vocabulary is shared per process
+        return Tokenizer, (self.context_length, self.truncate, self.special_tokens_in_text)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without start/end of text."""
+        return self._encode_all([text])[0]
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None,
+                 truncate: bool | None = None) -> torch.Tensor:
+        """Ids of ``texts`` as a LongTensor (N, context_length), each row ``[sot, ..., eot, 0, ...]``.
+
+        Raises ValueError for a text longer than ``context_length`` unless ``truncate`` (then the row is cut
+        and ends with end-of-text, as in OpenCLIP). Unset arguments take this tokenizer's defaults.
+        """
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        length = _check_context_length(self.context_length if context_length is None else context_length)
+        truncate = self.truncate if truncate is None else truncate
+        ids, counts = self._encode_all(texts)
+        return torch.from_numpy(self._pad(ids, counts, texts, length, truncate))
+
+    def _encode_all(self, texts: Sequence[str]) -> tuple[list[int], list[int]]:
+        """The ids of all ``texts`` concatenated, and how many belong to each text."""
+        ids, counts = [], []
+        extend, cached = ids.extend, self._cached_chunk_ids
+        try:
+            for text in texts:
+                start = len(ids)
+                chunks = _clean_chunks(text)
+                try:
+                    extend(chain.from_iterable(map(cached, chunks)))
+                except KeyError:  # a chunk not seen yet: drop its text's partial ids, compute them one by one
+                    del ids[start:]
+                    extend(i for chunk in chunks for i in self._chunk_ids(chunk))
+                counts.append(len(ids) - start)
+        except (AttributeError, TypeError):
+            _check_all_str(texts)
+            raise
+        return ids, counts
+
+    def _chunk_ids(self, chunk: str) -> tuple[int, ...]:
+        """Ids of a whitespace-free chunk of cleaned text (OpenAI's regex never matches across whitespace)."""
+        ids = self._chunk_cache.get(chunk)
+        if ids is None:
+            if len(self._chunk_cache) >= _CACHE_SIZE:
+                self._chunk_cache.clear()
+            ids = self._chunk_cache[chunk] = tuple(i for w in self._findall(chunk) for i in self._bpe.word_ids(w))
+        return ids
+
+    def _encode_reference(self, text: str) -> list[int]:
+        """OpenAI's plain path (full cleaning, regex over the whole text, no caches), to test the fast one."""
+        words = self._findall(clean_text(text))
+        return [i for w in words for i in self._bpe.word_ids_uncached(w)]
+
+    def _pad(self, ids: list[int], counts: list[int], texts: Sequence[str], length: int,
+             truncate: bool) -> np.ndarray:
+        """Rows ``[sot, ids..., eot, 0...]`` of width ``length``; ids beyond ``length - 2`` cut if ``truncate``."""
+        counts = np.array(counts, dtype=np.int64)  # (N,)
+        too_long = np.flatnonzero(counts > length - 2)
+        if too_long.size and not truncate:
+            raise ValueError(_too_long_message(texts, counts, too_long, length))
+        values = np.fromiter(ids, dtype=np.int64, count=len(ids))  # (T,) all texts' ids
+        rows = np.repeat(np.arange(len(counts)), counts)  # (T,)
+        columns = np.arange(len(ids)) - np.repeat(np.cumsum(counts) - counts, counts) + 1  # (T,) sot is column 0
+        if too_long.size:
+            keep = columns <= length - 2
+            rows, columns, values = rows[keep], columns[keep], values[keep]
+        out = np.zeros((len(counts), length), dtype=np.int64)  # (N, L)
+        out[:, 0] = self.sot_token_id
+        out[rows, columns] = values
+        out[np.arange(len(counts)), np.minimum(counts, length - 2) + 1] = self.eot_token_id
+        return out
+
+    def decode(self, ids: Sequence[int] | torch.Tensor | np.ndarray) -> str:
+        """Text of one id sequence, stopping at end-of-text (padding follows it) and skipping start-of-text.
+
+        As OpenAI's decode, word ends become spaces (so ``"hello world!"`` comes back as ``"hello world !"``),
+        and the result is stripped.
+        """
+        ids = ids.tolist() if isinstance(ids, (torch.Tensor, np.ndarray)) else list(ids)
+        if not all(isinstance(i, numbers.Integral) for i in ids):
+            raise ValueError("decode takes one sequence of int ids; for a batch use [tok.decode(row) for row in ids]")
+        ids = [int(i) for i in ids]
+        if self.eot_token_id in ids:
+            ids = ids[:ids.index(self.eot_token_id)]
+        unknown = [i for i in ids if not 0 <= i < self.vocab_size]
+        if unknown:
+            raise ValueError(f"token ids {unknown[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        tokens = "".join(self._bpe.decoder[i] for i in ids if i != self.sot_token_id)
+        data = bytes(self._bpe.byte_decoder[c] for c in tokens)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+
+def _check_all_str(texts: Sequence) -> None:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a str: {text!r:.80}")
+
+
+def _too_long_message(texts: Sequence[str], counts: np.ndarray, too_long: np.ndarray, length: int) -> str:
+    first = int(too_long[0])
+    text = texts[first] if len(texts[first]) <= 80 else texts[first][:77] + "..."
+    others = f" ({too_long.size - 1} more texts are too long)" if too_long.size > 1 else ""
+    return (f"text {first} {text!r} is {counts[first] + 2} tokens long with start and end of text, more than "
+            f"context_length={length}{others}; pass truncate=True to cut it, or use a longer context_length")
+
+
+def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH,
+             truncate: bool = False) -> torch.Tensor:
+    """Ids of ``texts`` as a LongTensor (N, context_length) zero-padded, as OpenAI's ``clip.tokenize``.
+
+    Too-long texts raise ValueError unless ``truncate=True``, which cuts them and keeps end-of-text last.
+    """
+    return _default_tokenizer()(texts, context_length=context_length, truncate=truncate)
+
+
+@lru_cache(maxsize=1)
+def _default_tokenizer() -> Tokenizer:
+    return Tokenizer()
+
+
+def get_tokenizer(name_or_context_length: str | int | None = None, context_length: int | None = None,
+                  truncate: bool = True) -> Tokenizer:
+    """A tokenizer for a registered model's context length (``"ViT-B-32"`` -> 77), or for a given length.
+
+    ``get_tokenizer()`` uses 77 tokens; an int first argument is the context length; ``context_length``
+    overrides a model's. Unlike :func:`tokenize`, it truncates by default, since training and zero-shot
+    callers want long captions cut rather than an error; pass ``truncate=False`` to get a ValueError
+    instead. All tokenizers share one parsed vocabulary and its caches.
+    """
+    arg = name_or_context_length
+    if isinstance(arg, str):
+        from .models.registry import get_model_config
+        model_length = get_model_config(arg).text_cfg.context_length
+        return Tokenizer(model_length if context_length is None else context_length, truncate)
+    if arg is not None and (isinstance(arg, bool) or not isinstance(arg, numbers.Integral)):
+        raise TypeError(f"get_tokenizer takes a model name (str) or a context length (int), got {arg!r}")
+    if arg is not None and context_length is not None and arg != context_length:
+        raise ValueError(f"get_tokenizer got two context lengths, {arg} and context_length={context_length}")
+    length = next((n for n in (arg, context_length) if n is not None), DEFAULT_CONTEXT_LENGTH)
+    return Tokenizer(length, truncate)
