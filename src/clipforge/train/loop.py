@@ -1,0 +1,321 @@
+"""The training loop of CLIP (Radford et al. 2021): set-up from a :class:`TrainConfig`, then steps with
+logging, validation and checkpoints; resumable mid-epoch from any checkpoint, on one or many processes.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import clipforge
+from clipforge.data import build_train_data
+from clipforge.factory import create_model_and_transforms
+from clipforge.tokenizer import get_tokenizer
+
+from .checkpoint import is_complete, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, default_resume
+from .distributed import DistEnv, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
+from .logger import METRICS_NAME, RunLogger, truncate_metrics
+from .optim import CosineSchedule, build_optimizer
+from .step import LossSpec, Stepper, TrainModule
+from .validate import HELDOUT, heldout_zeroshot_set, load_val_pairs, validate, zeroshot_from_val
+
+RUN_CONFIG_NAME = "run_config.json"
+_IDENTITY_KEYS = ("model", "train_data", "seed", "loss", "lr", "warmup", "accum_freq")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as ``cfg`` says (one process, or one per rank under torchrun/SLURM); return the final metrics.
+
+    The result holds ``step``, ``epoch``, the last training record under ``train`` and the last
+    validation metrics under ``val`` (if any), and the final checkpoint folder.
+    """
+    cfg.validate()
+    env = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, env).run()
+    finally:
+        cleanup(env)
+
+
+def resolve_resume(cfg: TrainConfig, output: Path) -> Path | None:
+    """The checkpoint folder to resume from, or None to start; refuses to overwrite another run."""
+    resume = cfg.resume if cfg.resume is not None else default_resume()
+    if resume is None:
+        found = [name for name in (RUN_CONFIG_NAME, METRICS_NAME, "checkpoints") if (output / name).exists()]
+        if found:
+            raise ValueError(f"--output {output} already holds a training run ({', '.join(found)}); pass "
+                             "--resume latest to continue it, or choose another --output directory")
+        return None
+    if resume in ("latest", "auto"):
+        folder = latest_checkpoint(output)
+        if folder is None and resume == "latest":
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {output / 'checkpoints'}; "
+                                    "drop --resume to start a new run there")
+        return folder
+    path = Path(resume)
+    folder = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+    if folder is None or not is_complete(folder):
+        raise FileNotFoundError(f"--resume {resume}: not a complete training checkpoint (a checkpoints/step_* "
+                                "folder with model.safetensors, config.json and train_state.pt) or a run holding one")
+    return folder
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on a GPU that supports it, else fp32; fp16 needs a GPU (loss scaling)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA GPU (it trains with loss scaling); use bf16 or fp32 on a CPU")
+    return precision
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _check_paths(cfg: TrainConfig) -> None:
+    if cfg.pretrained and cfg.pretrained != "openai" and not Path(cfg.pretrained).exists():
+        raise FileNotFoundError(f"--pretrained {cfg.pretrained}: no such file or folder (or use 'openai')")
+    if cfg.zeroshot_classes and cfg.zeroshot_classes != HELDOUT:
+        if not Path(cfg.zeroshot_classes).is_file():
+            raise FileNotFoundError(f"--zeroshot-classes {cfg.zeroshot_classes}: no such file (one class name "
+                                    f"per line), and not '{HELDOUT}'")
+        if not cfg.val_data:
+            raise ValueError("--zeroshot-classes FILE labels the --val-data images by the class their caption "
+                             "names; give --val-data too")
+
+
+class Trainer:
+    """One run: model, data, optimiser, logs and checkpoints; :meth:`run` trains to the last step."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv):
+        self.cfg, self.env, self.output = cfg, env, Path(cfg.output)
+        _check_paths(cfg)
+        self.resume_from = resolve_resume(cfg, self.output)
+        barrier(env)  # every rank has looked at the output folder before rank 0 writes into it
+        self.precision = resolve_precision(cfg.precision, env.device)
+        self._build_model()
+        self._build_data()
+        self._build_optimizer()
+        _seed_all(cfg.seed + env.rank)
+        self.step, self.skipped = 0, dict(self.base_skips)
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        self.stepper = Stepper(self.module, self._wrap(), self.optimizer,
+                               LossSpec(cfg.loss, cfg.gather, cfg.local_loss, cfg.loss_tile_size),
+                               self.scaler, self.autocast, cfg.grad_clip_norm)
+        if env.is_master:
+            self.output.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.output, self.step)
+            self._write_run_config()
+        self._build_validation()
+        self.logger = RunLogger(self.output, env.is_master, self.total_steps, self.step)
+        self.last_train: dict = {}
+        self.last_val: dict = {}
+        self.checkpoint: Path | None = self.resume_from
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        _seed_all(cfg.seed)  # the same initial weights on every rank
+        clip, train_tf, eval_tf = create_model_and_transforms(cfg.model, pretrained=cfg.pretrained)
+        if cfg.lock_image or cfg.lock_text:
+            clip.freeze(image=cfg.lock_image, text=cfg.lock_text)
+        clip.set_grad_checkpointing(cfg.grad_checkpointing)
+        self.clip, self.train_transform, self.eval_transform = clip, train_tf, eval_tf
+        self.module = TrainModule(clip, cfg.loss, init_siglip_scale=cfg.pretrained is None).to(self.env.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast = functools.partial(torch.autocast, self.env.device.type, dtype=dtype,
+                                          enabled=dtype is not None)
+        self.tokenizer = get_tokenizer(clip.context_length)
+
+    def _build_data(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.data = build_train_data(
+            cfg.train_data, self.train_transform if cfg.augment else self.eval_transform, self.tokenizer,
+            cfg.batch_size, seed=cfg.seed, workers=cfg.workers, rank=env.rank, world_size=env.world_size,
+            resampled=cfg.resampled, weights=cfg.data_weights, csv_img_key=cfg.csv_img_key,
+            csv_caption_key=cfg.csv_caption_key, csv_separator=cfg.csv_separator,
+            num_samples=cfg.train_num_samples, pin_memory=env.device.type == "cuda")
+        if self.data.steps_per_epoch is None:
+            raise ValueError("--resampled without --train-num-samples is an endless stream; give "
+                             "--train-num-samples to define the length of an epoch")
+        self.base_skips = self.data.skip_counts()  # found while indexing (e.g. CSV rows), on every rank alike
+        self.steps_per_epoch = self.data.steps_per_epoch // cfg.accum_freq
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"an epoch has {self.data.steps_per_epoch} batches per process, fewer than "
+                             f"--accum-freq {cfg.accum_freq}; use more data or a smaller batch")
+        self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
+        if cfg.warmup >= self.total_steps:
+            raise ValueError(f"--warmup {cfg.warmup} is not shorter than the run ({self.total_steps} steps); "
+                             f"use e.g. --warmup {max(1, self.total_steps // 10)}")
+        self.global_batch = cfg.batch_size * cfg.accum_freq * env.world_size
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.module, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.schedule = CosineSchedule(self.optimizer, cfg.lr, cfg.warmup, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+
+    def _wrap(self) -> torch.nn.Module:
+        wrapped = self.module
+        if self.env.distributed:
+            device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
+        return torch.compile(wrapped) if self.cfg.compile else wrapped
+
+    def _build_validation(self) -> None:
+        cfg = self.cfg
+        self.val_set = self.zeroshot_set = None
+        self.validating = bool(cfg.val_data or cfg.zeroshot_classes)
+        if not self.env.is_master:
+            return
+        if cfg.val_data:
+            self.val_set = load_val_pairs(cfg.val_data, self.eval_transform, self.tokenizer,
+                                          csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
+                                          csv_separator=cfg.csv_separator)
+        if cfg.zeroshot_classes == HELDOUT:
+            self.zeroshot_set = heldout_zeroshot_set(self.eval_transform, self.clip.image_size)
+        elif cfg.zeroshot_classes:
+            self.zeroshot_set = zeroshot_from_val(self.val_set, cfg.zeroshot_classes)
+
+    def _identity(self) -> dict:
+        """Settings a resumed run must share with the checkpoint, or its data position means nothing."""
+        ident = {k: getattr(self.cfg, k) for k in _IDENTITY_KEYS}
+        ident.update(global_batch=self.global_batch, total_steps=self.total_steps,
+                     steps_per_epoch=self.steps_per_epoch)
+        return ident
+
+    def _write_run_config(self) -> None:
+        resolved = {"precision": self.precision, "device": str(self.env.device), "world_size": self.env.world_size,
+                    "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+                    "total_steps": self.total_steps, "train_samples": self.data.num_samples,
+                    "resumed_from": str(self.resume_from) if self.resume_from else None,
+                    "clipforge_version": clipforge.__version__, "torch_version": torch.__version__}
+        text = json.dumps({**self.cfg.to_dict(), "resolved": resolved}, indent=2)
+        (self.output / RUN_CONFIG_NAME).write_text(text + "\n")
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _restore(self, folder: Path) -> None:
+        state = load_checkpoint(folder, self.clip)
+        saved, now = state["run"], self._identity()
+        changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        if changed:
+            raise ValueError(f"cannot resume from {folder}: these settings differ from the checkpoint's "
+                             f"({'; '.join(changed)}). Resume with the same settings, or start a new run "
+                             f"with --pretrained {folder}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.module.logit_bias is not None:
+            with torch.no_grad():
+                self.module.logit_bias.copy_(state["logit_bias"])
+        if len(state["rng"]) == self.env.world_size:
+            set_rng_state(state["rng"][self.env.rank])
+        self.step, self.skipped = state["step"], dict(state["skipped"])
+
+    def _global_skips(self) -> dict[str, int]:
+        """Skipped samples by reason over all ranks since the run began (checkpoint counts included)."""
+        mine = Counter(self.data.skip_counts())
+        mine.subtract(self.base_skips)
+        total = Counter(self.skipped)
+        for counts in gather_objects(dict(mine), self.env):
+            total.update(counts)
+        return {k: v for k, v in sorted(total.items()) if v}
+
+    def _save(self, epoch: int) -> None:
+        state = {"step": self.step, "epoch": epoch, "batch_in_epoch": (self.step % self.steps_per_epoch)
+                 * self.cfg.accum_freq, "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": gather_objects(rng_state(), self.env), "skipped": self._global_skips(),
+                 "run": self._identity()}
+        if self.module.logit_bias is not None:
+            state["logit_bias"] = self.module.logit_bias.detach().cpu()
+        if self.env.is_master:
+            self.checkpoint = save_checkpoint(self.output, self.step, self.clip, state, self.cfg.keep)
+        barrier(self.env)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        """Train from the current step to the last; returns the final metrics."""
+        self._interval = _Interval()
+        while self.step < self.total_steps:
+            epoch, index = divmod(self.step, self.steps_per_epoch)
+            batches = self.data.batches(epoch, start_batch=index * self.cfg.accum_freq)
+            try:
+                for _ in range(self.steps_per_epoch - index):
+                    self._train_step(batches, epoch)
+                    if self.step >= self.total_steps:
+                        break
+            finally:
+                batches.close()
+        self.logger.close()
+        return {"rank": self.env.rank, "step": self.step, "epoch": max(0, self.step - 1) // self.steps_per_epoch,
+                "train": self.last_train, "val": self.last_val,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+
+    def _next_micro_batches(self, batches) -> list:
+        start = time.perf_counter()
+        device = self.env.device
+        micro = [tuple(t.to(device, non_blocking=True) for t in next(batches)) for _ in range(self.cfg.accum_freq)]
+        self._interval.data_s += time.perf_counter() - start
+        return micro
+
+    def _train_step(self, batches, epoch: int) -> None:
+        micro = self._next_micro_batches(batches)
+        lr = self.schedule.set_step(self.step)
+        out = self.stepper.step(micro)
+        self.step += 1
+        self._interval.steps += 1
+        self.logger.advance()
+        last = self.step == self.total_steps
+        if self.step % self.cfg.log_every == 0 or last:
+            self._log_train(epoch, lr, out)
+        paused = time.perf_counter()
+        if self.validating and (last or (self.cfg.val_every and self.step % self.cfg.val_every == 0)):
+            self._validate(epoch)
+        if self.step % self.cfg.save_every == 0 or last:
+            self._save(epoch)
+        self._interval.start += time.perf_counter() - paused  # validation and saving are not training time
+
+    def _log_train(self, epoch: int, lr: float, out: dict) -> None:
+        world = self.env.world_size
+        loss, grad_norm = (v / world for v in all_reduce_sum([out["loss"].item(), out["grad_norm"].item()], self.env))
+        elapsed = time.perf_counter() - self._interval.start
+        record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr,
+                  "logit_scale": self.clip.logit_scale.exp().item(), "grad_norm": grad_norm,
+                  "samples_per_s": self._interval.steps * self.global_batch / max(elapsed, 1e-9),
+                  "data_s": self._interval.data_s / self._interval.steps, "samples": self.step * self.global_batch}
+        if self.module.logit_bias is not None:
+            record["logit_bias"] = self.module.logit_bias.item()
+        skipped = self._global_skips()
+        if skipped:
+            record["skipped"] = skipped
+        self.last_train = record
+        self.logger.log(record)
+        self._interval = _Interval()
+
+    def _validate(self, epoch: int) -> None:
+        if self.env.is_master:
+            with torch.random.fork_rng(devices=[]):
+                metrics = validate(self.clip, self.val_set, self.zeroshot_set, self.cfg.batch_size, self.autocast)
+            self.last_val = metrics
+            self.logger.log({"step": self.step, "epoch": epoch, "split": "val", **metrics})
+        barrier(self.env)
+
+
+class _Interval:
+    """Wall time, steps and data-loading time since the last training log record."""
+
+    def __init__(self):
+        self.start, self.steps, self.data_s = time.perf_counter(), 0, 0.0

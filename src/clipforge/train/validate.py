@@ -1,0 +1,141 @@
+"""Validation during training: the contrastive loss and image<->text recall@1/5/10 on held-out pairs
+(the retrieval protocol of Radford et al. 2021, sec. 3.1.5), and zero-shot accuracy from class names
+(sec. 3.1.4) -- on the built-in data, the colour-shape pairs never shown in training.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+
+from clipforge.data import shapes
+from clipforge.data.sources import SkipCounter, iter_pairs
+from clipforge.evaluate.metrics import retrieval_metrics, topk_accuracy
+from clipforge.loss import contrastive_loss
+from clipforge.models import CLIP
+from clipforge.zeroshot import build_zeroshot_classifier, eval_mode, load_classnames
+
+HELDOUT = "builtin-heldout"
+HELDOUT_SAMPLES = 512  # images of the held-out pairs scored for "builtin-heldout"
+MAX_VAL_SAMPLES = 10_000
+BUILTIN_VAL_SAMPLES = 1000
+BUILTIN_VAL_SEED = 1  # the built-in training data is drawn with seed 0: validation sees new images
+
+
+@dataclass
+class ZeroShotSet:
+    """Preprocessed images with integer labels into ``classnames``, and the prompt templates."""
+
+    images: torch.Tensor  # (N, 3, H, W)
+    labels: torch.Tensor  # (N,)
+    classnames: list[str]
+    templates: list[str] | None = None
+
+
+@dataclass
+class ValSet:
+    """Preprocessed images and their tokenized captions (one caption per image), and caption texts."""
+
+    images: torch.Tensor  # (N, 3, H, W)
+    tokens: torch.Tensor  # (N, L)
+    captions: list[str]
+
+
+def load_val_pairs(spec: str, preprocess: Callable, tokenizer: Callable, max_samples: int = MAX_VAL_SAMPLES,
+                   **source_options) -> ValSet:
+    """The first ``max_samples`` good pairs of ``spec`` (bad samples skipped), preprocessed and tokenized."""
+    images, captions = [], []
+    for image, caption in _pairs(spec, **source_options):
+        images.append(preprocess(image))
+        captions.append(caption)
+        if len(images) == max_samples:
+            break
+    if len(images) < 2:
+        raise ValueError(f"--val-data {spec}: found {len(images)} usable pairs, need at least 2")
+    return ValSet(torch.stack(images), tokenizer(captions), captions)
+
+
+def _pairs(spec: str, **source_options):
+    """(image, caption) pairs of ``spec``; for ``builtin[:N]``, new samples of the training pairs."""
+    name, _, count = spec.strip().partition(":")
+    if name.lower() != "builtin":
+        return iter_pairs(spec, counter=SkipCounter(), **source_options)
+    if count and not count.isdigit():
+        raise ValueError(f"--val-data {spec!r}: expected 'builtin' or 'builtin:N' with N a number of samples")
+    data = shapes.ShapesDataset(int(count) if count else BUILTIN_VAL_SAMPLES, "train", seed=BUILTIN_VAL_SEED)
+    return (data[i] for i in range(len(data)))
+
+
+def heldout_zeroshot_set(preprocess: Callable, image_size: int, num_samples: int = HELDOUT_SAMPLES,
+                         seed: int = 0) -> ZeroShotSet:
+    """Images of the built-in data's held-out colour-shape pairs, labelled by pair ("red triangle")."""
+    data = shapes.ShapesDataset(num_samples, "heldout", seed=seed, image_size=image_size)
+    images = torch.stack([preprocess(data.image(i)) for i in range(num_samples)])
+    labels = torch.tensor([data.label(i) for i in range(num_samples)])
+    return ZeroShotSet(images, labels, data.class_names(), shapes.templates())
+
+
+def label_by_caption(captions: list[str], classnames: list[str]) -> list[int | None]:
+    """The class each caption names (whole words, case-insensitive), or None when it names none or
+    several; a name inside a longer matching name ("circle" in "red circle") does not count."""
+    patterns = [re.compile(rf"\b{re.escape(name.lower())}\b") for name in classnames]
+    labels = []
+    for caption in captions:
+        found = [k for k, p in enumerate(patterns) if p.search(caption.lower())]
+        found = [k for k in found if not any(k != j and classnames[k].lower() in classnames[j].lower()
+                                             for j in found)]
+        labels.append(found[0] if len(found) == 1 else None)
+    return labels
+
+
+def zeroshot_from_val(val: ValSet, classes_file: str) -> ZeroShotSet:
+    """Zero-shot set from validation pairs: each image labelled with the class its caption names."""
+    classnames = load_classnames(classes_file)
+    labels = label_by_caption(val.captions, classnames)
+    keep = [i for i, label in enumerate(labels) if label is not None]
+    if not keep:
+        raise ValueError(f"--zeroshot-classes {classes_file}: no validation caption names exactly one of its "
+                         f"{len(classnames)} classes, so no image has a label")
+    return ZeroShotSet(val.images[keep], torch.tensor([labels[i] for i in keep]), classnames)
+
+
+@torch.no_grad()
+def _encode(model: CLIP, method: str, inputs: torch.Tensor, batch_size: int, device: torch.device,
+            autocast: Callable[[], ContextManager]) -> torch.Tensor:
+    encode = getattr(model, method)
+    chunks = []
+    for start in range(0, len(inputs), batch_size):
+        with autocast():
+            chunks.append(encode(inputs[start:start + batch_size].to(device), normalize=True).float())
+    return F.normalize(torch.cat(chunks), dim=-1)  # (N, D)
+
+
+@torch.no_grad()
+def validate(model: CLIP, val: ValSet | None, zeroshot: ZeroShotSet | None, batch_size: int,
+             autocast: Callable[[], ContextManager] = nullcontext) -> dict[str, float]:
+    """``loss`` (the contrastive loss averaged over batches of ``batch_size``), ``image_to_text_recall@K``
+    and ``text_to_image_recall@K`` (K = 1, 5, 10) on ``val``; ``zeroshot_top1``/``zeroshot_top5`` on ``zeroshot``."""
+    device = model.logit_scale.device
+    metrics: dict[str, float] = {}
+    with eval_mode(model):
+        if val is not None:
+            images = _encode(model, "encode_image", val.images, batch_size, device, autocast)
+            texts = _encode(model, "encode_text", val.tokens, batch_size, device, autocast)
+            scale = model.logit_scale.exp().float()
+            losses = [contrastive_loss(images[i:i + batch_size], texts[i:i + batch_size], scale).item()
+                      for i in range(0, len(images), batch_size)]
+            metrics["loss"] = sum(losses) / len(losses)
+            metrics.update(retrieval_metrics(images @ texts.T, torch.arange(len(texts))))
+            metrics["val_samples"] = len(images)
+        if zeroshot is not None:
+            images = _encode(model, "encode_image", zeroshot.images, batch_size, device, autocast)
+            weights = build_zeroshot_classifier(model, zeroshot.classnames, zeroshot.templates)
+            accuracy = topk_accuracy(images @ weights.float(), zeroshot.labels, (1, 5))
+            metrics.update({f"zeroshot_{k}": v for k, v in accuracy.items()})
+            metrics["zeroshot_samples"] = len(images)
+            metrics["zeroshot_classes"] = len(zeroshot.classnames)
+    return metrics
