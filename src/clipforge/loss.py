@@ -1,0 +1,238 @@
+"""CLIP's symmetric contrastive loss (Radford et al. 2021) and SigLIP's sigmoid loss (Zhai et al. 2023).
+
+The contrastive loss has a plain form, a memory-efficient tiled form (log-sum-exp accumulated tile by
+tile and tiles recomputed in backward, as in Inf-CL, Cheng et al. 2024) and a distributed global
+batch (all-gathered features, optionally the "local loss" of OpenCLIP).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .distributed import all_gather_with_grad, world_info
+
+SIGLIP_INIT_LOGIT_SCALE = math.log(10)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+DEFAULT_TILE_SIZE = 2048
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                     tile_size: int | None = None, *, gather: bool = False,
+                     local_loss: bool = False) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss: ``(CE(logits, labels) + CE(logits.T, labels)) / 2``.
+
+    ``logits = logit_scale * image_features @ text_features.T`` and ``labels = arange(n)``: image
+    ``i`` belongs with text ``i``. Features are ``(n, d)`` and assumed L2-normalised; ``logit_scale``
+    is the multiplier (``model.logit_scale.exp()``), a float or a one-element tensor, and receives a
+    gradient when it is a tensor that requires one.
+
+    ``tile_size=None`` builds the ``n x n`` logits; an integer computes the same loss and gradients in
+    ``tile_size x tile_size`` tiles, memory ``O(n * d + tile_size**2)`` (``DEFAULT_TILE_SIZE`` is a
+    good CPU value; larger tiles suit GPUs). ``gather=True`` uses the global batch of all ranks
+    (``torch.distributed``): every rank computes the loss of the concatenated batch.
+    ``local_loss=True`` (with ``gather``) makes rank ``r`` compute only its own image rows and text
+    columns against the global batch; the mean over ranks is the global loss and memory grows
+    linearly with the global batch. Gradients, once DDP averages them over ranks, equal those of one
+    process on the concatenated batch (see ``clipforge.distributed.all_gather_with_grad``).
+    """
+    scale = _check_inputs("contrastive_loss", image_features, text_features, logit_scale)
+    if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)
+                                  or tile_size < 1):
+        raise ValueError(f"contrastive_loss: tile_size must be a positive int or None, got {tile_size!r}")
+    if local_loss and not gather:
+        raise ValueError("contrastive_loss: local_loss=True needs gather=True (it only changes how the "
+                         "global batch is split over ranks)")
+    rank, world_size, _ = world_info()
+    if gather and world_size > 1:
+        all_images = all_gather_with_grad(image_features)
+        all_texts = all_gather_with_grad(text_features)
+        if local_loss:
+            offset = rank * image_features.shape[0]
+            return _local_loss(image_features, text_features, all_images, all_texts, scale, offset,
+                               tile_size)
+        image_features, text_features = all_images, all_texts
+    if tile_size is None:
+        return _plain_loss(image_features, text_features, scale)
+    return _tiled_loss(image_features, text_features, scale, tile_size)
+
+
+def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
+                 gather: bool = False) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: ``-sum_ij log sigmoid(z_ij * (t * x_i . y_j + b)) / n``.
+
+    ``z_ij`` is +1 for matching pairs (``i == j``) and -1 otherwise; the sum over all ``n x n``
+    pairs is divided by the number of images. ``logit_scale`` is the multiplier ``t`` (the model
+    learns ``log t``, initialised to ``SIGLIP_INIT_LOGIT_SCALE``), ``logit_bias`` is ``b``
+    (initialised to ``SIGLIP_INIT_LOGIT_BIAS``); each is a float or a one-element tensor.
+    ``gather=True`` pairs this rank's images with the texts of all ranks; the mean over ranks is the
+    loss of the concatenated batch.
+    """
+    scale = _check_inputs("sigmoid_loss", image_features, text_features, logit_scale)
+    bias = _as_scalar("sigmoid_loss", "logit_bias", logit_bias, image_features)
+    rank, world_size, _ = world_info()
+    offset = 0
+    if gather and world_size > 1:
+        offset = rank * text_features.shape[0]
+        text_features = all_gather_with_grad(text_features)
+    n = image_features.shape[0]
+    logits = scale * image_features @ text_features.T + bias  # (n, n * world_size)
+    signs = torch.full_like(logits, -1.0)
+    signs[:, offset:offset + n].fill_diagonal_(1.0)
+    return -F.logsigmoid(signs * logits).sum() / n
+
+
+def clamp_logit_scale_(param: torch.Tensor, max_value: float = math.log(100)) -> torch.Tensor:
+    """Clamp the learned log-temperature in place to ``[0, max_value]`` (CLIP caps the scale at 100).
+
+    Call it on ``model.logit_scale`` after each optimiser step. Returns ``param``.
+    """
+    with torch.no_grad():
+        param.clamp_(0.0, max_value)
+    return param
+
+
+def _as_scalar(caller: str, name: str, value, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{caller}: {name} must be a scalar or one-element tensor, "
+                             f"got shape {tuple(value.shape)}")
+        return value.reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return torch.tensor(float(value), dtype=dtype, device=like.device)
+    raise ValueError(f"{caller}: {name} must be a float or a one-element tensor, got {type(value).__name__}")
+
+
+def _check_inputs(caller: str, image_features: torch.Tensor, text_features: torch.Tensor,
+                  logit_scale) -> torch.Tensor:
+    for name, feats in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(feats, torch.Tensor) or feats.ndim != 2 or feats.shape[0] == 0:
+            shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+            raise ValueError(f"{caller}: {name} must be a non-empty (batch, dim) tensor, got {shape}")
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"{caller}: image_features {tuple(image_features.shape)} and text_features "
+                         f"{tuple(text_features.shape)} must have the same shape (one text per image)")
+    return _as_scalar(caller, "logit_scale", logit_scale, image_features)
+
+
+def _plain_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    logits = scale * images @ texts.T  # (n, n)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _local_loss(images, texts, all_images, all_texts, scale, offset: int, tile_size: int | None):
+    """Rank-local rows (own images vs all texts) and columns (own texts vs all images)."""
+    n = images.shape[0]
+    if tile_size is None:
+        labels = torch.arange(offset, offset + n, device=images.device)
+        per_image = F.cross_entropy(scale * images @ all_texts.T, labels)  # logits (n, N)
+        per_text = F.cross_entropy(scale * texts @ all_images.T, labels)  # logits (n, N)
+        return (per_image + per_text) / 2
+    images, texts, all_images, all_texts, scale = _upcast(images, texts, all_images, all_texts, scale)
+    lse_images, _, matched = _TiledLogSumExp.apply(images, all_texts, scale, tile_size, False, offset)
+    lse_texts, _, matched_too = _TiledLogSumExp.apply(texts, all_images, scale, tile_size, False, offset)
+    return (lse_images.sum() + lse_texts.sum() - scale * (matched + matched_too)) / (2 * n)
+
+
+def _tiled_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, tile_size: int) -> torch.Tensor:
+    n = images.shape[0]
+    images, texts, scale = _upcast(images, texts, scale)
+    lse_rows, lse_cols, matched = _TiledLogSumExp.apply(images, texts, scale, tile_size, True, 0)
+    return (lse_rows.sum() + lse_cols.sum()) / (2 * n) - scale * matched / n
+
+
+def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tiled path accumulates in at least float32 (half-precision features are upcast)."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return [t.to(dtype) for t in tensors]
+
+
+def _blocks(size: int, tile: int):
+    return [(start, min(start + tile, size)) for start in range(0, size, tile)]
+
+
+def _merge_lse(acc: torch.Tensor, tile: torch.Tensor, dim: int, scratch: torch.Tensor) -> None:
+    """acc <- logaddexp(acc, logsumexp(tile, dim)), the tile's exp written into ``scratch``."""
+    peak = tile.amax(dim, keepdim=True).clamp_(min=torch.finfo(tile.dtype).min)
+    torch.sub(tile, peak, out=scratch).exp_()
+    part = scratch.sum(dim).log_().add_(peak.squeeze(dim))
+    torch.logaddexp(acc, part, out=acc)
+
+
+class _TiledLogSumExp(torch.autograd.Function):
+    """Log-sum-exps of ``S = scale * q @ k.T`` over rows (and columns) without materialising ``S``.
+
+    Returns ``(lse_rows, lse_cols, matched)`` with ``matched = sum_i q_i . k_(offset + i)`` (unscaled),
+    the labelled pairs' similarities, so that all gradients land in one buffer per input. Forward
+    sweeps ``tile x tile`` blocks, merging each block's log-sum-exp into running per-row and
+    per-column values; only the inputs and the log-sum-exps are saved. Backward recomputes each
+    block and its softmax weights ``exp(S - lse) * grad_lse`` and accumulates ``dq``, ``dk`` and
+    ``dscale = sum_ij dS_ij (q_i . k_j)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale, tile: int, with_cols: bool, offset: int):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(q.device.type, enabled=False):
+            lse_rows, lse_cols = _tiled_lse_forward(q, k, scale, tile, with_cols)
+            matched = torch.dot(q.flatten(), k[offset:offset + q.shape[0]].flatten())
+        ctx.tile, ctx.offset = tile, offset
+        ctx.save_for_backward(q, k, scale, lse_rows, lse_cols)
+        return lse_rows, lse_cols, matched
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_cols, grad_matched):
+        q, k, scale, lse_rows, lse_cols = ctx.saved_tensors
+        if lse_cols.numel() == 0:
+            grad_cols = None
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dscale = _tiled_lse_backward(q, k, scale, lse_rows, lse_cols, grad_rows, grad_cols,
+                                                 ctx.tile)
+            if grad_matched is not None:
+                rows = slice(ctx.offset, ctx.offset + q.shape[0])
+                dq.addcmul_(k[rows], grad_matched)
+                dk[rows].addcmul_(q, grad_matched)
+        return dq, dk, dscale, None, None, None
+
+
+def _tiled_lse_forward(q, k, scale, tile: int, with_cols: bool):
+    lse_rows = q.new_full((q.shape[0],), -math.inf)
+    lse_cols = q.new_full((k.shape[0] if with_cols else 0,), -math.inf)
+    buffer, scratch = q.new_empty(tile * tile), q.new_empty(tile * tile)
+    for r0, r1 in _blocks(q.shape[0], tile):
+        q_scaled = q[r0:r1] * scale  # (rows, d)
+        for c0, c1 in _blocks(k.shape[0], tile):
+            shape = (r1 - r0, c1 - c0)
+            block = torch.mm(q_scaled, k[c0:c1].T, out=buffer[:shape[0] * shape[1]].view(shape))
+            work = scratch[:block.numel()].view(shape)
+            _merge_lse(lse_rows[r0:r1], block, 1, work)
+            if with_cols:
+                _merge_lse(lse_cols[c0:c1], block, 0, work)
+    return lse_rows, lse_cols
+
+
+def _tiled_lse_backward(q, k, scale, lse_rows, lse_cols, grad_rows, grad_cols, tile: int):
+    """Gradients of ``sum(grad_rows * lse_rows) + sum(grad_cols * lse_cols)``, tile by tile."""
+    dq_unscaled = torch.zeros_like(q)  # sum_j dS_ij k_j; dq = scale * this
+    dk = torch.zeros_like(k)
+    buffer, weights = q.new_empty(tile * tile), q.new_empty(tile * tile)
+    for r0, r1 in _blocks(q.shape[0], tile):
+        q_scaled = q[r0:r1] * scale  # (rows, d)
+        for c0, c1 in _blocks(k.shape[0], tile):
+            shape = (r1 - r0, c1 - c0)
+            block = torch.mm(q_scaled, k[c0:c1].T, out=buffer[:shape[0] * shape[1]].view(shape))
+            d_block = weights[:block.numel()].view(shape)  # dLoss / dS for this tile
+            if grad_rows is None:
+                d_block.zero_()
+            else:
+                torch.sub(block, lse_rows[r0:r1, None], out=d_block).exp_().mul_(grad_rows[r0:r1, None])
+            if grad_cols is not None:
+                block.sub_(lse_cols[None, c0:c1]).exp_()
+                d_block.addcmul_(block, grad_cols[None, c0:c1])
+            dq_unscaled[r0:r1].addmm_(d_block, k[c0:c1])
+            dk[c0:c1].addmm_(d_block.T, q_scaled)
+    dscale = torch.dot(q.flatten(), dq_unscaled.flatten()).reshape(scale.shape)
+    return dq_unscaled.mul_(scale), dk, dscale
