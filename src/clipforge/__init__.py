@@ -24,6 +24,7 @@ _API = {
     # losses and zero-shot
     "contrastive_loss": "clipforge.loss", "sigmoid_loss": "clipforge.loss",
     "build_zeroshot_classifier": "clipforge.zeroshot", "ZeroShotClassifier": "clipforge.zeroshot",
+    "export_onnx": "clipforge.export", "OnnxEncoder": "clipforge.export",
 }
 
 __all__ = sorted(_API) + ["__version__"]
