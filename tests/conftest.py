@@ -15,3 +15,20 @@ def saved_tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-vit-random"
     save(create_model("tiny-vit"), folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model(tmp_path_factory):
+    """A tiny-vit trained by ``clipforge train`` on the built-in data (about 15 s): a run directory whose
+    model has learned colours and shapes well enough for zero-shot transfer to the held-out pairs."""
+    from clipforge.cli import main
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--model", "tiny-vit", "--train-data", "builtin:5000", "--steps", "120",
+                     "--batch-size", "32", "--lr", "1.5e-3", "--warmup", "20", "--workers", "0",
+                     "--save-every", "120", "--output", str(run)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
