@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "clipforge"
-CORE = ["models", "tokenizer.py", "transforms.py", "loss.py", "distributed.py", "zeroshot.py",
+CORE = ["models", "tokenizer.py", "text_clean.py", "transforms.py", "loss.py", "distributed.py", "zeroshot.py",
         "checkpoints.py", "hf.py", "pretrained.py", "factory.py"]
 UPPER = ("clipforge.train", "clipforge.evaluate", "clipforge.cli", "clipforge.data")
 

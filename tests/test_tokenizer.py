@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import clipforge
 from clipforge import tokenizer as tk
+from clipforge import text_clean as tc
 from clipforge.tokenizer import Tokenizer, get_tokenizer, tokenize
 
 CASES = json.loads((Path(__file__).parent / "data" / "tokenizer_cases.json").read_text(encoding="utf-8"))
@@ -168,7 +169,7 @@ def test_decode(tok):
 def test_decode_round_trip(tok, text):
     ids = tok.encode(text)
     assert tok.encode(tok.decode(ids)) == ids
-    assert tok.decode(tokenize(text)[0]).replace(" ", "") == tk.clean_text(text).replace(" ", "")
+    assert tok.decode(tokenize(text)[0]).replace(" ", "") == tc.clean_text(text).replace(" ", "")
 
 
 def test_special_token_text(tok):
@@ -214,9 +215,9 @@ _PLAIN_ASCII = st.text(alphabet=st.sampled_from([chr(c) for c in range(0x20, 0x7
 @given(_PLAIN_ASCII)
 def test_plain_ascii_needs_no_ftfy(text):
     # The premise of the first shortcut: ftfy and html.unescape leave such text unchanged but for CR -> LF.
-    assert tk._NEEDS_FULL_CLEAN.search(text) is None
+    assert tc._NEEDS_FULL_CLEAN.search(text) is None
     assert ftfy.fix_text(text).split() == text.split() and html.unescape(text) == text
-    assert tk._clean_chunks(text) == tk.clean_text(text).split()
+    assert tc.clean_chunks(text) == tc.clean_text(text).split()
 
 
 _TRICKY_TEXT = st.lists(st.one_of(st.sampled_from(TRICKY), st.characters()), max_size=14).map("".join)
@@ -225,24 +226,24 @@ _TRICKY_TEXT = st.lists(st.one_of(st.sampled_from(TRICKY), st.characters()), max
 @settings(max_examples=400, deadline=None)
 @given(_TRICKY_TEXT)
 def test_ftfy_shortcut_equals_ftfy(text):
-    assert tk._FTFY.fix_text(text) == ftfy.fix_text(text)
-    assert tk._FTFY._may_be_mojibake(text) == ftfy.badness.is_bad(text)
-    cleaned = tk.clean_text(text)
-    assert tk._clean_chunks(text) == (cleaned.split(" ") if cleaned else [])
+    assert tc._FTFY.fix_text(text) == ftfy.fix_text(text)
+    assert tc._FTFY._may_be_mojibake(text) == ftfy.badness.is_bad(text)
+    cleaned = tc.clean_text(text)
+    assert tc.clean_chunks(text) == (cleaned.split(" ") if cleaned else [])
 
 
 def _sample_match(items, rng: random.Random) -> str:
     """A string built to match one parsed regex alternative (one character per item)."""
     out = []
     for op, value in items:
-        if op is tk._sre.LITERAL:
+        if op is tc._sre.LITERAL:
             out.append(chr(value))
-        elif op is tk._sre.IN:
-            chars = tk._literal_chars((op, value))
+        elif op is tc._sre.IN:
+            chars = tc._literal_chars((op, value))
             out.append(rng.choice(sorted(chars)) if chars else rng.choice(" a"))  # \s or \w
-        elif op is tk._sre.ANY:
+        elif op is tc._sre.ANY:
             out.append(rng.choice("xé "))
-        elif op is tk._sre.MAX_REPEAT:
+        elif op is tc._sre.MAX_REPEAT:
             low, _, sub = value
             out.append("".join(_sample_match(sub, rng) for _ in range(low or rng.randint(0, 1))))
     return "".join(out)
@@ -250,21 +251,21 @@ def _sample_match(items, rng: random.Random) -> str:
 
 def test_mojibake_windows_find_every_alternative():
     # The windowed search must agree with ftfy's full search on a match of each of its regex's alternatives.
-    assert tk._FTFY.prefilter is not None, "ftfy's mojibake regex changed shape: the shortcut is off (slower)"
-    witnesses, width = tk._FTFY.prefilter
+    assert tc._FTFY.prefilter is not None, "ftfy's mojibake regex changed shape: the shortcut is off (slower)"
+    witnesses, width = tc._FTFY.prefilter
     assert width <= 16 and not witnesses.search("".join(map(chr, range(128))))
     pattern = ftfy.badness.BADNESS_RE
-    alternatives = tk._sre.parse(pattern.pattern, pattern.flags).data[0][1][1]
+    alternatives = tc._sre.parse(pattern.pattern, pattern.flags).data[0][1][1]
     rng, detected = random.Random(0), set()
     for index, alternative in enumerate(alternatives):
         for _ in range(20):
             text = rng.choice(["", "ab ", "Ab c "]) + _sample_match(alternative, rng) + rng.choice(["", " cd", "y"])
             bad = ftfy.badness.is_bad(text)
-            assert tk._FTFY._may_be_mojibake(text) == bad, text
+            assert tc._FTFY._may_be_mojibake(text) == bad, text
             if bad:
                 detected.add(index)
     assert len(detected) == len(alternatives)
-    assert tk._FTFY._may_be_mojibake("cafÃ© au lait") and not tk._FTFY._may_be_mojibake("café au lait")
+    assert tc._FTFY._may_be_mojibake("cafÃ© au lait") and not tc._FTFY._may_be_mojibake("café au lait")
 
 
 def test_whitespace_split_premise():
@@ -274,6 +275,6 @@ def test_whitespace_split_premise():
     differ = [c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace() != bool(space.match(c))]
     assert differ == ["\x1c", "\x1d", "\x1e", "\x1f"]
     for c in differ:
-        assert tk.clean_text(f"a{c}b") == "ab" and tk.clean_text(f"a&#{ord(c)};b") == "ab"
+        assert tc.clean_text(f"a{c}b") == "ab" and tc.clean_text(f"a&#{ord(c)};b") == "ab"
     lowered = [(c, c.lower()) for c in map(chr, range(sys.maxunicode + 1)) if c.lower() != c]
     assert all(low.isspace() if c.isspace() else not any(x.isspace() for x in low) for c, low in lowered)

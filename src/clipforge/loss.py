@@ -201,38 +201,42 @@ class _TiledLogSumExp(torch.autograd.Function):
 def _tiled_lse_forward(q, k, scale, tile: int, with_cols: bool):
     lse_rows = q.new_full((q.shape[0],), -math.inf)
     lse_cols = q.new_full((k.shape[0] if with_cols else 0,), -math.inf)
-    buffer, scratch = q.new_empty(tile * tile), q.new_empty(tile * tile)
+    scratch = q.new_empty(tile * tile)
+    for (r0, r1), (c0, c1), _, block in _logit_tiles(q, k, scale, tile):
+        work = scratch[:block.numel()].view(block.shape)
+        _merge_lse(lse_rows[r0:r1], block, 1, work)
+        if with_cols:
+            _merge_lse(lse_cols[c0:c1], block, 0, work)
+    return lse_rows, lse_cols
+
+
+def _logit_tiles(q, k, scale, tile: int):
+    """Yield ((r0, r1), (c0, c1), scale * q[r0:r1], scale * q[r0:r1] @ k[c0:c1].T) for every tile, computing
+    each tile into one reused buffer (so a tile is only valid until the next one is yielded)."""
+    buffer = q.new_empty(tile * tile)
     for r0, r1 in _blocks(q.shape[0], tile):
         q_scaled = q[r0:r1] * scale  # (rows, d)
         for c0, c1 in _blocks(k.shape[0], tile):
             shape = (r1 - r0, c1 - c0)
-            block = torch.mm(q_scaled, k[c0:c1].T, out=buffer[:shape[0] * shape[1]].view(shape))
-            work = scratch[:block.numel()].view(shape)
-            _merge_lse(lse_rows[r0:r1], block, 1, work)
-            if with_cols:
-                _merge_lse(lse_cols[c0:c1], block, 0, work)
-    return lse_rows, lse_cols
+            yield (r0, r1), (c0, c1), q_scaled, torch.mm(q_scaled, k[c0:c1].T,
+                                                         out=buffer[:shape[0] * shape[1]].view(shape))
 
 
 def _tiled_lse_backward(q, k, scale, lse_rows, lse_cols, grad_rows, grad_cols, tile: int):
     """Gradients of ``sum(grad_rows * lse_rows) + sum(grad_cols * lse_cols)``, tile by tile."""
     dq_unscaled = torch.zeros_like(q)  # sum_j dS_ij k_j; dq = scale * this
     dk = torch.zeros_like(k)
-    buffer, weights = q.new_empty(tile * tile), q.new_empty(tile * tile)
-    for r0, r1 in _blocks(q.shape[0], tile):
-        q_scaled = q[r0:r1] * scale  # (rows, d)
-        for c0, c1 in _blocks(k.shape[0], tile):
-            shape = (r1 - r0, c1 - c0)
-            block = torch.mm(q_scaled, k[c0:c1].T, out=buffer[:shape[0] * shape[1]].view(shape))
-            d_block = weights[:block.numel()].view(shape)  # dLoss / dS for this tile
-            if grad_rows is None:
-                d_block.zero_()
-            else:
-                torch.sub(block, lse_rows[r0:r1, None], out=d_block).exp_().mul_(grad_rows[r0:r1, None])
-            if grad_cols is not None:
-                block.sub_(lse_cols[None, c0:c1]).exp_()
-                d_block.addcmul_(block, grad_cols[None, c0:c1])
-            dq_unscaled[r0:r1].addmm_(d_block, k[c0:c1])
-            dk[c0:c1].addmm_(d_block.T, q_scaled)
+    weights = q.new_empty(tile * tile)
+    for (r0, r1), (c0, c1), q_scaled, block in _logit_tiles(q, k, scale, tile):
+        d_block = weights[:block.numel()].view(block.shape)  # dLoss / dS for this tile
+        if grad_rows is None:
+            d_block.zero_()
+        else:
+            torch.sub(block, lse_rows[r0:r1, None], out=d_block).exp_().mul_(grad_rows[r0:r1, None])
+        if grad_cols is not None:
+            block.sub_(lse_cols[None, c0:c1]).exp_()
+            d_block.addcmul_(block, grad_cols[None, c0:c1])
+        dq_unscaled[r0:r1].addmm_(d_block, k[c0:c1])
+        dk[c0:c1].addmm_(d_block.T, q_scaled)
     dscale = torch.dot(q.flatten(), dq_unscaled.flatten()).reshape(scale.shape)
     return dq_unscaled.mul_(scale), dk, dscale
