@@ -3,6 +3,15 @@ import pytest
 import torch
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: faster on a small shared CPU, and the same results in every run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def saved_tiny_model(tmp_path_factory):
     """A randomly initialised (seed 0) tiny-vit saved as a clipforge model folder, for CLI end-to-end tests.

@@ -20,12 +20,7 @@ ZERO_BYTES, CORRUPT, EMPTY_CAPTIONS = (0, 5, 9), (2, 14, 30), (7, 21)
 GARBAGE = b"\x89PNG\r\n\x1a\n but then not an image at all"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _damaged_csv(root: Path) -> str:

@@ -28,7 +28,7 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's weights were trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing():
             return x * torch.sigmoid(1.702 * x)
         return (1.702 * x).sigmoid_().mul_(x)  # inference: the same values with one buffer instead of three
 
