@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipforge", description="CLIP: train, classify, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in _available().items():
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+        summary = " ".join(module.HELP.split()).split(". ")[0].rstrip(".:;")
+        p = sub.add_parser(name, help=summary, description=module.HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

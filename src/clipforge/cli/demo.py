@@ -6,8 +6,9 @@ import dataclasses
 
 from ..demo import DemoConfig, run_demo
 
-HELP = ("Generate the built-in coloured-shapes data, train a small CLIP on the CPU (a few minutes), then "
-        "evaluate zero-shot transfer to colour-shape pairs never seen in training, retrieval, a linear probe "
+HELP = ("Train a small CLIP on the built-in data and report what it learned. "
+        "Generates the built-in coloured-shapes data, trains a small CLIP on the CPU (a few minutes), then "
+        "evaluates zero-shot transfer to colour-shape pairs never seen in training, retrieval, a linear probe "
         "and prompt ensembling; writes report.md with figures into --output.")
 
 
