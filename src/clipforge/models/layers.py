@@ -54,8 +54,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         n, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, L, 3D)
-        qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (N, heads, L, head_dim)
+        # chunk, not view + unbind: its backward is one concatenation, with no copy of the packed gradient
+        q, k, v = (t.view(n, length, self.heads, width // self.heads).transpose(1, 2)
+                   for t in qkv.chunk(3, dim=-1))  # each (N, heads, L, head_dim)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         out = out.transpose(1, 2).reshape(n, length, width)  # (N, L, D)
         return self.out_proj(out)
