@@ -198,14 +198,22 @@ def _weights_file(folder: Path, names: tuple[str, ...]) -> Path:
     raise CheckpointError(f"folder {folder} has a config but no weights file (one of {', '.join(names)})")
 
 
+STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
+def step_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` for every ``checkpoints/step_*`` folder of a training run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = ((STEP_FOLDER.fullmatch(p.name), p) for p in root.iterdir() if p.is_dir())
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path:
     """The newest complete ``checkpoints/step_*`` folder (with model.safetensors and config.json) of a run."""
-    run_dir = Path(run_dir)
-    steps = []
-    for p in (run_dir / "checkpoints").iterdir():
-        if p.is_dir() and (m := re.fullmatch(r"step_(\d+)", p.name)):
-            steps.append((int(m.group(1)), p))
-    for _, folder in sorted(steps, reverse=True):
+    steps = step_folders(run_dir)
+    for _, folder in reversed(steps):
         if (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file():
             return folder
     raise CheckpointError(f"run directory {run_dir} has no complete checkpoint: no checkpoints/step_* folder "

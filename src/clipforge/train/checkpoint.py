@@ -6,31 +6,21 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clipforge.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_checkpoint
+from clipforge.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_checkpoint, step_folders
 from clipforge.checkpoints import save as save_model
 from clipforge.models import CLIP
 
 STATE_NAME = "train_state.pt"
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def checkpoint_root(output: str | Path) -> Path:
     return Path(output) / "checkpoints"
-
-
-def _step_dirs(output: str | Path) -> list[tuple[int, Path]]:
-    root = checkpoint_root(output)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
-    return sorted(found)
 
 
 def is_complete(folder: Path) -> bool:
@@ -39,7 +29,7 @@ def is_complete(folder: Path) -> bool:
 
 def latest_checkpoint(output: str | Path) -> Path | None:
     """The newest complete checkpoint folder of a run (model, config and train state), or None."""
-    for _, folder in reversed(_step_dirs(output)):
+    for _, folder in reversed(step_folders(output)):
         if is_complete(folder):
             return folder
     return None
@@ -66,7 +56,7 @@ def save_checkpoint(output: str | Path, step: int, model: CLIP, state: dict, kee
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(temp, final)
-    for _, folder in _step_dirs(output)[:-keep]:
+    for _, folder in step_folders(output)[:-keep]:
         shutil.rmtree(folder, ignore_errors=True)
     return final
 
