@@ -83,15 +83,13 @@ def _zeroshot_among_all_pairs(model, preprocess, n: int) -> dict[str, float]:
     data = ShapesDataset(n, "heldout", seed=101)
     names = class_names("all")
     targets = torch.tensor([names.index(data.class_name(i, "pair")) for i in range(n)])
-    results = {}
-    for key, prompts in (("top1_ensemble", templates()), ("top1_single", SINGLE_TEMPLATE)):
-        classifier = ZeroShotClassifier(model, names, prompts)
-        correct = 0
-        for start in range(0, n, 256):
-            images = torch.stack([preprocess(data.image(i)) for i in range(start, min(n, start + 256))])
-            predicted = classifier.logits(classifier.encode_images(images)).argmax(dim=-1)
-            correct += int((predicted == targets[start:start + 256]).sum())
-        results[key] = correct / n
+    classifiers = {"top1_ensemble": ZeroShotClassifier(model, names, templates()),
+                   "top1_single": ZeroShotClassifier(model, names, SINGLE_TEMPLATE)}
+    encode = classifiers["top1_single"].encode_images
+    features = torch.cat([encode(torch.stack([preprocess(data.image(i)) for i in range(start, min(n, start + 256))]))
+                          for start in range(0, n, 256)])  # (n, D), encoded once for both classifiers
+    results = {key: float((c.logits(features).argmax(dim=-1) == targets).float().mean())
+               for key, c in classifiers.items()}
     results["chance"] = 1 / len(names)
     return results
 
