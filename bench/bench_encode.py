@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 from common import DTYPES, add_ratios, compare_outputs, count_flops, environment, format_table, \
     matmul_peak_gflops, optional_import, row, time_interleaved  # noqa: E402
 
-from clipforge.export import example_images, example_tokens  # noqa: E402
+from clipforge.export import example_images  # noqa: E402
 from clipforge.models import CLIP, CLIPConfig, get_model_config  # noqa: E402
 
 Encoders = dict[str, Callable[[torch.Tensor], torch.Tensor]]
@@ -96,10 +97,31 @@ def build_encoders(name: str, device: str, dtype: str, onnx_dir: Path | None) ->
     return dict(sorted(impls.items(), key=lambda kv: kv[0] != "clipforge"))  # clipforge eager first
 
 
+def _texts(kind: str, batch: int) -> list[str]:
+    """``batch`` deterministic texts: web-like captions (the tokenizer benchmark's) or zero-shot prompts
+    ("a photo of a {c}." over ImageNet's classes and OpenAI's 80 templates, in a seeded shuffle)."""
+    if kind == "captions":
+        from bench_tokenizer import make_captions
+        return make_captions(batch, seed=1)
+    from clipforge.zeroshot import fill_template, load_classnames, load_templates
+    prompts = [fill_template(t, c) for c in load_classnames("imagenet1k") for t in load_templates("imagenet1k")]
+    return random.Random(0).sample(prompts, batch)
+
+
 def _inputs(config: CLIPConfig, tower: str, batch: int, device: str, dtype: str) -> torch.Tensor:
+    """Images, or the token rows (padded to the context length, as every CLIP tokenizer pads) of texts."""
     if tower == "image":
         return example_images(config, batch).to(device=device, dtype=DTYPES[dtype])
-    return example_tokens(config, batch).to(device)
+    from clipforge.tokenizer import tokenize
+    return tokenize(_texts(tower.split()[1], batch), config.text_cfg.context_length).to(device)
+
+
+def _padded_to_longest(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` on token rows cut after the batch's longest text: what transformers' tokenizer gives with
+    ``padding=True``, shown beside the 77-token input every implementation gets."""
+    def trimmed(tokens: torch.Tensor) -> torch.Tensor:
+        return fn(tokens[:, : int(tokens.argmax(dim=-1).max()) + 1])
+    return trimmed
 
 
 def bench_case(name: str, impls: dict[str, dict[str, Encoders]], tower: str, batch: int, dtype: str,
@@ -107,12 +129,17 @@ def bench_case(name: str, impls: dict[str, dict[str, Encoders]], tower: str, bat
     """Time one (model, tower, batch, dtype) case for every implementation; check outputs against clipforge."""
     config = get_model_config(name)
     x = _inputs(config, tower, batch, device, dtype)
-    fns = {impl: (lambda f=towers[tower]: f(x)) for impl, towers in impls.items()}
+    kind = tower.split()[0]
+    fns = {impl: (lambda f=towers[kind]: f(x)) for impl, towers in impls.items()}
+    if kind == "text" and "transformers" in impls:
+        fns["transformers padding=longest"] = lambda f=_padded_to_longest(impls["transformers"]["text"]): f(x)
     with torch.inference_mode():
         outputs = {impl: fn() for impl, fn in fns.items()}
-        flops = count_flops(lambda: impls["clipforge"][tower](x[:1]))
+        # FLOPs of the work the task needs (a text up to its end-of-text), so every row's % of peak is comparable
+        sample = x if kind == "text" else x[:1]
+        flops = count_flops(lambda: impls["clipforge"][kind](sample)) / len(sample)
         seconds = time_interleaved(fns, repeats, warmup=1, device=device)
-    unit = "img/s" if tower == "image" else "txt/s"
+    unit = "img/s" if kind == "image" else "txt/s"
     case = f"{name} {tower} {dtype} b{batch}"
     rows = []
     for impl, secs in seconds.items():
@@ -123,7 +150,7 @@ def bench_case(name: str, impls: dict[str, dict[str, Encoders]], tower: str, bat
 
 def run(models: tuple[str, ...] = ("ViT-B-32", "RN50"), batch_sizes: tuple[int, ...] = (1, 64),
         dtypes: tuple[str, ...] = ("fp32",), device: str = "cpu", repeats: int = 5, onnx: bool = True,
-        peaks: dict[str, float] | None = None, towers: tuple[str, ...] = ("image", "text"),
+        peaks: dict[str, float] | None = None, towers: tuple[str, ...] = ("image", "text captions", "text prompts"),
         cpu_bf16_batch: int = 1) -> list[dict[str, Any]]:
     """Rows of images/s and texts/s per model, tower, dtype and batch size, for every implementation.
 

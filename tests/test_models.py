@@ -113,3 +113,25 @@ def test_fp32_layernorm_under_bf16_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         features = model.encode_image(torch.randn(2, 3, 32, 32))
     assert features.dtype == torch.bfloat16 and torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-vit-cbow"])
+def test_text_padding_after_end_of_text_is_not_computed(name, monkeypatch):
+    """Trimming the batch to its longest caption gives the features and gradients of the full context."""
+    import clipforge.models.text as text_module
+
+    torch.manual_seed(0)
+    model = CLIP(get_model_config(name)).eval()
+    tokens = torch.cat([_tokens(2, 3, model.context_length), _tokens(1, 6, model.context_length)])
+    images = torch.randn(3, 3, 32, 32)
+    seen = []
+    model.token_embedding.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    trimmed_logits, trimmed_grads = _loss_and_grads(model, images, tokens)
+    assert seen == [8]  # start, six words, end-of-text: the longest row, not the 32-token context
+    monkeypatch.setattr(text_module, "_may_trim", lambda: False)
+    logits, grads = _loss_and_grads(model, images, tokens)
+    assert seen[-1] == model.context_length
+    torch.testing.assert_close(trimmed_logits, logits, atol=1e-5, rtol=1e-5)
+    assert trimmed_grads.keys() == grads.keys()
+    for key in grads:
+        torch.testing.assert_close(trimmed_grads[key], grads[key], atol=1e-5, rtol=1e-4)

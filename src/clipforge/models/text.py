@@ -13,6 +13,13 @@ from .config import TextConfig
 from .layers import LayerNorm, Transformer
 
 
+def _may_trim() -> bool:
+    """Whether the padding after end-of-text may be cut off: not while tracing or compiling a graph, where
+    the cut would be frozen at the example's length (an exported text encoder computes every position)."""
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export())
+
+
 class TextTower(nn.Module):
     def __init__(self, cfg: TextConfig, embed_dim: int, act: type[nn.Module] = nn.GELU):
         super().__init__()
@@ -35,6 +42,11 @@ class TextTower(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"text tokens must be (batch, length <= {self.context_length}), got {tuple(tokens.shape)}")
         eot = tokens.argmax(dim=-1)  # end-of-text has the largest id (49407 in OpenAI's vocabulary)
+        if _may_trim():
+            # Positions after the batch's last end-of-text reach no pooled feature (the attention is causal;
+            # CBOW averages up to end-of-text), so they are not computed: the features are the same, and a
+            # caption of 10 tokens costs 10 positions instead of context_length.
+            tokens = tokens[:, : int(eot.max()) + 1]
         x = self.token_embedding(tokens)  # (N, L, D)
         if self.transformer is None:
             upto_eot = torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= eot[:, None]  # (N, L)
