@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -133,6 +134,71 @@ def _loss_check(first_loss: dict[str, float], impl: str, precision: str) -> str:
     return f"{'ok' if diff < tolerance else 'DIFF'} loss {first_loss[impl]:.5f}"
 
 
+# Each library's training step alone in a fresh process, as its own training script would run it: clipforge
+# with the allocator setting its trainer applies (clipforge.allocator), OpenCLIP with glibc's defaults,
+# and clipforge with glibc's defaults too, so the library's and the setting's shares can be told apart.
+OWN_PROCESS = {"clipforge": ("clipforge", True), "clipforge glibc-default malloc": ("clipforge", False),
+               "open_clip": ("open_clip", False)}
+
+
+def run_own_processes(model_name: str | Path = CONFIG, batch_size: int = 256, repeats: int = 2, rounds: int = 1,
+                      peak: float | None = None) -> list[dict[str, Any]]:
+    """CPU fp32 rows of samples/s with every implementation in its own child process, in turn ``rounds``
+    times (median of all its steps). In one shared process the allocator's state left by one library's
+    step changes the next one's page faults, so these figures are the ones a training run sees."""
+    import subprocess
+    config = get_model_config(model_name)
+    label = Path(model_name).stem if str(model_name).endswith(".json") else str(model_name)
+    torch.manual_seed(0)
+    model = CLIP(config).train()
+    flops = _flops_per_step(model, example_images(config, batch_size), example_tokens(config, batch_size), "fp32", "cpu")
+    del model
+    impls = {k: v for k, v in OWN_PROCESS.items() if v[0] != "open_clip" or optional_import("open_clip")}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    losses: dict[str, float] = {}
+    for _ in range(rounds):
+        for impl, (library, retain) in impls.items():
+            out = subprocess.run([sys.executable, __file__, "--child", library, "--model", str(model_name),
+                                  "--batch-size", str(batch_size), "--repeats", str(repeats)]
+                                 + (["--retain-freed-memory"] if retain else []),
+                                 capture_output=True, text=True, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            times[impl] += result["seconds"]
+            losses[impl] = result["loss"]
+    case = f"{label} fp32 b{batch_size} own process"
+    rows = [row("train_step", case, impl, statistics.median(ts), batch_size, "samples/s", flops / batch_size, peak,
+                step_seconds=round(statistics.median(ts), 4), check=_loss_check(losses, impl, "fp32"))
+            for impl, ts in times.items()]
+    return add_ratios(rows)
+
+
+def _child(library: str, model_name: str, batch_size: int, repeats: int, retain: bool) -> None:
+    """Run in a child process: one warm-up step and ``repeats`` timed steps; print their seconds as JSON."""
+    import time
+    if retain:
+        from clipforge.allocator import retain_freed_memory
+        if not retain_freed_memory():
+            raise SystemExit("retain_freed_memory() did not apply on this platform")
+    config = get_model_config(model_name)
+    torch.manual_seed(0)
+    model = CLIP(config).train()
+    images, tokens = example_images(config, batch_size), example_tokens(config, batch_size)
+    if library == "open_clip":
+        oc = open_clip_model(config, "child")
+        oc.load_state_dict(model.state_dict(), strict=True)
+        del model
+        step = open_clip_step(oc.train(), "cpu", "fp32")
+    else:
+        step = clipforge_step(model, "cpu", "fp32")
+    loss = float(_loss(step(images, tokens)))
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(images, tokens)
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": seconds, "loss": loss}))
+
+
 def _bind(step: Callable, images: torch.Tensor, tokens: torch.Tensor) -> Callable[[], Any]:
     return lambda: step(images, tokens)
 
@@ -146,11 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--own-process", action="store_true",
+                        help="CPU: also time each library in its own child process (see run_own_processes)")
+    parser.add_argument("--child", choices=["clipforge", "open_clip"], help=argparse.SUPPRESS)
+    parser.add_argument("--retain-freed-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        _child(args.child, args.model, args.batch_size, args.repeats, args.retain_freed_memory)
+        return 0
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = matmul_peak_gflops(args.device, dtype)
     print(json.dumps(environment(args.device)), f"\n{args.precision} matmul peak: {peak:.0f} GFLOP/s")
     rows = run(args.model, args.batch_size, args.device, args.repeats, args.precision, peak, args.compile)
+    if args.own_process and args.device == "cpu" and args.precision == "fp32":
+        rows += run_own_processes(args.model, args.batch_size, args.repeats, peak=peak)
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

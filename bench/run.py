@@ -43,7 +43,7 @@ def presets(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         encode = {"models": ("ViT-B-32", "RN50"), "batch_sizes": (1, 64), "dtypes": ("fp32",),
                   "repeats": 3 if args.quick else 7, "onnx": True}
         train = {"models": (str(_bench_file("train_step_config.json")),), "batch_size": 256, "precision": "fp32",
-                 "repeats": 2 if args.quick else 4}
+                 "repeats": 2 if args.quick else 4, "rounds": 1 if args.quick else 2}
     for key, value in (("models", args.models), ("batch_sizes", args.batch_sizes), ("dtypes", args.dtypes)):
         if value:
             encode[key] = tuple(value)
@@ -85,6 +85,9 @@ def run_train(cfg: dict[str, Any], device: str, peaks: dict[str, float]) -> list
         for compile in (False, True) if cfg["compile"] else (False,):
             rows += bench_train_step.run(model, cfg["batch_size"], device, cfg["repeats"], cfg["precision"],
                                          peaks.get(cfg["precision"]), compile)
+        if device == "cpu" and cfg["precision"] == "fp32":
+            rows += bench_train_step.run_own_processes(model, cfg["batch_size"], cfg["repeats"], cfg.get("rounds", 1),
+                                                       peaks.get("fp32"))
     return rows
 
 

@@ -25,6 +25,8 @@ _API = {
     "contrastive_loss": "clipforge.loss", "sigmoid_loss": "clipforge.loss",
     "build_zeroshot_classifier": "clipforge.zeroshot", "ZeroShotClassifier": "clipforge.zeroshot",
     "export_onnx": "clipforge.export", "OnnxEncoder": "clipforge.export",
+    # process set-up
+    "retain_freed_memory": "clipforge.allocator",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from clipforge.allocator import retain_freed_memory
+
 _SUBCOMMANDS = ["demo", "train", "classify", "explain", "eval", "export", "bench"]
 
 
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # the command owns its process: keep large freed blocks for reuse (allocator.py)
     try:
         return args._run(args) or 0
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -15,6 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import clipforge
+from clipforge.allocator import retain_freed_memory
 from clipforge.data import build_train_data
 from clipforge.factory import create_model_and_transforms
 from clipforge.tokenizer import get_tokenizer
@@ -38,6 +39,7 @@ def train(cfg: TrainConfig) -> dict:
     validation metrics under ``val`` (if any), and the final checkpoint folder.
     """
     cfg.validate()
+    retain_freed_memory()  # a training process reuses its activations' memory instead of page-faulting it in
     env = init_distributed(cfg.device)
     try:
         return Trainer(cfg, env).run()
