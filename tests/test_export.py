@@ -65,13 +65,32 @@ def test_text_features_match_pytorch(exported, batch):
     assert _max_diff(encoder.encode_text(tokens), expected) < ATOL * max(1.0, expected.abs().max().item())
 
 
-def test_short_token_rows_are_padded_to_the_context_length(exported):
+def test_text_graph_takes_any_length_and_stops_at_the_last_end_of_text(exported):
     model, folder, _ = exported
+    encoder = OnnxEncoder(folder)
+    assert isinstance(encoder._sessions["text"].get_inputs()[0].shape[1], str)  # a dynamic axis
     tokens = torch.tensor([[49406, 320, 1125, 539, 49407], [49406, 1929, 49407, 0, 0]])
     padded = torch.nn.functional.pad(tokens, (0, model.context_length - tokens.shape[1]))
     with torch.inference_mode():
         expected = model.encode_text(padded, normalize=True)
-    assert _max_diff(OnnxEncoder(folder).encode_text(tokens, normalize=True), expected) < ATOL
+    for rows in (tokens, padded, tokens[:, :5]):
+        assert _max_diff(encoder.encode_text(rows, normalize=True), expected) < ATOL
+
+
+def test_a_fixed_length_text_graph_still_works(exported, tmp_path):
+    """Exports made before the length axis was dynamic: short rows are padded to the graph's length."""
+    import shutil
+
+    from clipforge.export import _export, _TextEncoder
+    model, folder, _ = exported
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    _export(_TextEncoder(model), example_tokens(model.config, 2), "tokens", tmp_path / TEXT_FILE, 17)
+    encoder = OnnxEncoder(tmp_path)
+    assert encoder._sessions["text"].get_inputs()[0].shape[1] == model.context_length
+    tokens = torch.tensor([[49406, 320, 1125, 539, 49407], [49406, 1929, 49407, 0, 0]])
+    with torch.inference_mode():
+        expected = model.encode_text(tokens, normalize=True)
+    assert _max_diff(encoder.encode_text(tokens, normalize=True), expected) < ATOL
 
 
 def test_bad_inputs_are_rejected_with_clear_errors(exported, tmp_path):

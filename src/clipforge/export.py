@@ -1,8 +1,8 @@
 """ONNX export of CLIP's two encoders, and ONNX Runtime as an optional embedding backend (``onnx`` extra).
 
 ``export_onnx`` writes ``image_encoder.onnx`` (float32 images (N, 3, H, W) -> features (N, embed_dim))
-and ``text_encoder.onnx`` (int64 tokens (N, context_length) -> features), both with a dynamic batch
-axis, using PyTorch's TorchScript-based exporter (ONNX opset 17; no ``onnxscript`` needed), plus
+and ``text_encoder.onnx`` (int64 tokens (N, L <= context_length) -> features), both with a dynamic batch
+axis (and the text graph with a dynamic length, which ``OnnxEncoder`` cuts after the last end-of-text), using PyTorch's TorchScript-based exporter (ONNX opset 17; no ``onnxscript`` needed), plus
 ``onnx_config.json`` with the model config. ``OnnxEncoder`` runs them with ONNX Runtime.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, ver
     model = copy.deepcopy(model).float().cpu().eval()
     paths = {"image": folder / IMAGE_FILE, "text": folder / TEXT_FILE}
     _export(_ImageEncoder(model), example_images(model.config, 2), "images", paths["image"], opset)
-    _export(_TextEncoder(model), example_tokens(model.config, 2), "tokens", paths["text"], opset)
+    # any length up to context_length, so OnnxEncoder can stop at the batch's last end-of-text as CLIP does
+    _export(_TextEncoder(model), example_tokens(model.config, 2), "tokens", paths["text"], opset, dynamic_length=True)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset, "model_cfg": model.config.to_dict()}
     paths["config"] = folder / META_FILE
     paths["config"].write_text(json.dumps(meta, indent=2))
@@ -77,11 +78,13 @@ def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, ver
     return paths
 
 
-def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Path, opset: int) -> None:
+def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Path, opset: int,
+            dynamic_length: bool = False) -> None:
+    axes = {0: "batch", 1: "length"} if dynamic_length else {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice and tracer chatter
         torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=["features"],
-                          dynamic_axes={input_name: {0: "batch"}, "features": {0: "batch"}},
+                          dynamic_axes={input_name: axes, "features": {0: "batch"}},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
 
 
@@ -143,6 +146,8 @@ class OnnxEncoder:
         providers = providers or ["CPUExecutionProvider"]
         self._sessions = {name: ort.InferenceSession(str(self.folder / file), options, providers=providers)
                           for name, file in (("image", IMAGE_FILE), ("text", TEXT_FILE))}
+        # the text graph's length axis: a name where it is dynamic, a number in exports made before it was
+        self._text_length = self._sessions["text"].get_inputs()[0].shape[1]
 
     @property
     def image_size(self) -> int:
@@ -166,8 +171,10 @@ class OnnxEncoder:
         tokens = _as_numpy(tokens).astype(np.int64, copy=False)
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"text tokens must be (batch, length <= {self.context_length}), got {tokens.shape}")
-        if tokens.shape[1] < self.context_length:  # the graph has a fixed length; zeros after EOT change nothing
-            tokens = np.pad(tokens, ((0, 0), (0, self.context_length - tokens.shape[1])))
+        if isinstance(self._text_length, int):  # an export with a fixed length; zeros after EOT change nothing
+            tokens = np.pad(tokens, ((0, 0), (0, self._text_length - tokens.shape[1])))
+        elif tokens.size:  # positions after the batch's last end-of-text reach no feature (see TextTower)
+            tokens = tokens[:, : int(tokens.argmax(axis=1).max()) + 1]
         return self._run("text", "tokens", np.ascontiguousarray(tokens), normalize)
 
     def _run(self, tower: str, input_name: str, array: np.ndarray, normalize: bool) -> torch.Tensor:
