@@ -135,3 +135,17 @@ def test_text_padding_after_end_of_text_is_not_computed(name, monkeypatch):
     assert trimmed_grads.keys() == grads.keys()
     for key in grads:
         torch.testing.assert_close(trimmed_grads[key], grads[key], atol=1e-5, rtol=1e-4)
+
+
+def test_resnet_runs_channels_last_with_the_values_of_the_plain_layout():
+    import copy
+    torch.manual_seed(0)
+    model = CLIP(get_model_config("tiny-rn")).eval()
+    assert model.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert plain.visual.conv1.weight.is_contiguous()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), plain.encode_image(images), atol=1e-6, rtol=1e-6)
+    state = model.state_dict()
+    assert state["visual.conv1.weight"].shape == plain.state_dict()["visual.conv1.weight"].shape
