@@ -149,3 +149,27 @@ def test_resnet_runs_channels_last_with_the_values_of_the_plain_layout():
         torch.testing.assert_close(model.encode_image(images), plain.encode_image(images), atol=1e-6, rtol=1e-6)
     state = model.state_dict()
     assert state["visual.conv1.weight"].shape == plain.state_dict()["visual.conv1.weight"].shape
+
+
+def test_quick_gelu_mlp_equals_linear_quick_gelu_linear():
+    """The fused form (SiLU with the 1.702 scalings inside the matrix multiplies) is QuickGELU's MLP."""
+    from clipforge.models.layers import MLP, QuickGELU
+    torch.manual_seed(0)
+    mlp = MLP(16, 64, QuickGELU)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def reference(x):
+        h = mlp.c_fc(x)
+        return mlp.c_proj(h * torch.sigmoid(1.702 * h))
+    expected = reference(x)
+    expected.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    x.grad = None
+    mlp.zero_grad()
+    out = mlp(x)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    out.square().sum().backward()
+    for got, want in zip([x.grad] + [p.grad for p in mlp.parameters()], grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the in-place inference path
+        torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-5)
