@@ -3,7 +3,7 @@
 glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
 and hands it back to the kernel on ``free``. A training step on a CPU allocates and frees activations of
 tens to hundreds of MiB many times over, so each one costs a round of page faults: a GELU over a
-100 MiB tensor takes about 3x as long as on memory the process already owns. Turning off ``mmap`` for
+100 MiB tensor takes 2-3x as long as on memory the process already owns. Turning off ``mmap`` for
 large blocks (``M_MMAP_MAX = 0``) and not trimming the heap (``M_TRIM_THRESHOLD``) keeps that memory
 in the process, as PyTorch's CUDA caching allocator does on a GPU, and as preloading jemalloc or
 tcmalloc would. The cost: the process keeps its peak heap until it exits.
