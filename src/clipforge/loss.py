@@ -120,10 +120,13 @@ def _check_inputs(caller: str, image_features: torch.Tensor, text_features: torc
 def _plain_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # CE(logits) and CE(logits.T) as log-sum-exps along both axes of one contiguous matrix: no
     # softmax over the strided transpose (1.3x faster forward + backward on a CPU at n = 8192)
-    logits = scale * images @ texts.T  # (n, n)
-    if logits.dtype in (torch.float16, torch.bfloat16):
+    scaled = scale * images
+    logits = scaled @ texts.T  # (n, n)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # autocast or half features: the logits' own rounding
         logits = logits.float()  # as cross_entropy runs under autocast
-    matched = logits.diagonal()
+        matched = logits.diagonal()
+    else:  # the matched pairs' logits from the features: their gradient needs no n x n buffer
+        matched = (scaled * texts).sum(-1)
     return ((logits.logsumexp(1) - matched).mean() + (logits.logsumexp(0) - matched).mean()) / 2
 
 
