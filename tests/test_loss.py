@@ -111,6 +111,29 @@ def test_tiled_function_passes_gradcheck(with_cols, offset):
     assert torch.autograd.gradcheck(weighted, (q, k, scale))
 
 
+def test_plain_loss_gradients_equal_autograd_of_the_definition():
+    """The plain path's hand-written backward against autograd through cross-entropy both ways."""
+    images, texts = _features(9, 4, 11).requires_grad_(), _features(9, 4, 12).requires_grad_()
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda i, t, s: contrastive_loss(i, t, s), (images, texts, scale))
+    labels = torch.arange(9)
+    logits = scale * images @ texts.T
+    definition = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    expected = torch.autograd.grad(definition, (images, texts, scale))
+    got = torch.autograd.grad(contrastive_loss(images, texts, scale), (images, texts, scale))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_loss_with_a_frozen_tower_gives_the_other_gradients_unchanged():
+    images, texts = _features(6, 4, 13), _features(6, 4, 14)
+    full = _loss_and_grads(images, texts, math.log(9.0))
+    trainable_texts = texts.clone().requires_grad_()
+    loss = contrastive_loss(images, trainable_texts, 9.0)  # images (a locked tower) need no gradient
+    loss.backward()
+    torch.testing.assert_close(trainable_texts.grad, full[2], rtol=1e-12, atol=1e-12)
+
+
 def test_logit_scale_gradient_matches_finite_difference():
     images, texts = _features(12, 6, 9), _features(12, 6, 10)
     log_scale, eps = math.log(10.0), 1e-6
