@@ -125,6 +125,17 @@ def test_plain_loss_gradients_equal_autograd_of_the_definition():
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
+def test_plain_loss_under_bf16_autocast_stays_close_to_float32():
+    images, texts = _features(16, 8, 15).float(), _features(16, 8, 16).float()
+    reference = _loss_and_grads(images, texts, math.log(20.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = _loss_and_grads(images, texts, math.log(20.0))
+    assert mixed[0].dtype == torch.float32 and mixed[1].dtype == torch.float32
+    assert mixed[0] != reference[0]  # the products did run in bfloat16
+    for got, want in zip(mixed, reference):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=2e-2)
+
+
 def test_plain_loss_with_a_frozen_tower_gives_the_other_gradients_unchanged():
     images, texts = _features(6, 4, 13), _features(6, 4, 14)
     full = _loss_and_grads(images, texts, math.log(9.0))

@@ -118,13 +118,35 @@ def _check_inputs(caller: str, image_features: torch.Tensor, text_features: torc
 
 
 def _plain_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _PlainContrastive.apply(*_upcast(images, texts, scale))
+    # the n x n products run in the autocast (or the features') half precision, as a plain matmul would;
+    # the logits, their log-sum-exps and gradients are float32
+    matmul_dtype = _autocast_dtype(images.device.type)
+    if matmul_dtype is None and images.dtype in (torch.float16, torch.bfloat16):
+        matmul_dtype = images.dtype
+    return _PlainContrastive.apply(*_upcast(images, texts, scale), matmul_dtype)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives matrix multiplies on ``device_type`` now, or None when it is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return a @ b if dtype is None else (a.to(dtype) @ b.to(dtype)).float()
 
 
 class _PlainContrastive(torch.autograd.Function):
     """The symmetric loss over the materialised ``n x n`` logits, with a hand-written backward.
 
-    Forward: ``logits = scale * images @ texts.T``, the log-sum-exp of every row and column (no softmax
+    Forward: ``logits = scale * images @ texts.T`` (products in ``matmul_dtype`` if given), the log-sum-exp of every row and column (no softmax
     over a strided transpose) and ``loss = (mean(lse_rows - diag) + mean(lse_cols - diag)) / 2``.
     Backward: ``dloss/dlogits = (softmax over rows + softmax over columns - 2 I) / 2n`` built in one
     ``n x n`` buffer, so the peak is about two ``n x n`` matrices where autograd of the definition holds
@@ -132,13 +154,14 @@ class _PlainContrastive(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, images, texts, scale):
+    def forward(ctx, images, texts, scale, matmul_dtype):
         with torch.autocast(images.device.type, enabled=False):
-            logits = (scale * images) @ texts.T  # (n, n)
+            logits = _mm(scale * images, texts.T, matmul_dtype)  # (n, n)
             lse_rows, lse_cols = logits.logsumexp(1), logits.logsumexp(0)
             matched = logits.diagonal()
             loss = ((lse_rows - matched).mean() + (lse_cols - matched).mean()) / 2
         ctx.save_for_backward(images, texts, scale, logits, lse_rows, lse_cols)
+        ctx.matmul_dtype = matmul_dtype
         return loss
 
     @staticmethod
@@ -151,16 +174,16 @@ class _PlainContrastive(torch.autograd.Function):
                 d_logits[r0:r1] += logits[r0:r1].sub(lse_cols).exp_()
             d_logits.diagonal().sub_(2)
             d_logits.mul_(grad / (2 * n))
-            need_images, need_texts, need_scale = ctx.needs_input_grad
+            need_images, need_texts, need_scale, _ = ctx.needs_input_grad
             d_images = d_texts = d_scale = None
             if need_images or need_scale:
-                d_images = d_logits @ texts  # d loss / d (scale * images)
+                d_images = _mm(d_logits, texts, ctx.matmul_dtype)  # d loss / d (scale * images)
                 if need_scale:
                     d_scale = torch.dot(images.flatten(), d_images.flatten()).reshape(scale.shape)
                 d_images = d_images.mul_(scale) if need_images else None
             if need_texts:  # not with a locked text tower
-                d_texts = (d_logits.T @ images).mul_(scale)
-        return d_images, d_texts, d_scale
+                d_texts = _mm(d_logits.T, images, ctx.matmul_dtype).mul_(scale)
+        return d_images, d_texts, d_scale, None
 
 
 def _local_loss(images, texts, all_images, all_texts, scale, offset: int, tile_size: int | None):
