@@ -128,6 +128,8 @@ def test_text_padding_after_end_of_text_is_not_computed(name, monkeypatch):
     model.token_embedding.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
     trimmed_logits, trimmed_grads = _loss_and_grads(model, images, tokens)
     assert seen == [8]  # start, six words, end-of-text: the longest row, not the 32-token context
+    with torch.no_grad():  # an empty batch has nothing to trim
+        assert model.encode_text(tokens[:0]).shape == (0, model.config.embed_dim)
     monkeypatch.setattr(text_module, "_may_trim", lambda: False)
     logits, grads = _loss_and_grads(model, images, tokens)
     assert seen[-1] == model.context_length

@@ -42,7 +42,7 @@ class TextTower(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"text tokens must be (batch, length <= {self.context_length}), got {tuple(tokens.shape)}")
         eot = tokens.argmax(dim=-1)  # end-of-text has the largest id (49407 in OpenAI's vocabulary)
-        if _may_trim():
+        if tokens.shape[0] and _may_trim():
             # Positions after the batch's last end-of-text reach no pooled feature (the attention is causal;
             # CBOW averages up to end-of-text), so they are not computed: the features are the same, and a
             # caption of 10 tokens costs 10 positions instead of context_length.
