@@ -128,15 +128,7 @@ def _plain_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast gives matrix multiplies on ``device_type`` now, or None when it is off."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: per-device functions
-        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    if not enabled:
-        return None
-    if hasattr(torch, "get_autocast_dtype"):
-        return torch.get_autocast_dtype(device_type)
-    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -146,8 +138,9 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Te
 class _PlainContrastive(torch.autograd.Function):
     """The symmetric loss over the materialised ``n x n`` logits, with a hand-written backward.
 
-    Forward: ``logits = scale * images @ texts.T`` (products in ``matmul_dtype`` if given), the log-sum-exp of every row and column (no softmax
-    over a strided transpose) and ``loss = (mean(lse_rows - diag) + mean(lse_cols - diag)) / 2``.
+    Forward: ``logits = scale * images @ texts.T`` (the products in ``matmul_dtype`` if given), the
+    log-sum-exp of every row and column (no softmax over a strided transpose) and
+    ``loss = (mean(lse_rows - diag) + mean(lse_cols - diag)) / 2``.
     Backward: ``dloss/dlogits = (softmax over rows + softmax over columns - 2 I) / 2n`` built in one
     ``n x n`` buffer, so the peak is about two ``n x n`` matrices where autograd of the definition holds
     four or five.
