@@ -4,6 +4,7 @@ logging, validation and checkpoints; resumable mid-epoch from any checkpoint, on
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import random
 import time
@@ -44,6 +45,10 @@ def train(cfg: TrainConfig) -> dict:
     try:
         return Trainer(cfg, env).run()
     finally:
+        # Free the run (model, optimiser, data workers, the last step's graph) while the process group is
+        # still up: pending collective work objects destroyed after it, at interpreter exit, can abort
+        # the process (seen once as "terminate called without an active exception" with gloo).
+        gc.collect()
         cleanup(env)
 
 
