@@ -27,6 +27,7 @@ from common import DTYPES, add_ratios, compare_outputs, count_flops, environment
 
 from clipforge.export import example_images  # noqa: E402
 from clipforge.models import CLIP, CLIPConfig, get_model_config  # noqa: E402
+from clipforge.models.text import cut_after_end_of_text  # noqa: E402
 
 Encoders = dict[str, Callable[[torch.Tensor], torch.Tensor]]
 RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
@@ -120,7 +121,7 @@ def _padded_to_longest(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[
     """``fn`` on token rows cut after the batch's longest text: what transformers' tokenizer gives with
     ``padding=True``, shown beside the 77-token input every implementation gets."""
     def trimmed(tokens: torch.Tensor) -> torch.Tensor:
-        return fn(tokens[:, : int(tokens.argmax(dim=-1).max()) + 1])
+        return fn(cut_after_end_of_text(tokens))
     return trimmed
 
 

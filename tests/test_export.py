@@ -81,10 +81,10 @@ def test_a_fixed_length_text_graph_still_works(exported, tmp_path):
     """Exports made before the length axis was dynamic: short rows are padded to the graph's length."""
     import shutil
 
-    from clipforge.export import _export, _TextEncoder
+    from clipforge.export import _Encoder, _export
     model, folder, _ = exported
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
-    _export(_TextEncoder(model), example_tokens(model.config, 2), "tokens", tmp_path / TEXT_FILE, 17)
+    _export(_Encoder(model, "text"), example_tokens(model.config, 2), "tokens", tmp_path / TEXT_FILE, 17)
     encoder = OnnxEncoder(tmp_path)
     assert encoder._sessions["text"].get_inputs()[0].shape[1] == model.context_length
     tokens = torch.tensor([[49406, 320, 1125, 539, 49407], [49406, 1929, 49407, 0, 0]])

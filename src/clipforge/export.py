@@ -2,7 +2,8 @@
 
 ``export_onnx`` writes ``image_encoder.onnx`` (float32 images (N, 3, H, W) -> features (N, embed_dim))
 and ``text_encoder.onnx`` (int64 tokens (N, L <= context_length) -> features), both with a dynamic batch
-axis (and the text graph with a dynamic length, which ``OnnxEncoder`` cuts after the last end-of-text), using PyTorch's TorchScript-based exporter (ONNX opset 17; no ``onnxscript`` needed), plus
+axis (the text graph also with a dynamic length: ``OnnxEncoder`` cuts rows after the last end-of-text),
+using PyTorch's TorchScript-based exporter (ONNX opset 17; no ``onnxscript`` needed), plus
 ``onnx_config.json`` with the model config. ``OnnxEncoder`` runs them with ONNX Runtime.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from .models.clip import CLIP
 from .models.config import CLIPConfig
+from .models.text import cut_after_end_of_text
 
 IMAGE_FILE, TEXT_FILE, META_FILE = "image_encoder.onnx", "text_encoder.onnx", "onnx_config.json"
 FORMAT, FORMAT_VERSION = "clipforge-onnx", 1
@@ -28,22 +30,15 @@ DEFAULT_ATOL = 1e-4
 _INSTALL_HINT = "install the ONNX extra: pip install 'clipforge[onnx]' (onnx, onnxruntime)"
 
 
-class _ImageEncoder(nn.Module):
-    def __init__(self, model: CLIP):
+class _Encoder(nn.Module):
+    """One of ``model``'s encoders (``"image"`` or ``"text"``) as a module with a single input, to export."""
+
+    def __init__(self, model: CLIP, tower: str):
         super().__init__()
-        self.model = model
+        self.model, self.tower = model, tower
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
-
-
-class _TextEncoder(nn.Module):
-    def __init__(self, model: CLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x) if self.tower == "image" else self.model.encode_text(x)
 
 
 def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
@@ -62,9 +57,10 @@ def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, ver
     folder.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).float().cpu().eval()
     paths = {"image": folder / IMAGE_FILE, "text": folder / TEXT_FILE}
-    _export(_ImageEncoder(model), example_images(model.config, 2), "images", paths["image"], opset)
+    _export(_Encoder(model, "image"), example_images(model.config, 2), "images", paths["image"], opset)
     # any length up to context_length, so OnnxEncoder can stop at the batch's last end-of-text as CLIP does
-    _export(_TextEncoder(model), example_tokens(model.config, 2), "tokens", paths["text"], opset, dynamic_length=True)
+    _export(_Encoder(model, "text"), example_tokens(model.config, 2), "tokens", paths["text"], opset,
+            dynamic_length=True)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset, "model_cfg": model.config.to_dict()}
     paths["config"] = folder / META_FILE
     paths["config"].write_text(json.dumps(meta, indent=2))
@@ -173,8 +169,8 @@ class OnnxEncoder:
             raise ValueError(f"text tokens must be (batch, length <= {self.context_length}), got {tokens.shape}")
         if isinstance(self._text_length, int):  # an export with a fixed length; zeros after EOT change nothing
             tokens = np.pad(tokens, ((0, 0), (0, self._text_length - tokens.shape[1])))
-        elif tokens.size:  # positions after the batch's last end-of-text reach no feature (see TextTower)
-            tokens = tokens[:, : int(tokens.argmax(axis=1).max()) + 1]
+        else:  # as CLIP.encode_text does
+            tokens = cut_after_end_of_text(tokens)
         return self._run("text", "tokens", np.ascontiguousarray(tokens), normalize)
 
     def _run(self, tower: str, input_name: str, array: np.ndarray, normalize: bool) -> torch.Tensor:

@@ -20,6 +20,19 @@ def _may_trim() -> bool:
                 or torch.onnx.is_in_onnx_export())
 
 
+def cut_after_end_of_text(tokens, eot=None):
+    """Token rows ``(N, L)`` (a tensor or a numpy array) cut after the batch's last end-of-text token.
+
+    End-of-text is the largest id of each row; ``eot`` may pass those positions if already computed. The
+    positions cut reach no pooled text feature (causal attention; CBOW stops at end-of-text), so the
+    features of the cut rows equal those of the full ones. An empty batch is returned as it is.
+    """
+    if len(tokens) == 0:
+        return tokens
+    last = tokens.argmax(-1).max() if eot is None else eot.max()
+    return tokens[:, : int(last) + 1]
+
+
 class TextTower(nn.Module):
     def __init__(self, cfg: TextConfig, embed_dim: int, act: type[nn.Module] = nn.GELU):
         super().__init__()
@@ -42,11 +55,8 @@ class TextTower(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"text tokens must be (batch, length <= {self.context_length}), got {tuple(tokens.shape)}")
         eot = tokens.argmax(dim=-1)  # end-of-text has the largest id (49407 in OpenAI's vocabulary)
-        if tokens.shape[0] and _may_trim():
-            # Positions after the batch's last end-of-text reach no pooled feature (the attention is causal;
-            # CBOW averages up to end-of-text), so they are not computed: the features are the same, and a
-            # caption of 10 tokens costs 10 positions instead of context_length.
-            tokens = tokens[:, : int(eot.max()) + 1]
+        if _may_trim():  # a caption of 10 tokens costs 10 positions instead of context_length
+            tokens = cut_after_end_of_text(tokens, eot)
         x = self.token_embedding(tokens)  # (N, L, D)
         if self.transformer is None:
             upto_eot = torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= eot[:, None]  # (N, L)
