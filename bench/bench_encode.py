@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import DTYPES, add_ratios, compare_outputs, count_flops, environment, format_table, \
+from common import DTYPES, add_ratios, compare_outputs, count_flops, environment, report, \
     matmul_peak_gflops, optional_import, row, time_interleaved  # noqa: E402
 
 from clipforge.export import example_images  # noqa: E402
@@ -187,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(environment(args.device)), f"\nfp32 matmul peak: {peaks['fp32']:.0f} GFLOP/s")
     rows = run(tuple(args.models), tuple(args.batch_sizes), tuple(args.dtypes), args.device, args.repeats,
                not args.no_onnx, peaks)
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    report(rows, args.json)
     return 0
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import add_ratios, count_flops, environment, format_table, matmul_peak_gflops, optional_import, \
+from common import add_ratios, count_flops, environment, matmul_peak_gflops, optional_import, report, \
     row, time_interleaved  # noqa: E402
 
 from bench_encode import open_clip_model  # noqa: E402
@@ -98,7 +98,7 @@ def run(model_name: str | Path = CONFIG, batch_size: int = 256, device: str = "c
     ``compile=True`` wraps each library's model in ``torch.compile`` (as both training loops offer).
     """
     config = get_model_config(model_name)
-    label = Path(model_name).stem if str(model_name).endswith(".json") else str(model_name)
+    label = _label(model_name)
     torch.manual_seed(0)
     model = CLIP(config).to(device).train()
     images = example_images(config, batch_size).to(device)
@@ -148,7 +148,7 @@ def run_own_processes(model_name: str | Path = CONFIG, batch_size: int = 256, re
     step changes the next one's page faults, so these figures are the ones a training run sees."""
     import subprocess
     config = get_model_config(model_name)
-    label = Path(model_name).stem if str(model_name).endswith(".json") else str(model_name)
+    label = _label(model_name)
     torch.manual_seed(0)
     model = CLIP(config).train()
     flops = _flops_per_step(model, example_images(config, batch_size), example_tokens(config, batch_size), "fp32", "cpu")
@@ -199,6 +199,11 @@ def _child(library: str, model_name: str, batch_size: int, repeats: int, retain:
     print(json.dumps({"seconds": seconds, "loss": loss}))
 
 
+def _label(model_name: str | Path) -> str:
+    """A case name for ``model_name``: a JSON config's file stem, or the registered name."""
+    return Path(model_name).stem if str(model_name).endswith(".json") else str(model_name)
+
+
 def _bind(step: Callable, images: torch.Tensor, tokens: torch.Tensor) -> Callable[[], Any]:
     return lambda: step(images, tokens)
 
@@ -226,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.model, args.batch_size, args.device, args.repeats, args.precision, peak, args.compile)
     if args.own_process and args.device == "cpu" and args.precision == "fp32":
         rows += run_own_processes(args.model, args.batch_size, args.repeats, peak=peak)
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    report(rows, args.json)
     return 0
 
 

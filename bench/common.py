@@ -8,6 +8,7 @@ trust on a shared machine.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
 import statistics
@@ -153,6 +154,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(text)
+
+
+def report(rows: list[dict[str, Any]], json_path: str | None) -> None:
+    """Print the rows as a table and, given a path, write them there as JSON."""
+    print(format_table(rows))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=2))
 
 
 def _ratio(r: dict[str, Any], key: str) -> str:
