@@ -104,17 +104,27 @@ def run(model_name: str | Path = CONFIG, batch_size: int = 256, device: str = "c
     images = example_images(config, batch_size).to(device)
     tokens = example_tokens(config, batch_size).to(device)
     flops = _flops_per_step(model, images, tokens, precision, device)
-    oc = open_clip_model(config, label) if optional_import("open_clip") else None
-    steps = {}
-    if oc is not None:
-        oc.load_state_dict(model.state_dict(), strict=True)
-        oc = oc.to(device).train()
-    steps["clipforge"] = _bind(clipforge_step(model, device, precision, compile), images, tokens)
-    if oc is not None:
-        steps["open_clip"] = _bind(open_clip_step(oc, device, precision, compile), images, tokens)
+    libraries = ("clipforge", "open_clip") if optional_import("open_clip") else ("clipforge",)
+    steps = {library: _bind(library_step(library, model, device, precision, compile), images, tokens)
+             for library in libraries}
     first_loss = {impl: float(_loss(step())) for impl, step in steps.items()}  # same weights, same batch
     seconds = time_interleaved(steps, repeats, warmup=1 if compile else 0, device=device)
     case = f"{label} {precision} b{batch_size}" + (" compiled" if compile else "")
+    return _rows(case, seconds, first_loss, batch_size, flops, peak, precision)
+
+
+def library_step(library: str, model: CLIP, device: str, precision: str,
+                 compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """``library``'s training step ("clipforge" or "open_clip") starting from ``model``'s weights."""
+    if library == "clipforge":
+        return clipforge_step(model, device, precision, compile)
+    oc = open_clip_model(model.config, "train-step")
+    oc.load_state_dict(model.state_dict(), strict=True)
+    return open_clip_step(oc.to(device).train(), device, precision, compile)
+
+
+def _rows(case: str, seconds: dict[str, float], first_loss: dict[str, float], batch_size: int, flops: int,
+          peak: float | None, precision: str) -> list[dict[str, Any]]:
     rows = [row("train_step", case, impl, secs, batch_size, "samples/s", flops / batch_size, peak,
                 step_seconds=round(secs, 4), check=_loss_check(first_loss, impl, precision))
             for impl, secs in seconds.items()]
@@ -150,9 +160,8 @@ def run_own_processes(model_name: str | Path = CONFIG, batch_size: int = 256, re
     config = get_model_config(model_name)
     label = _label(model_name)
     torch.manual_seed(0)
-    model = CLIP(config).train()
-    flops = _flops_per_step(model, example_images(config, batch_size), example_tokens(config, batch_size), "fp32", "cpu")
-    del model
+    images, tokens = example_images(config, batch_size), example_tokens(config, batch_size)
+    flops = _flops_per_step(CLIP(config).train(), images, tokens, "fp32", "cpu")
     impls = {k: v for k, v in OWN_PROCESS.items() if v[0] != "open_clip" or optional_import("open_clip")}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     losses: dict[str, float] = {}
@@ -165,11 +174,8 @@ def run_own_processes(model_name: str | Path = CONFIG, batch_size: int = 256, re
             result = json.loads(out.stdout.strip().splitlines()[-1])
             times[impl] += result["seconds"]
             losses[impl] = result["loss"]
-    case = f"{label} fp32 b{batch_size} own process"
-    rows = [row("train_step", case, impl, statistics.median(ts), batch_size, "samples/s", flops / batch_size, peak,
-                step_seconds=round(statistics.median(ts), 4), check=_loss_check(losses, impl, "fp32"))
-            for impl, ts in times.items()]
-    return add_ratios(rows)
+    seconds = {impl: statistics.median(ts) for impl, ts in times.items()}
+    return _rows(f"{label} fp32 b{batch_size} own process", seconds, losses, batch_size, flops, peak, "fp32")
 
 
 def _child(library: str, model_name: str, batch_size: int, repeats: int, retain: bool) -> None:
@@ -183,13 +189,8 @@ def _child(library: str, model_name: str, batch_size: int, repeats: int, retain:
     torch.manual_seed(0)
     model = CLIP(config).train()
     images, tokens = example_images(config, batch_size), example_tokens(config, batch_size)
-    if library == "open_clip":
-        oc = open_clip_model(config, "child")
-        oc.load_state_dict(model.state_dict(), strict=True)
-        del model
-        step = open_clip_step(oc.train(), "cpu", "fp32")
-    else:
-        step = clipforge_step(model, "cpu", "fp32")
+    step = library_step(library, model, "cpu", "fp32")
+    del model  # clipforge's step keeps it; OpenCLIP's holds its own copy of the weights
     loss = float(_loss(step(images, tokens)))
     seconds = []
     for _ in range(repeats):
