@@ -104,7 +104,8 @@ def _texts(kind: str, batch: int) -> list[str]:
     if kind == "captions":
         from bench_tokenizer import make_captions
         return make_captions(batch, seed=1)
-    from clipforge.zeroshot import fill_template, load_classnames, load_templates
+    from clipforge.data import load_classnames
+    from clipforge.zeroshot import fill_template, load_templates
     prompts = [fill_template(t, c) for c in load_classnames("imagenet1k") for t in load_templates("imagenet1k")]
     return random.Random(0).sample(prompts, batch)
 

@@ -31,7 +31,7 @@ from clipforge.export import example_images, example_tokens  # noqa: E402
 from clipforge.models import CLIP, get_model_config  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "train_step_config.json"
-LR, WD, BETAS, EPS = 5e-4, 0.2, (0.9, 0.98), 1e-6
+LR = 5e-4
 
 
 def _autocast(device: str, precision: str) -> Callable:
@@ -44,10 +44,10 @@ def clipforge_step(model: CLIP, device: str, precision: str,
                    compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     """clipforge's own training step (``clipforge.train.step.Stepper``) for ``model``."""
     from clipforge.train.optim import build_optimizer
-    from clipforge.train.step import LossSpec, Stepper, TrainModule
+    from clipforge.train.step import Stepper, TrainingLoss, TrainModule
     module = TrainModule(model)
     wrapped = torch.compile(module) if compile else module  # what clipforge's loop does with --compile
-    stepper = Stepper(module, wrapped, build_optimizer(module, LR, WD, BETAS, EPS), LossSpec(gather=False),
+    stepper = Stepper(module, wrapped, build_optimizer(module, LR), TrainingLoss(gather=False),
                       torch.amp.GradScaler(device.split(":")[0], enabled=False), _autocast(device, precision))
     return lambda images, tokens: stepper.step([(images, tokens)])
 
@@ -56,12 +56,15 @@ def open_clip_step(model, device: str, precision: str,
                    compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     """OpenCLIP's training step as ``open_clip_train.train.train_one_epoch`` runs it (no accumulation)."""
     from open_clip.loss import ClipLoss
+
+    from clipforge.train.optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
     forward = torch.compile(model) if compile else model  # open_clip_train's --torchcompile
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [p for n, p in named if not exclude(n, p)]
     optimizer = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-                                   {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": WD}],
-                                  lr=LR, betas=BETAS, eps=EPS)
+                                   {"params": decayed, "weight_decay": ADAMW_WEIGHT_DECAY}],
+                                  lr=LR, betas=ADAMW_BETAS, eps=ADAMW_EPS)
     loss_fn, autocast = ClipLoss(), _autocast(device, precision)
 
     def step(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipforge
-from clipforge import checkpoints
+from clipforge import checkpoints, runs
 from clipforge.checkpoints import (CheckpointError, infer_config, model_from_checkpoint, read_checkpoint,
                                    resize_positional_embeddings)
 from clipforge.models import CLIP, CLIPConfig, get_model_config
@@ -90,14 +90,14 @@ def test_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
     _assert_same_weights(loaded, old.state_dict())  # the old checkpoint is intact
     monkeypatch.undo()
 
-    real_replace = checkpoints.os.replace
+    real_replace = runs.os.replace
 
     def crash_before_config(src, dst):
         if str(dst).endswith("config.json"):
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoints.os, "replace", crash_before_config)
+    monkeypatch.setattr(runs.os, "replace", crash_before_config)
     with pytest.raises(KeyboardInterrupt):
         clipforge.save(_tiny(seed=1), folder)
     monkeypatch.undo()

@@ -7,7 +7,7 @@ from PIL import Image
 
 from clipforge.cli import main
 from clipforge.data.shapes import write_classification
-from clipforge.explain import similarity_report
+from clipforge.evaluate.explain import similarity_report
 from clipforge.factory import load
 from clipforge.tokenizer import tokenize
 from clipforge.transforms import load_image

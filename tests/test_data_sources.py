@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from clipforge.data import (BadSample, BuiltinSource, CsvSource, DataSourceError, FolderSource, ShardSource, SkipCounter,
-                            decode_image, iter_pairs, open_sources, write_shapes)
+                            iter_pairs, load_image, open_sources, write_shapes)
 from clipforge.data.sources import source_kind
 
 
@@ -161,10 +161,10 @@ def test_truncated_shard_is_counted_and_reading_goes_on(tmp_path):
 
 def test_default_pixel_limit_is_pils():
     with pytest.raises(BadSample) as error:
-        decode_image(huge_png_header(20_000, 20_000), "huge.png")
+        load_image(huge_png_header(20_000, 20_000), name="huge.png")
     assert error.value.reason == "too_many_pixels" and "huge.png" in str(error.value)
     with pytest.raises(BadSample) as error:
-        decode_image(huge_png_header(10_000, 9_000), "big.png")  # above 89,478,485 but below PIL's error level
+        load_image(huge_png_header(10_000, 9_000), name="big.png")  # above 89,478,485 but below PIL's error level
     assert error.value.reason == "too_many_pixels"
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from clipforge.evaluate import evaluate, get_evaluator
-from clipforge.evaluate.datasets import expand_shards, read_captions, read_classification
+from clipforge.data import expand_shards, read_captions, read_classification
 from clipforge.evaluate.linear_probe import (fit_logistic_regression, logistic_objective, sample_k_shot, select_l2,
                                              stratified_split)
 from clipforge.evaluate.metrics import (classification_metrics, mean_per_class_recall, retrieval_metrics,
@@ -199,7 +199,7 @@ def test_csv_and_webdataset_classification(tmp_path):
     with pytest.raises(ValueError, match="labels are integers; pass class names"):
         read_classification(tmp_path / "shard-000.tar")
     spec = str(tmp_path / "shard-{000..000}.tar")
-    assert expand_shards(spec) == [tmp_path / "shard-000.tar"]
+    assert expand_shards(spec) == [str(tmp_path / "shard-000.tar")]
     metrics = evaluate(ColourModel(), to_tensor, "zeroshot", data=spec, classnames=str(tmp_path / "names.txt"))
     assert metrics["top1"] == 1.0
 

@@ -16,7 +16,7 @@ from clipforge.train import TrainConfig, train
 from clipforge.train.config import add_arguments, config_from_args
 from clipforge.train.logger import read_metrics
 from clipforge.train.optim import CosineSchedule, build_optimizer, cosine_lr, param_groups
-from clipforge.train.step import LossSpec, Stepper, TrainModule, accumulated_backward
+from clipforge.train.step import Stepper, TrainingLoss, TrainModule, accumulated_backward
 from clipforge.train.validate import label_by_caption
 
 # A two-layer model (full BPE vocabulary, so real captions tokenize) that trains in milliseconds a step.
@@ -55,7 +55,7 @@ def _grads(module):
 
 def _stepper(module, **kw):
     opt = build_optimizer(module, 1e-3)
-    return Stepper(module, module, opt, LossSpec(**kw), torch.amp.GradScaler("cuda", enabled=False), nullcontext)
+    return Stepper(module, module, opt, TrainingLoss(**kw), torch.amp.GradScaler("cuda", enabled=False), nullcontext)
 
 
 # ------------------------------------------------------------------------------------------- optimiser
@@ -124,7 +124,7 @@ def test_accumulation_gives_the_gradients_of_one_big_batch(loss):
     naive = TrainModule(_micro_clip(), loss)
     for part in (slice(0, 4), slice(4, 8)):
         img, txt = naive(images[part], tokens[part])
-        (LossSpec(kind=loss)(naive, img, txt) / 2).backward()
+        (TrainingLoss(kind=loss)(naive, img, txt) / 2).backward()
     naive_grads = _grads(naive)
     assert not torch.allclose(naive_grads["clip.text_projection"], expected["clip.text_projection"], atol=1e-4)
 

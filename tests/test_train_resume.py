@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clipforge.runs import STATE_NAME, latest_checkpoint
 from clipforge.train import TrainConfig, train
-from clipforge.train.checkpoint import STATE_NAME, latest_checkpoint
 from clipforge.train.config import default_resume
 from clipforge.train.logger import read_metrics
 

@@ -1,4 +1,4 @@
-"""Zero-shot classifier: prompt-ensembling arithmetic, caching, templates, scores and bad input."""
+"""Zero-shot classifier: prompt-ensembling arithmetic, batching and refresh, templates, scores and bad input."""
 import math
 
 import pytest
@@ -7,8 +7,9 @@ from torch import nn
 
 from clipforge.models import CLIP, get_model_config
 from clipforge.tokenizer import Tokenizer, tokenize
+from clipforge.data import load_classnames
 from clipforge.zeroshot import (ZeroShotClassifier, build_zeroshot_classifier, check_classnames, fill_template,
-                                load_classnames, load_templates, template_set_names)
+                                load_templates, template_set_names)
 
 
 class PromptTableModel(nn.Module):
@@ -53,19 +54,20 @@ def test_prompt_ensembling_matches_hand_computation():
     torch.testing.assert_close(weights[:, 1], dog)
 
 
-def test_classifier_is_batched_and_cached_until_weights_change():
+def test_classifier_is_batched_and_kept_until_refreshed():
     model = PromptTableModel(TABLE)
     first = build_zeroshot_classifier(model, ["cat", "dog"], TEMPLATES, batch_size=3)
     assert (model.calls, model.texts_seen) == (2, 4)  # 4 prompts in batches of 3
-    assert build_zeroshot_classifier(model, ["cat", "dog"], TEMPLATES, batch_size=3) is first
-    assert model.calls == 2
-    build_zeroshot_classifier(model, ["dog", "cat"], TEMPLATES)
-    assert model.calls == 3  # other classes: another entry
+    classifier = ZeroShotClassifier(model, ["cat", "dog"], TEMPLATES, batch_size=3)
+    assert (model.calls, model.texts_seen) == (5, 10)  # the 4 class prompts, then the 2 neutral ones
+    built = classifier.weights
+    classifier.multilabel_scores(torch.ones(2, 3))
+    assert classifier.weights is built and model.calls == 5  # computed once, when built
     with torch.no_grad():
         model.gain.mul_(2.0)  # an in-place update, as an optimizer step makes
-    again = build_zeroshot_classifier(model, ["cat", "dog"], TEMPLATES, batch_size=3)
-    assert model.calls == 5 and again is not first
-    torch.testing.assert_close(again, first)  # a uniform gain does not change normalised embeddings
+    classifier.refresh()
+    assert model.calls == 8 and classifier.weights is not built
+    torch.testing.assert_close(classifier.weights, first)  # a uniform gain does not change normalised embeddings
 
 
 def test_probabilities_and_multilabel_scores_by_hand():

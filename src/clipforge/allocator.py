@@ -2,15 +2,16 @@
 
 glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
 and hands it back to the kernel on ``free``. A training step on a CPU allocates and frees activations of
-tens to hundreds of MiB many times over, so each one costs a round of page faults: a GELU over a
-100 MiB tensor takes 2-3x as long as on memory the process already owns. Turning off ``mmap`` for
-large blocks (``M_MMAP_MAX = 0``) and not trimming the heap (``M_TRIM_THRESHOLD``) keeps that memory
-in the process, as PyTorch's CUDA caching allocator does on a GPU, and as preloading jemalloc or
-tcmalloc would. The cost: the process keeps its peak heap until it exits.
+tens to hundreds of MiB many times over, so each one costs a round of page faults, which for a cheap
+element-wise op (a GELU) can cost more than the op itself. Turning off ``mmap`` for large blocks
+(``M_MMAP_MAX = 0``) and not trimming the heap (``M_TRIM_THRESHOLD``) keeps that memory in the
+process, as PyTorch's CUDA caching allocator does on a GPU, and as preloading jemalloc or tcmalloc
+would. The cost: the process keeps its peak heap until it exits.
 
-This is a process-wide setting, so the library never applies it on import: the ``clipforge`` command
-line and :func:`clipforge.train.train` apply it (they own their process), and a program of your own
-can call :func:`retain_freed_memory` at start. ``CLIPFORGE_RETAIN_FREED_MEMORY=0`` turns it off.
+This is a process-wide setting, so the library never applies it on import: :func:`clipforge.train.train`
+applies it (a training run owns a long-running process; ``clipforge train`` and ``clipforge demo`` go
+through it), and a program of your own can call :func:`retain_freed_memory` at start.
+``CLIPFORGE_RETAIN_FREED_MEMORY=0`` turns it off.
 """
 from __future__ import annotations
 

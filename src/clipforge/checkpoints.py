@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import re
-import uuid
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +24,9 @@ from . import __version__
 from .hf import config_from_hf, config_to_hf, hf_to_openai, is_hf_state_dict, openai_to_hf
 from .models.clip import CLIP
 from .models.config import CLIPConfig
+from .runs import CONFIG_NAME, WEIGHTS_NAME, is_run_dir, latest_checkpoint, step_folders, write_files
 from .transforms import PreprocessConfig
 
-WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 FORMAT, FORMAT_VERSION = "clipforge", 1
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -138,8 +136,8 @@ def _to_openai_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _read_folder(path: Path) -> Checkpoint:
-    if (path / "checkpoints").is_dir():
-        return _read_folder(latest_checkpoint(path))
+    if is_run_dir(path):
+        return _read_folder(_newest_checkpoint(path))
     if (path / "open_clip_config.json").is_file():
         source = str(path / "open_clip_config.json")
         meta = _read_json(path / "open_clip_config.json")
@@ -198,26 +196,13 @@ def _weights_file(folder: Path, names: tuple[str, ...]) -> Path:
     raise CheckpointError(f"folder {folder} has a config but no weights file (one of {', '.join(names)})")
 
 
-STEP_FOLDER = re.compile(r"step_(\d+)")
-
-
-def step_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` for every ``checkpoints/step_*`` folder of a training run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = ((STEP_FOLDER.fullmatch(p.name), p) for p in root.iterdir() if p.is_dir())
-    return sorted((int(m.group(1)), p) for m, p in found if m)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The newest complete ``checkpoints/step_*`` folder (with model.safetensors and config.json) of a run."""
-    steps = step_folders(run_dir)
-    for _, folder in reversed(steps):
-        if (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file():
-            return folder
-    raise CheckpointError(f"run directory {run_dir} has no complete checkpoint: no checkpoints/step_* folder "
-                          f"holds both {WEIGHTS_NAME} and {CONFIG_NAME} (found {len(steps)} step folders)")
+def _newest_checkpoint(run_dir: Path) -> Path:
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise CheckpointError(f"run directory {run_dir} has no complete checkpoint: no checkpoints/step_* folder "
+                              f"holds both {WEIGHTS_NAME} and {CONFIG_NAME} (found {len(step_folders(run_dir))} "
+                              f"step folders)")
+    return folder
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True,
@@ -371,35 +356,8 @@ def _cpu_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder, {
+    write_files(folder, {
         WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2)),
     })
     return folder
-
-
-def _write_atomically(folder: Path, writers: dict[str, Callable[[Path], Any]]) -> None:
-    """Write each file to a temporary, fsync, then rename into place; the last one marks completion."""
-    tag = uuid.uuid4().hex[:8]
-    temps = {name: folder / f".{name}.{tag}.tmp" for name in writers}
-    try:
-        for name, write in writers.items():
-            write(temps[name])
-            _fsync(temps[name])
-        marker = list(writers)[-1]
-        (folder / marker).unlink(missing_ok=True)  # an old marker must not vouch for new weights
-        for name in writers:
-            os.replace(temps[name], folder / name)
-        if os.name == "posix":  # directories cannot be opened for fsync on Windows
-            _fsync(folder)
-    finally:
-        for temp in temps.values():
-            temp.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,6 +12,9 @@ import torch.distributed as dist
 
 
 class WorldInfo(NamedTuple):
+    """Where this process sits in data-parallel training; ``initialized`` tells whether a default process
+    group exists (``torch.distributed`` collectives may be called), which a one-process group also gives."""
+
     rank: int
     world_size: int
     initialized: bool

@@ -142,7 +142,7 @@ class OnnxEncoder:
         providers = providers or ["CPUExecutionProvider"]
         self._sessions = {name: ort.InferenceSession(str(self.folder / file), options, providers=providers)
                           for name, file in (("image", IMAGE_FILE), ("text", TEXT_FILE))}
-        # the text graph's length axis: a name where it is dynamic, a number in exports made before it was
+        # the text graph's length axis: a name where it is dynamic, a number in fixed-length exports
         self._text_length = self._sessions["text"].get_inputs()[0].shape[1]
 
     @property

@@ -6,25 +6,22 @@ convert("RGB"), ToTensor, Normalize) pixel for pixel; training uses torchvision'
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
-import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from .data.images import load_image  # the one decoder; re-exported here, where preprocessing meets files
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _RESIZE_MODES = ("shortest", "longest", "squash")
-# Errors Pillow's decoders raise on corrupt or truncated data.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 ImageSource = Union[Image.Image, str, os.PathLike, bytes, IO[bytes]]
 
@@ -105,53 +102,6 @@ def _square_size(size, source: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-def load_image(source: str | os.PathLike | bytes | IO[bytes], max_pixels: int | None = None,
-               draft_size: int | None = None) -> Image.Image:
-    """Open and fully decode an image file (path, bytes or binary file object).
-
-    Raises FileNotFoundError for a missing path and ValueError naming the file for an empty, unreadable,
-    truncated or corrupt image, or one with more than ``max_pixels`` pixels (checked before decoding).
-    ``draft_size`` lets JPEGs decode at 1/2, 1/4 or 1/8 scale (DCT scaling) while both sides stay at least
-    ``draft_size`` pixels: much faster, but not pixel-identical to a full decode, so use it for training only.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            kind = "is a directory, not an image file" if path.is_dir() else "not found"
-            raise FileNotFoundError(f"image file {path} {kind}")
-        if path.stat().st_size == 0:
-            raise ValueError(f"cannot read image {path}: the file is empty (0 bytes)")
-        with open(path, "rb") as f:
-            return _decode(f, str(path), max_pixels, draft_size)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise ValueError("cannot read image <bytes>: the data is empty (0 bytes)")
-        return _decode(io.BytesIO(source), "<bytes>", max_pixels, draft_size)
-    return _decode(source, str(getattr(source, "name", "<file object>")), max_pixels, draft_size)
-
-
-def _decode(f: IO[bytes], name: str, max_pixels: int | None, draft_size: int | None) -> Image.Image:
-    try:
-        img = Image.open(f)
-    except UnidentifiedImageError:
-        raise ValueError(f"cannot read image {name}: not an image format Pillow recognises") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"cannot read image {name}: {e}") from None
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"cannot read image {name}: {e} (the file is truncated or corrupt)") from None
-    width, height = img.size
-    if max_pixels is not None and width * height > max_pixels:
-        raise ValueError(f"image {name} is {width}x{height} = {width * height} pixels, more than "
-                         f"max_pixels={max_pixels}; skip it or raise the limit")
-    if draft_size is not None:
-        img.draft(None, (draft_size, draft_size))
-    try:
-        img.load()
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"cannot decode image {name}: {e} (the file is truncated or corrupt)") from None
-    return img
-
 
 def _as_image(image: ImageSource, draft_size: int | None = None) -> Image.Image:
     if isinstance(image, Image.Image):

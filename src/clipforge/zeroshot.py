@@ -5,40 +5,25 @@ templates use ``{}`` or ``{c}`` for the class name, as in OpenAI's notebook and 
 """
 from __future__ import annotations
 
-import json
-import weakref
-from collections import OrderedDict
-from contextlib import contextmanager
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .tokenizer import get_tokenizer
+from .assets import read_json
+from .data.classnames import check_classnames, read_text_lines
+from .encode import encode_images, encode_texts
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 PLACEHOLDERS = ("{c}", "{}")
 TEMPLATE_ALIASES = {"openai": "imagenet1k"}
-_CACHE_SIZE = 16
-_cache: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]] = OrderedDict()
-
-
-@lru_cache(maxsize=1)
-def _asset_json(name: str) -> dict:
-    return json.loads((resources.files("clipforge") / "assets" / name).read_text(encoding="utf-8"))
+TEMPLATES_ASSET = "en_zeroshot_classification_templates.json"
 
 
 def template_set_names() -> list[str]:
     """Names accepted by :func:`load_templates`: CLIP_benchmark's per-dataset sets plus 'openai' and 'default'."""
-    return sorted({*_asset_json("en_zeroshot_classification_templates.json"), *TEMPLATE_ALIASES, "default"})
-
-
-def classname_set_names() -> list[str]:
-    """Names accepted by :func:`load_classnames`: the class-name lists shipped in ``assets/en_classnames.json``."""
-    return sorted(_asset_json("en_classnames.json"))
+    return sorted({*read_json(TEMPLATES_ASSET), *TEMPLATE_ALIASES, "default"})
 
 
 def check_templates(templates: Sequence[str], where: str = "templates") -> list[str]:
@@ -53,31 +38,11 @@ def check_templates(templates: Sequence[str], where: str = "templates") -> list[
     return templates
 
 
-def check_classnames(classnames: Sequence[str], where: str = "class names", unique: bool = True) -> list[str]:
-    """``classnames`` as a list, or ValueError for an empty list, an empty name or (if ``unique``) a duplicate."""
-    names = list(classnames)
-    if not names:
-        raise ValueError(f"{where}: no class names given")
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{where}: class {i + 1} is an empty string; every label needs some text")
-        if unique and name in seen:
-            raise ValueError(f"{where}: {name!r} appears twice (positions {seen[name] + 1} and {i + 1}); "
-                             "class names must be unique")
-        seen[name] = i
-    return names
-
-
 def fill_template(template: str, classname: str) -> str:
     """The prompt for one class: every ``{c}`` and ``{}`` replaced by ``classname``."""
     for placeholder in PLACEHOLDERS:
         template = template.replace(placeholder, classname)
     return template
-
-
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def load_templates(spec: str | Path | Sequence[str] | None = None) -> list[str]:
@@ -91,67 +56,17 @@ def load_templates(spec: str | Path | Sequence[str] | None = None) -> list[str]:
     if not isinstance(spec, (str, Path)):
         return check_templates(spec)
     text = str(spec)
-    sets = _asset_json("en_zeroshot_classification_templates.json")
+    sets = read_json(TEMPLATES_ASSET)
     name = TEMPLATE_ALIASES.get(text, text)
     if name in sets:
         return check_templates(sets[name], f"template set {text!r}")
     if Path(text).is_file():
-        return check_templates(_read_lines(Path(text)), f"template file {text}")
+        lines = [line.strip() for line in read_text_lines(text, "template file")]
+        return check_templates(lines, f"template file {text}")
     if any(p in text for p in PLACEHOLDERS):
         return [text]
     raise ValueError(f"templates {text!r}: not a template set, not a file and no '{{}}' placeholder. "
                      f"Sets: {', '.join(template_set_names())}")
-
-
-def load_classnames(spec: str | Path) -> list[str]:
-    """Class names from a shipped set name (``imagenet1k``, ``pets``, ...) or a file with one name per line."""
-    text = str(spec)
-    sets = _asset_json("en_classnames.json")
-    if text in sets:
-        return list(sets[text])
-    path = Path(text)
-    if not path.is_file():
-        raise FileNotFoundError(f"class names {text!r}: no such file and not a shipped set "
-                                f"({', '.join(classname_set_names())})")
-    return check_classnames(_read_lines(path), f"class file {path}")
-
-
-def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return param.device if param is not None else torch.device("cpu")
-
-
-@contextmanager
-def eval_mode(model):
-    """Run a block with ``model`` in eval mode (BatchNorm statistics frozen), restoring its mode after."""
-    was_training = getattr(model, "training", False)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    try:
-        yield model
-    finally:
-        if isinstance(model, torch.nn.Module):
-            model.train(was_training)
-
-
-def _weights_version(model) -> int:
-    """Changes whenever a parameter is modified in place (optimizer steps, load_state_dict) or replaced:
-    torch bumps a tensor's ``_version`` counter on every in-place write, and a new tensor has a new address."""
-    if not hasattr(model, "parameters"):
-        return 0
-    return hash(tuple((p.data_ptr(), p._version) for p in model.parameters()))
-
-
-@torch.no_grad()
-def _encode_prompts(model, classnames: list[str], templates: list[str], tokenizer, batch_size: int) -> torch.Tensor:
-    prompts = [fill_template(t, c) for c in classnames for t in templates]  # class-major order
-    device = model_device(model)
-    with eval_mode(model):
-        chunks = [F.normalize(model.encode_text(tokenizer(prompts[i:i + batch_size]).to(device)).float(), dim=-1)
-                  for i in range(0, len(prompts), batch_size)]
-    per_prompt = torch.cat(chunks).reshape(len(classnames), len(templates), -1)  # (C, T, D)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1).t().contiguous()  # (D, C)
 
 
 def build_zeroshot_classifier(model, classnames: Sequence[str], templates: str | Sequence[str] | None = None,
@@ -159,24 +74,14 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: str |
     """Zero-shot weights (embed_dim, num_classes) for ``image_features @ weights``, on the model's device.
 
     Column ``c`` is ``normalize(mean_t normalize(encode_text(template_t filled with class c))))``. Prompts
-    are encoded in batches of ``batch_size``. The result is cached (LRU) per model object, weights version
-    (any in-place parameter change invalidates it), class names and templates. Repeated names are allowed
-    here (OpenAI's ImageNet list names two classes 'missile'); :class:`ZeroShotClassifier` rejects them.
+    are encoded in batches of ``batch_size``. Repeated names are allowed here (OpenAI's ImageNet list names
+    two classes 'missile'); :class:`ZeroShotClassifier` rejects them.
     """
     classnames = check_classnames(classnames, unique=False)
     templates = load_templates(templates)
-    tokenizer_key = id(tokenizer) if tokenizer is not None else int(getattr(model, "context_length", 77))
-    key = (id(model), _weights_version(model), tuple(classnames), tuple(templates), tokenizer_key)
-    hit = _cache.get(key)
-    if hit is not None and hit[0]() is model:
-        _cache.move_to_end(key)
-        return hit[1]
-    tokenizer = tokenizer or get_tokenizer(tokenizer_key)
-    weights = _encode_prompts(model, classnames, templates, tokenizer, batch_size)
-    _cache[key] = (weakref.ref(model), weights)
-    while len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
-    return weights
+    prompts = [fill_template(t, c) for c in classnames for t in templates]  # class-major order
+    per_prompt = encode_texts(model, prompts, tokenizer, batch_size).reshape(len(classnames), len(templates), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1).t().contiguous()  # (C, T, D) -> (D, C)
 
 
 class ZeroShotClassifier:
@@ -188,6 +93,9 @@ class ZeroShotClassifier:
     ``sigmoid(exp(logit_scale) * (cos(image, class) - cos(image, neutral)))``: above 0.5 when the image is
     closer to the class than to a generic object, independently of the other classes.
 
+    ``weights`` (embed_dim, num_classes) and ``neutral_weights`` (embed_dim, 1) are computed when the
+    classifier is built and kept: after the model's weights change (inside a training loop, after
+    ``load_state_dict``), call :meth:`refresh`. Prompts and images are encoded ``batch_size`` at a time.
     Repeated class names raise ValueError unless ``allow_duplicates`` (OpenAI's ImageNet list has two).
     """
 
@@ -199,24 +107,23 @@ class ZeroShotClassifier:
         self.negative = check_classnames([negative], "negative label")[0]
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.refresh()
 
-    @property
-    def weights(self) -> torch.Tensor:
-        """The (embed_dim, num_classes) classifier, rebuilt only when the model's weights changed."""
-        return build_zeroshot_classifier(self.model, self.classnames, self.templates, self.tokenizer,
-                                         self.batch_size)
+    def refresh(self) -> None:
+        """Recompute ``weights`` and ``neutral_weights`` from the model's current parameters."""
+        self.weights = build_zeroshot_classifier(self.model, self.classnames, self.templates, self.tokenizer,
+                                                 self.batch_size)
+        self.neutral_weights = build_zeroshot_classifier(self.model, [self.negative], self.templates,
+                                                         self.tokenizer, self.batch_size)
 
     @property
     def logit_scale(self) -> torch.Tensor:
         """The model's learned temperature exp(logit_scale) (about 100 for OpenAI's models)."""
         return self.model.logit_scale.detach().float().exp()
 
-    @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (N, 3, H, W) -> L2-normalised float features (N, embed_dim)."""
-        with eval_mode(self.model):
-            features = self.model.encode_image(images.to(model_device(self.model)))
-        return F.normalize(features.float(), dim=-1)
+        return encode_images(self.model, images, self.batch_size)
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled cosine similarities (N, num_classes) of image features with every class."""
@@ -230,9 +137,8 @@ class ZeroShotClassifier:
     def multilabel_scores(self, image_features: torch.Tensor) -> torch.Tensor:
         """Per-class independent scores in (0, 1), (N, num_classes); rows need not sum to 1."""
         features = F.normalize(image_features.float(), dim=-1)
-        neutral = build_zeroshot_classifier(self.model, [self.negative], self.templates, self.tokenizer)
         cos_class = features @ self.weights.to(features.device)  # (N, C)
-        cos_neutral = features @ neutral.to(features.device)  # (N, 1)
+        cos_neutral = features @ self.neutral_weights.to(features.device)  # (N, 1)
         return torch.sigmoid(self.logit_scale * (cos_class - cos_neutral))
 
     def predict(self, images: torch.Tensor, top_k: int = 5,

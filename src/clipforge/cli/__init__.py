@@ -8,26 +8,14 @@ import argparse
 import importlib
 import sys
 
-from clipforge.allocator import retain_freed_memory
-
-_SUBCOMMANDS = ["demo", "train", "classify", "explain", "eval", "export", "bench"]
-
-
-def _available() -> dict[str, object]:
-    modules = {}
-    for name in _SUBCOMMANDS:
-        try:
-            modules[name] = importlib.import_module(f"clipforge.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"clipforge.cli.{name}":
-                raise
-    return modules
+_SUBCOMMANDS = ["demo", "train", "classify", "explain", "eval", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipforge", description="CLIP: train, classify, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in _available().items():
+    for name in _SUBCOMMANDS:
+        module = importlib.import_module(f"clipforge.cli.{name}")
         summary = " ".join(module.HELP.split()).split(". ")[0].rstrip(".:;")
         p = sub.add_parser(name, help=summary, description=module.HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    retain_freed_memory()  # the command owns its process: keep large freed blocks for reuse (allocator.py)
     try:
         return args._run(args) or 0
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 
 from ..factory import load
-from ..transforms import load_image
-from ..zeroshot import (ZeroShotClassifier, check_classnames, classname_set_names, load_classnames,
-                        load_templates)
+from ..data.images import load_image
+from ..data.classnames import check_classnames, classname_set_names, load_classnames
+from ..zeroshot import ZeroShotClassifier, load_templates
 
 HELP = """Zero-shot classify images against labels you name, as in CLIP's README example.
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..explain import explanation, format_report, plot_report, similarity_report
+from ..evaluate.explain import explanation, format_report, plot_report, similarity_report
 from ..factory import load
 from .classify import read_images
 

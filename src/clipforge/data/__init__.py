@@ -1,13 +1,42 @@
-"""Data for training and evaluation: the built-in shapes dataset, readers for CSV/TSV, caption folders
-and WebDataset shards with bad-sample counting, and the deterministic, resumable training loader."""
-from .loader import TrainData, build_train_data
-from .samples import (DEFAULT_MAX_PIXELS, REASONS, BadSample, DataSourceError, SkipCounter, decode_caption,
-                      decode_image, load_image_file)
-from .shapes import (ShapesConfig, ShapesDataset, class_names, heldout_pairs, templates, write_classification,
-                     write_shapes)
-from .sources import BuiltinSource, CsvSource, FolderSource, MapSource, ShardSource, iter_pairs, open_sources
+"""The one data layer: listing, opening and decoding images and captions from folders, CSV/TSV files,
+WebDataset shards and the built-in shapes data, for training (skip and count bad samples), evaluation
+and search (clear errors). Every reader decodes through :func:`load_image`.
 
-__all__ = ["DEFAULT_MAX_PIXELS", "REASONS", "BadSample", "BuiltinSource", "CsvSource", "DataSourceError",
-           "FolderSource", "MapSource", "ShapesConfig", "ShapesDataset", "ShardSource", "SkipCounter", "TrainData",
-           "build_train_data", "class_names", "decode_caption", "decode_image", "heldout_pairs", "iter_pairs",
-           "load_image_file", "open_sources", "templates", "write_classification", "write_shapes"]
+Names are imported lazily, so that a module needing one reader does not load the training loader.
+"""
+from __future__ import annotations
+
+import importlib
+
+_API = {
+    "build_train_data": "loader", "TrainData": "loader",
+    "REASONS": "samples", "BadSample": "samples", "DataSourceError": "samples", "SkipCounter": "samples",
+    "check_caption": "samples", "decode_caption": "samples",
+    "DEFAULT_MAX_PIXELS": "images", "IMAGE_EXTENSIONS": "images", "ImageRef": "images", "ImageFiles": "images",
+    "MissingImage": "images", "collate_images": "images", "is_image_name": "images", "list_images": "images",
+    "load_image": "images",
+    "expand_shards": "shards", "scan_tar": "shards",
+    "Table": "tables", "read_table": "tables",
+    "classname_set_names": "classnames", "load_classnames": "classnames", "read_classnames": "classnames",
+    "read_text_lines": "classnames",
+    "ClassificationData": "classification", "read_classification": "classification",
+    "CaptionData": "captions", "read_captions": "captions",
+    "ShapesConfig": "shapes", "ShapesDataset": "shapes", "class_names": "shapes", "heldout_pairs": "shapes",
+    "templates": "shapes", "write_classification": "shapes", "write_shapes": "shapes",
+    "BuiltinSource": "sources", "CsvSource": "sources", "FolderSource": "sources", "MapSource": "sources",
+    "ShardSource": "sources", "iter_pairs": "sources", "open_sources": "sources",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'clipforge.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -2,7 +2,7 @@
 full batches despite bad samples, and exact mid-epoch resume.
 
 Batch boundaries never depend on decoding: a batch is a fixed set of sample positions (an index range
-of the epoch's permutation, or the next raw samples of a shard stream) and a bad sample's slot is filled
+of the epoch's permutation, or the next raw samples of a shard stream) and a bad sample's place is filled
 by a deterministic pick from elsewhere in the epoch. So ``batches(epoch, start_batch=k)`` can skip ``k``
 batches without decoding an image and still yield exactly the batches an uninterrupted run would.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import contextmanager
+from enum import IntEnum
 from itertools import count
 from typing import Callable, Iterator, Sequence
 
@@ -25,9 +26,23 @@ logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class _RngStream(IntEnum):
+    """The purpose key that :func:`_seed` mixes in last, one per random stream. The values are part of
+    every data order (and so of every checkpoint's resume position): never renumber them."""
+
+    EPOCH_ORDER = 1  # random-access sources: one pass's permutation of the epoch's sample ids
+    RESAMPLED_BATCH = 2  # random-access sources, resampled: a batch's draws with replacement
+    MAP_REFILL = 3  # random-access sources: the replacements of a batch's bad samples
+    SHARD_ORDER = 4  # shard sources: one pass's permutation of the shard list
+    RESAMPLED_SHARDS = 5  # shard sources, resampled: a worker's draws of shards
+    SHUFFLE_BUFFER = 6  # shard sources: a worker's shuffle buffer
+    STREAM_REFILL = 7  # shard sources: the replacements of a batch's bad samples
+    AUGMENT = 9  # the random augmentations of a batch's images
+
+
 def _seed(*keys: int) -> int:
-    """A 64-bit seed mixing ``keys`` (seed, epoch, rank, batch, purpose ...), all non-negative."""
-    return int(np.random.SeedSequence([int(k) % 2 ** 64 for k in keys]).generate_state(1, np.uint64)[0])
+    """A 64-bit seed mixing ``keys`` (seed, epoch, rank, batch, :class:`_RngStream` ...), all non-negative."""
+    return int(np.random.SeedSequence([int(key) % 2 ** 64 for key in keys]).generate_state(1, np.uint64)[0])
 
 
 @contextmanager
@@ -44,37 +59,57 @@ def _seeded(seed: int):
 
 
 def _weighted_copies(groups: list[np.ndarray], weights: Sequence[float], rng: np.random.Generator) -> np.ndarray:
-    """Each group ``int(w)`` times plus a random ``w - int(w)`` fraction of it, concatenated."""
+    """Each group ``int(weight)`` times plus a random ``weight - int(weight)`` fraction of it, concatenated."""
     parts = []
-    for items, w in zip(groups, weights):
-        parts += [items] * int(w)
-        extra = round((w - int(w)) * len(items))
+    for items, weight in zip(groups, weights):
+        parts += [items] * int(weight)
+        extra = round((weight - int(weight)) * len(items))
         if extra:
             parts.append(np.sort(rng.choice(items, extra, replace=False)))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _fill(pairs: list, draw: Callable[[], tuple | None], tries: int, rng: random.Random, counts: SkipCounter) -> list:
-    """Replace the bad (None) entries of a batch by good draws (at most ``tries``), then by copies of good
-    entries of the same batch, so the batch keeps its size."""
-    for k in range(len(pairs)):
-        while pairs[k] is None and tries > 0:
-            pairs[k], tries = draw(), tries - 1
-    good = [p for p in pairs if p is not None]
+def _fill(pairs: list, draw: Callable[[], tuple | None], rng: random.Random, counts: SkipCounter) -> list:
+    """Replace the bad (None) entries of a batch by good draws, then by copies of good entries of the
+    same batch, so the batch keeps its size."""
+    tries = 4 * len(pairs) + 16  # enough for a batch that is mostly bad, bounded for a source that is all bad
+    for index in range(len(pairs)):
+        while pairs[index] is None and tries > 0:
+            pairs[index], tries = draw(), tries - 1
+    good = [pair for pair in pairs if pair is not None]
     if not good:
         raise DataSourceError(f"cannot fill a batch: every sample tried was bad ({counts.by_reason()}); "
                               "most of the data is unusable, check the source")
-    return [p if p is not None else rng.choice(good) for p in pairs]
+    return [pair if pair is not None else rng.choice(good) for pair in pairs]
+
+
+class _WorkerFailure:
+    """A worker's :class:`DataSourceError`, sent in-band as its last item, so that the main process raises
+    it again and stops the workers cleanly."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class _Producer:
-    """Makes the batches of one slot (a worker's share) for one epoch; subclasses choose the samples."""
+    """Makes the batches of one worker slot (a worker's share of the batches) for one epoch; subclasses
+    choose the samples and set ``num_samples``."""
+
+    num_samples: int | None
 
     def __init__(self, preprocess, tokenize, batch_size: int, seed: int, rank: int, world_size: int,
                  resampled: bool, weights: list[float], max_bad_fraction: float):
         self.preprocess, self.tokenize, self.batch_size = preprocess, tokenize, batch_size
         self.seed, self.rank, self.world_size, self.resampled = seed, rank, world_size, resampled
         self.weights, self.max_bad_fraction = weights, max_bad_fraction
+
+    def steps(self) -> int | None:
+        """Batches per epoch on each rank; None for an endless stream."""
+        return None if self.num_samples is None else self.num_samples // self.world_size // self.batch_size
+
+    def _weighted_size(self, sizes) -> int:
+        """Samples in one pass over the sources, each counted ``weight`` times."""
+        return int(sum(weight * size for weight, size in zip(self.weights, sizes)))
 
     def prepare(self, epoch: int) -> None:
         """Precompute per-epoch state in the main process, so forked workers share it."""
@@ -88,47 +123,46 @@ class _Producer:
         counts.record(source.name)
         return pair
 
-    def _tensors(self, pairs: list, epoch: int, g: int) -> Batch:
-        with _seeded(_seed(self.seed, epoch, self.rank, g, 9)):
+    def _tensors(self, pairs: list, epoch: int, batch_index: int) -> Batch:
+        with _seeded(_seed(self.seed, epoch, self.rank, batch_index, _RngStream.AUGMENT)):
             images = torch.stack([self.preprocess(image) for image, _ in pairs])  # (B, 3, H, W)
         tokens = self.tokenize([caption for _, caption in pairs])  # (B, L)
         return images, tokens
 
-    def slot_batches(self, epoch: int, slot: int, num_slots: int, start: int, total: int | None) -> Iterator:
-        """(images, tokens, counts) for the batches ``g >= start`` of this rank with ``g % num_slots == slot``."""
+    def slot_batches(self, epoch: int, worker_slot: int, num_slots: int, start: int, total: int | None) -> Iterator:
+        """(images, tokens, counts) for the batches ``batch_index >= start`` of this rank with
+        ``batch_index % num_slots == worker_slot``; a :class:`_WorkerFailure` last if the data fails."""
         seen = SkipCounter(self.max_bad_fraction)
         try:
-            for g, pairs, counts in self._slot_pairs(epoch, slot, num_slots, start, total):
+            for batch_index, pairs, counts in self._slot_pairs(epoch, worker_slot, num_slots, start, total):
                 seen.merge(counts.to_dict())
                 seen.check()
-                yield (*self._tensors(pairs, epoch, g), counts.to_dict())
-        except DataSourceError as error:  # sent in-band: the main process raises it and stops workers cleanly
-            yield None, None, {"error": str(error)}
+                yield (*self._tensors(pairs, epoch, batch_index), counts.to_dict())
+        except DataSourceError as error:
+            yield _WorkerFailure(str(error))
 
-    def _slot_pairs(self, epoch, slot, num_slots, start, total) -> Iterator[tuple[int, list, SkipCounter]]:
+    def _slot_pairs(self, epoch, worker_slot, num_slots, start, total) -> Iterator[tuple[int, list, SkipCounter]]:
         raise NotImplementedError
 
 
-def _first_local(slot: int, num_slots: int, start: int) -> int:
-    """The first local batch index ``l`` of a slot whose global index ``l * num_slots + slot`` is >= start."""
-    return max(0, -(-(start - slot) // num_slots))
+def _first_local(worker_slot: int, num_slots: int, start: int) -> int:
+    """The first local batch index ``local`` of a worker slot whose batch index
+    ``local * num_slots + worker_slot`` is >= start."""
+    return max(0, -(-(start - worker_slot) // num_slots))
 
 
 class _MapProducer(_Producer):
-    """Batches from random-access sources: batch g of rank r is a slice of r's strided share of the
-    epoch's permutation (or, resampled, draws with replacement seeded by (seed, epoch, rank, g))."""
+    """Batches from random-access sources: batch i of rank r is a slice of r's strided share of the
+    epoch's permutation (or, resampled, draws with replacement seeded by (seed, epoch, rank, i))."""
 
     def __init__(self, sources: list[MapSource], num_samples: int | None, **common):
         super().__init__(**common)
         self.sources = sources
-        self.sizes = np.array([len(s) for s in sources], dtype=np.int64)
+        self.sizes = np.array([len(source) for source in sources], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        natural = int(sum(w * n for w, n in zip(self.weights, self.sizes)))
+        natural = self._weighted_size(self.sizes)
         self.num_samples = num_samples if num_samples is not None else None if self.resampled else natural
         self._orders: dict[int, np.ndarray] = {}
-
-    def steps(self) -> int | None:
-        return None if self.num_samples is None else self.num_samples // self.world_size // self.batch_size
 
     def prepare(self, epoch: int) -> None:
         if not self.resampled:
@@ -137,42 +171,43 @@ class _MapProducer(_Producer):
     def _order(self, epoch: int) -> np.ndarray:
         """All ranks' sample ids of an epoch: weighted copies, shuffled; more passes if num_samples asks."""
         if epoch not in self._orders:
-            groups = [np.arange(a, b) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+            groups = [np.arange(begin, end) for begin, end in zip(self.offsets[:-1], self.offsets[1:])]
             passes = []
-            for p in count():
-                rng = np.random.default_rng(_seed(self.seed, epoch, p, 1))
+            for pass_index in count():
+                rng = np.random.default_rng(_seed(self.seed, epoch, pass_index, _RngStream.EPOCH_ORDER))
                 passes.append(rng.permutation(_weighted_copies(groups, self.weights, rng)))
                 if sum(map(len, passes)) >= self.num_samples or not len(passes[-1]):
                     break
             self._orders = {epoch: np.concatenate(passes)[: self.num_samples]}
         return self._orders[epoch]
 
-    def _batch_ids(self, epoch: int, g: int) -> np.ndarray:
-        b = self.batch_size
+    def _batch_ids(self, epoch: int, batch_index: int) -> np.ndarray:
+        size = self.batch_size
         if self.resampled:
-            return self._random_ids(np.random.default_rng(_seed(self.seed, epoch, self.rank, g, 2)), b)
+            rng = np.random.default_rng(_seed(self.seed, epoch, self.rank, batch_index, _RngStream.RESAMPLED_BATCH))
+            return self._random_ids(rng, size)
         share = self._order(epoch)[self.rank :: self.world_size]
-        return share[g * b : (g + 1) * b]
+        return share[batch_index * size : (batch_index + 1) * size]
 
-    def _random_ids(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    def _random_ids(self, rng: np.random.Generator, num_ids: int) -> np.ndarray:
         mass = np.asarray(self.weights) * self.sizes
-        which = rng.choice(len(self.sources), size=n, p=mass / mass.sum())
-        return self.offsets[which] + (rng.random(n) * self.sizes[which]).astype(np.int64)
+        which = rng.choice(len(self.sources), size=num_ids, p=mass / mass.sum())
+        return self.offsets[which] + (rng.random(num_ids) * self.sizes[which]).astype(np.int64)
 
-    def _load(self, gid: int, counts: SkipCounter) -> tuple | None:
-        k = int(np.searchsorted(self.offsets, gid, side="right") - 1)
-        source = self.sources[k]
-        return self._attempt(source, source.load, int(gid - self.offsets[k]), counts)
+    def _load(self, sample_id: int, counts: SkipCounter) -> tuple | None:
+        source_index = int(np.searchsorted(self.offsets, sample_id, side="right") - 1)
+        source = self.sources[source_index]
+        return self._attempt(source, source.load, int(sample_id - self.offsets[source_index]), counts)
 
-    def _slot_pairs(self, epoch, slot, num_slots, start, total):
-        for local in count(_first_local(slot, num_slots, start)):
-            g = local * num_slots + slot
-            if total is not None and g >= total:
+    def _slot_pairs(self, epoch, worker_slot, num_slots, start, total):
+        for local in count(_first_local(worker_slot, num_slots, start)):
+            batch_index = local * num_slots + worker_slot
+            if total is not None and batch_index >= total:
                 return
             counts = SkipCounter()
-            pairs = [self._load(i, counts) for i in self._batch_ids(epoch, g)]
+            pairs = [self._load(sample_id, counts) for sample_id in self._batch_ids(epoch, batch_index)]
             if None in pairs:
-                rng = random.Random(_seed(self.seed, epoch, self.rank, g, 3))
+                rng = random.Random(_seed(self.seed, epoch, self.rank, batch_index, _RngStream.MAP_REFILL))
 
                 def draw():  # any sample of the epoch (resampled: of the weighted sources)
                     if self.resampled:
@@ -180,11 +215,11 @@ class _MapProducer(_Producer):
                     order = self._order(epoch)
                     return self._load(order[rng.randrange(len(order))], counts)
 
-                pairs = _fill(pairs, draw, 4 * len(pairs) + 16, rng, counts)
-            yield g, pairs, counts
+                pairs = _fill(pairs, draw, rng, counts)
+            yield batch_index, pairs, counts
 
 
-_PASS_END = object()  # marks the end of one pass over a slot's shards
+_PASS_END = object()  # marks the end of one pass over a worker slot's shards
 
 
 class _ShuffleBuffer:
@@ -211,32 +246,29 @@ class _ShuffleBuffer:
                 raise StopIteration
             self.draining = False
             return next(self)
-        k = self.rng.randrange(len(self.items))
-        self.items[k], self.items[-1] = self.items[-1], self.items[k]
+        pick = self.rng.randrange(len(self.items))
+        self.items[pick], self.items[-1] = self.items[-1], self.items[pick]
         return self.items.pop()
 
 
 class _StreamProducer(_Producer):
-    """Batches from WebDataset shards. Each (rank, slot) reads its own shards of the epoch's shuffled
+    """Batches from WebDataset shards. Each (rank, worker slot) reads its own shards of the epoch's shuffled
     shard list (or, with fewer shards than ranks x slots, every shard keeping every n-th sample; or,
     resampled, shards drawn with replacement), shuffles through a buffer, and cuts batches of the next
-    ``batch_size`` raw samples. A bad sample's slot takes a copy of a random sample in the buffer."""
+    ``batch_size`` raw samples. A bad sample's place takes a copy of a random sample in the buffer."""
 
     def __init__(self, sources: list[ShardSource], num_samples: int | None, shuffle_buffer: int, **common):
         super().__init__(**common)
         self.sources, self.shuffle_buffer = sources, shuffle_buffer
-        self.shards = [(k, url) for k, s in enumerate(sources) for url in s.urls]
-        self.groups = np.split(np.arange(len(self.shards)), np.cumsum([len(s.urls) for s in sources])[:-1])
+        self.shards = [(source_index, url) for source_index, source in enumerate(sources) for url in source.urls]
+        self.groups = np.split(np.arange(len(self.shards)), np.cumsum([len(source.urls) for source in sources])[:-1])
         if num_samples is None and not self.resampled:
-            sizes = [s.size() for s in sources]
+            sizes = [source.size() for source in sources]
             if None in sizes:
                 raise ValueError(f"cannot tell how many samples {sources[sizes.index(None)].name!r} holds (no "
                                  "sizes.json or *_stats.json beside remote shards); pass num_samples")
-            num_samples = int(sum(w * n for w, n in zip(self.weights, sizes)))
+            num_samples = self._weighted_size(sizes)
         self.num_samples = num_samples
-
-    def steps(self) -> int | None:
-        return None if self.num_samples is None else self.num_samples // self.world_size // self.batch_size
 
     def split_mode(self, num_slots: int) -> str:
         """How streams are split: "resampled", "shards" (per rank and worker) or "samples"."""
@@ -245,67 +277,70 @@ class _StreamProducer(_Producer):
         enough = len(self._epoch_shards(0, 0)) >= self.world_size * num_slots
         return "shards" if enough else "samples"
 
-    def _epoch_shards(self, epoch: int, p: int) -> np.ndarray:
-        rng = np.random.default_rng(_seed(self.seed, epoch, p, 4))
+    def _epoch_shards(self, epoch: int, pass_index: int) -> np.ndarray:
+        rng = np.random.default_rng(_seed(self.seed, epoch, pass_index, _RngStream.SHARD_ORDER))
         return rng.permutation(_weighted_copies(self.groups, self.weights, rng))
 
     def _raw_shard(self, shard: int, pending: SkipCounter) -> Iterator[tuple[int, dict]]:
-        k, url = self.shards[shard]
-        return ((k, raw) for raw in self.sources[k].raw_samples([url], pending))
+        source_index, url = self.shards[shard]
+        return ((source_index, raw) for raw in self.sources[source_index].raw_samples([url], pending))
 
-    def _raw_stream(self, epoch: int, slot: int, num_slots: int, pending: SkipCounter) -> Iterator:
-        """This (rank, slot)'s endless stream of undecoded (source index, sample) pairs."""
+    def _raw_stream(self, epoch: int, worker_slot: int, num_slots: int, pending: SkipCounter) -> Iterator:
+        """This (rank, worker slot)'s endless stream of undecoded (source index, sample) pairs."""
         if self.resampled:
-            rng = np.random.default_rng(_seed(self.seed, epoch, self.rank, slot, 5))
-            mass = np.concatenate([np.full(len(g), w) for g, w in zip(self.groups, self.weights)])
+            rng = np.random.default_rng(_seed(self.seed, epoch, self.rank, worker_slot, _RngStream.RESAMPLED_SHARDS))
+            mass = np.concatenate([np.full(len(group), weight) for group, weight in zip(self.groups, self.weights)])
             while True:
                 yield from self._raw_shard(int(rng.choice(len(self.shards), p=mass / mass.sum())), pending)
-        streams, stream = self.world_size * num_slots, self.rank * num_slots + slot
-        for p in count():
-            shards, produced = self._epoch_shards(epoch, p), 0
-            mine = shards[self.rank :: self.world_size][slot::num_slots] if len(shards) >= streams else shards
-            samples = (x for shard in mine for x in self._raw_shard(int(shard), pending))
+        streams, stream = self.world_size * num_slots, self.rank * num_slots + worker_slot
+        for pass_index in count():
+            shards, produced = self._epoch_shards(epoch, pass_index), 0
+            mine = shards[self.rank :: self.world_size][worker_slot::num_slots] if len(shards) >= streams else shards
+            samples = (item for shard in mine for item in self._raw_shard(int(shard), pending))
             if len(shards) < streams:  # too few shards: everyone reads all, keeping every n-th sample
-                samples = (x for n, x in enumerate(samples) if n % streams == stream)
+                samples = (item for position, item in enumerate(samples) if position % streams == stream)
             for item in samples:
                 produced += 1
                 yield item
             yield _PASS_END
             if not produced:
-                raise DataSourceError(f"no samples for rank {self.rank} worker {slot} in one pass over "
+                raise DataSourceError(f"no samples for rank {self.rank} worker {worker_slot} in one pass over "
                                       f"{len(shards)} shards ({pending.by_reason()}); too little data or bad shards")
 
-    def _slot_pairs(self, epoch, slot, num_slots, start, total):
+    def _slot_pairs(self, epoch, worker_slot, num_slots, start, total):
         pending = SkipCounter()
-        buffer = _ShuffleBuffer(self._raw_stream(epoch, slot, num_slots, pending), self.shuffle_buffer,
-                                random.Random(_seed(self.seed, epoch, self.rank, slot, 6)))
-        first = _first_local(slot, num_slots, start)
+        buffer_rng = random.Random(_seed(self.seed, epoch, self.rank, worker_slot, _RngStream.SHUFFLE_BUFFER))
+        buffer = _ShuffleBuffer(self._raw_stream(epoch, worker_slot, num_slots, pending), self.shuffle_buffer,
+                                buffer_rng)
+        first = _first_local(worker_slot, num_slots, start)
         for _ in range(first * self.batch_size):  # resume: skip without decoding
             next(buffer)
         for local in count(first):
-            g = local * num_slots + slot
-            if total is not None and g >= total:
+            batch_index = local * num_slots + worker_slot
+            if total is not None and batch_index >= total:
                 return
             raws = [next(buffer) for _ in range(self.batch_size)]
             counts = SkipCounter()
-            pairs = [self._decode(k, raw, counts) for k, raw in raws]
+            pairs = [self._decode(source_index, raw, counts) for source_index, raw in raws]
             if None in pairs:
-                rng = random.Random(_seed(self.seed, epoch, self.rank, g, 7))
+                rng = random.Random(_seed(self.seed, epoch, self.rank, batch_index, _RngStream.STREAM_REFILL))
 
                 def draw():  # a copy of a random sample still waiting in the buffer
                     return self._decode(*rng.choice(buffer.items), counts) if buffer.items else None
 
-                pairs = _fill(pairs, draw, 4 * len(pairs) + 16, rng, counts)
+                pairs = _fill(pairs, draw, rng, counts)
             counts.merge(pending.take())
-            yield g, pairs, counts
+            yield batch_index, pairs, counts
 
-    def _decode(self, k: int, raw: dict, counts: SkipCounter) -> tuple | None:
-        return self._attempt(self.sources[k], self.sources[k].decode, raw, counts)
+    def _decode(self, source_index: int, raw: dict, counts: SkipCounter) -> tuple | None:
+        source = self.sources[source_index]
+        return self._attempt(source, source.decode, raw, counts)
 
 
 class _BatchStream(IterableDataset):
-    """One epoch's batches from ``start``: worker w makes those with ``g % num_slots == (w + start) % num_slots``,
-    so the DataLoader's round-robin over workers yields them in order ``start, start + 1, ...``."""
+    """One epoch's batches from ``start``: worker ``w`` makes those whose batch index ``i`` has
+    ``i % num_slots == (w + start) % num_slots`` (its worker slot), so the DataLoader's round-robin over
+    workers yields them in order ``start, start + 1, ...``."""
 
     def __init__(self, producer: _Producer, epoch: int, start: int, num_slots: int, total: int | None):
         super().__init__()
@@ -313,8 +348,8 @@ class _BatchStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        slot = ((info.id if info else 0) + self.start) % self.num_slots
-        return self.producer.slot_batches(self.epoch, slot, self.num_slots, self.start, self.total)
+        worker_slot = ((info.id if info else 0) + self.start) % self.num_slots
+        return self.producer.slot_batches(self.epoch, worker_slot, self.num_slots, self.start, self.total)
 
 
 class TrainData:
@@ -322,7 +357,7 @@ class TrainData:
 
     ``steps_per_epoch`` is the number of batches per epoch on each rank (None for an endless stream);
     ``num_samples`` the samples per epoch over all ranks; ``split_by`` how data is split over ranks and
-    workers ("index", "shards", "samples" or "resampled").
+    workers ("index", "shards", "samples" or "resampled"; a training run records it in run_config.json).
     """
 
     def __init__(self, producer: _Producer, workers: int, pin_memory: bool, counter: SkipCounter, split_by: str):
@@ -348,9 +383,10 @@ class TrainData:
     def _counted(self, stream) -> Iterator[Batch]:
         iterator = iter(stream)
         try:
-            for images, tokens, counts in iterator:
-                if "error" in counts:
-                    raise DataSourceError(counts["error"])
+            for item in iterator:
+                if isinstance(item, _WorkerFailure):
+                    raise DataSourceError(item.message)
+                images, tokens, counts = item
                 self._counter.merge(counts)
                 self._counter.check()
                 yield images, tokens
@@ -365,8 +401,8 @@ class TrainData:
 def _parse_weights(weights, parts: int) -> list[float]:
     if weights is None:
         return [1.0] * parts
-    values = [float(w) for w in (weights.split("::") if isinstance(weights, str) else weights)]
-    if len(values) != parts or any(not w > 0 for w in values):
+    values = [float(weight) for weight in (weights.split("::") if isinstance(weights, str) else weights)]
+    if len(values) != parts or any(not weight > 0 for weight in values):
         raise ValueError(f"weights {weights!r} must give one positive number per '::'-separated source ({parts})")
     return values
 
@@ -391,7 +427,7 @@ def build_train_data(spec: str, preprocess, tokenize, batch_size: int, *, seed: 
     counter = SkipCounter(max_bad_fraction)
     sources = open_sources(spec, counter=counter, max_pixels=max_pixels, csv_img_key=csv_img_key,
                            csv_caption_key=csv_caption_key, csv_separator=csv_separator, builtin_samples=num_samples)
-    kinds = {isinstance(s, ShardSource) for s in sources}
+    kinds = {isinstance(source, ShardSource) for source in sources}
     if len(kinds) > 1:
         raise ValueError(f"{spec!r} mixes WebDataset shards with CSV/folder/builtin sources; "
                          "mix sources of one family, or convert one of them")

@@ -1,20 +1,16 @@
-"""Bad-sample handling shared by all sources: decoding with reasons for failure, and the skip counter
-that stops a run once most of a source is bad."""
+"""Bad samples: the reason codes every reader uses, caption checks, and the skip counter that stops a run
+once most of a source is bad. Image decoding, with the same reason codes, is in :mod:`.images`."""
 from __future__ import annotations
 
-import io
-import warnings
 from collections import Counter
 
-from PIL import Image
-
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 REASONS = {
     "missing_file": "the image file does not exist",
+    "unreadable_file": "the image file cannot be opened (permissions, or not a regular file)",
     "empty_file": "the image file or tar member has zero bytes",
     "unreadable_image": "the image cannot be decoded (corrupt, truncated or not an image)",
     "too_many_pixels": "the image has more pixels than max_pixels",
-    "missing_image": "a tar sample has no jpg/jpeg/png/webp member",
+    "missing_image": "a tar sample has no image member (jpg, png, webp, ...)",
     "missing_caption": "no caption (no .txt file, no tar member, or a short CSV row)",
     "empty_caption": "the caption is empty or only whitespace",
     "caption_not_utf8": "the caption is not valid UTF-8",
@@ -22,11 +18,11 @@ REASONS = {
 }
 
 
-class BadSample(Exception):
-    """One sample cannot be used; ``reason`` is a key of :data:`REASONS`."""
+class BadSample(ValueError):
+    """One sample or image cannot be used; ``reason`` is a key of :data:`REASONS`, the message names it."""
 
     def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(detail)
         self.reason, self.detail = reason, detail
 
 
@@ -84,40 +80,6 @@ class SkipCounter:
                 raise DataSourceError(
                     f"data source {source!r} is mostly bad: {bad} of {seen} samples seen were skipped ({detail}). "
                     "Check that the paths, columns and files are right, or fix the data, or drop this source.")
-
-
-def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
-    """Decode encoded image bytes to an RGB ``PIL.Image``; raises :class:`BadSample` naming ``name``."""
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    if len(data) == 0:
-        raise BadSample("empty_file", f"{name} has zero bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > limit:
-                raise BadSample("too_many_pixels", f"{name} is {width}x{height}, above max_pixels={limit}")
-            image.load()
-            return image.convert("RGB")
-    except Image.DecompressionBombError as error:
-        raise BadSample("too_many_pixels", f"{name}: {error}") from None
-    except BadSample:
-        raise
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) on bad data
-        raise BadSample("unreadable_image", f"{name}: {type(error).__name__}: {error}") from None
-
-
-def load_image_file(path: str, max_pixels: int | None = None) -> Image.Image:
-    """Read and decode an image file; raises :class:`BadSample` (missing_file, empty_file, ...)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise BadSample("missing_file", f"{path} does not exist") from None
-    except OSError as error:
-        raise BadSample("unreadable_image", f"{path}: {error}") from None
-    return decode_image(data, path, max_pixels)
 
 
 def check_caption(text: str | None, name: str) -> str:

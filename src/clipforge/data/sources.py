@@ -6,24 +6,21 @@ Bad samples (unreadable image, missing file, empty caption, ...) are skipped and
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
-import re
-import tarfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from .samples import BadSample, SkipCounter, check_caption, decode_caption, decode_image, load_image_file
+from .images import IMAGE_EXTENSIONS, list_images, load_image
+from .samples import BadSample, SkipCounter, check_caption, decode_caption
 from .shapes import ShapesDataset
+from .shards import REMOTE, expand_shards, missing_shards, shard_size
+from .tables import read_table
 
 DEFAULT_BUILTIN_SAMPLES = 10_000
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-_REMOTE = re.compile(r"^[a-z][a-z0-9+.-]+:", re.IGNORECASE)  # pipe:, http://, s3:// ... (not C:\)
+SHARD_IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 class _Strings:
@@ -70,44 +67,32 @@ class CsvSource(MapSource):
     def __init__(self, path: str, img_key: str = "filepath", caption_key: str = "caption",
                  separator: str | None = None, max_pixels: int | None = None, counter: SkipCounter | None = None):
         self.name, self.max_pixels = path, max_pixels
-        if separator is None:
-            separator = "\t" if Path(path).suffix.lower() in (".tsv", ".tab") else ","
         folder = os.path.dirname(os.path.abspath(path))
         paths, captions = [], []
         counter = counter if counter is not None else SkipCounter()
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            rows = csv.reader(f, delimiter=separator)
-            header = next(rows, None)
-            img_col, cap_col = (_column(header, key, path, separator) for key in (img_key, caption_key))
-            for line, row in enumerate(rows, start=2):
-                where = f"{path} line {line}"
-                try:
-                    image_path = row[img_col].strip() if img_col < len(row) else ""
-                    if not image_path:
-                        raise BadSample("missing_file", f"{where} has no image path")
-                    caption = check_caption(row[cap_col] if cap_col < len(row) else None, where)
-                except BadSample as bad:
-                    counter.record(self.name, bad.reason)
-                    continue
-                paths.append(os.path.join(folder, image_path))
-                captions.append(caption)
+        table = read_table(path, separator)
+        hint = "Pass the right names (csv_img_key / csv_caption_key) or csv_separator."
+        img_col, cap_col = (table.column(key, what, hint) for key, what in ((img_key, "image path"),
+                                                                             (caption_key, "caption")))
+        for line, row in table.rows():
+            where = f"{path} line {line}"
+            try:
+                image_path = row[img_col].strip() if img_col < len(row) else ""
+                if not image_path:
+                    raise BadSample("missing_file", f"{where} has no image path")
+                caption = check_caption(row[cap_col] if cap_col < len(row) else None, where)
+            except BadSample as bad:
+                counter.record(self.name, bad.reason)
+                continue
+            paths.append(os.path.join(folder, image_path))
+            captions.append(caption)
         self._paths, self._captions = _Strings(paths), _Strings(captions)
 
     def __len__(self) -> int:
         return len(self._paths)
 
     def load(self, i: int) -> tuple[Image.Image, str]:
-        return load_image_file(self._paths[i], self.max_pixels), self._captions[i]
-
-
-def _column(header: list[str] | None, key: str, path: str, separator: str) -> int:
-    if not header:
-        raise ValueError(f"{path} is empty; expected a header row naming the image and caption columns")
-    names = [h.strip() for h in header]
-    if key not in names:
-        raise ValueError(f"{path} has no column {key!r} (separator {separator!r}); its columns are {names}. "
-                         "Pass the right names (csv_img_key / csv_caption_key) or csv_separator.")
-    return names.index(key)
+        return load_image(self._paths[i], self.max_pixels).convert("RGB"), self._captions[i]
 
 
 class FolderSource(MapSource):
@@ -120,7 +105,7 @@ class FolderSource(MapSource):
         self.name, self.max_pixels = folder, max_pixels
         counter = counter if counter is not None else SkipCounter()
         paths = []
-        for image in _image_files(folder):
+        for image in list_images(folder):
             if os.path.exists(os.path.splitext(image)[0] + ".txt"):
                 paths.append(image)
             else:
@@ -140,16 +125,7 @@ class FolderSource(MapSource):
                 caption = decode_caption(f.read(), caption_path)
         except FileNotFoundError:
             raise BadSample("missing_caption", f"{caption_path} does not exist") from None
-        return load_image_file(path, self.max_pixels), caption
-
-
-def _image_files(folder: str) -> list[str]:
-    """Image files under ``folder``, recursively, in a fixed (sorted) order."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
-    return found
+        return load_image(path, self.max_pixels).convert("RGB"), caption
 
 
 class BuiltinSource(MapSource):
@@ -167,16 +143,17 @@ class BuiltinSource(MapSource):
 
 
 class ShardSource:
-    """WebDataset tar shards in img2dataset's layout: ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt`` [+ ``KEY.json``].
+    """WebDataset tar shards in img2dataset's layout: ``KEY.jpg`` (or another image type) + ``KEY.txt``.
 
     ``spec`` is a shard path or URL with brace ranges (``shards/{00000..00127}.tar``) or a folder of
-    ``.tar`` files. Shards are read with the ``webdataset`` package.
+    ``.tar`` files (see :func:`~clipforge.data.shards.expand_shards`). Shards are streamed with the
+    ``webdataset`` package, so remote URLs (``pipe:``, ``https://``) work too.
     """
 
     def __init__(self, spec: str, max_pixels: int | None = None):
         self.name, self.max_pixels = spec, max_pixels
-        self.urls = _expand_shards(spec)
-        missing = [u for u in self.urls if not _REMOTE.match(u) and not os.path.isfile(u)]
+        self.urls = expand_shards(spec)
+        missing = missing_shards(self.urls)
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shards of {spec!r} do not exist, "
                                     f"e.g. {missing[0]}; check the path and the brace range")
@@ -185,13 +162,17 @@ class ShardSource:
         """Samples in all shards: from ``sizes.json`` beside them (shard name -> count), img2dataset's
         ``*_stats.json``, or by reading the tar headers of local shards; None if unknown (remote)."""
         listed = {}  # folder -> its sizes.json, read once per call
-        sizes = [_shard_size(u, listed) for u in self.urls]
+        sizes = [shard_size(u, listed) for u in self.urls]
         return None if None in sizes else sum(sizes)
 
     def raw_samples(self, urls, counter: SkipCounter) -> Iterator[dict]:
         """Undecoded samples (dicts of member bytes by extension, plus ``__key__``/``__url__``) of ``urls``
         in order; a shard that cannot be opened or read to its end is counted once in ``counter``."""
-        import webdataset as wds
+        try:
+            import webdataset as wds
+        except ImportError:
+            raise ImportError("reading WebDataset shards for training needs the 'webdataset' package: "
+                              "pip install 'clipforge[train]'") from None
 
         for url in urls:
             errors = []
@@ -211,55 +192,8 @@ class ShardSource:
         if ext is None:
             raise BadSample("missing_image", f"{name} has no {'/'.join(SHARD_IMAGE_KEYS)} member")
         caption = decode_caption(raw.get("txt"), f"{name}.txt")
-        return decode_image(raw[ext], f"{name}.{ext}", self.max_pixels), caption
-
-
-def _expand_shards(spec: str) -> list[str]:
-    if os.path.isdir(spec):
-        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
-        if not urls:
-            raise FileNotFoundError(f"no .tar shards in folder {spec}")
-        return urls
-    try:
-        from webdataset.shardlists import expand_urls
-    except ImportError:
-        raise ImportError("WebDataset sources need the 'webdataset' package: pip install 'clipforge[train]'") from None
-    return expand_urls(spec)  # brace ranges and lists: shards/{00000..00127}.tar
-
-
-def _shard_size(url: str, listed: dict) -> int | None:
-    if _REMOTE.match(url):
-        return None
-    folder, name = os.path.split(url)
-    if folder not in listed:
-        listed[folder] = _sizes_json(folder)
-    sizes = listed[folder]
-    if name in sizes:
-        return int(sizes[name])
-    stats_file = os.path.splitext(url)[0] + "_stats.json"
-    if os.path.isfile(stats_file):
-        return int(json.loads(Path(stats_file).read_text())["successes"])
-    return _count_tar_keys(url)
-
-
-def _sizes_json(folder: str) -> dict:
-    """``folder/sizes.json`` (shard file name -> sample count, OpenCLIP's convention), or {}."""
-    path = os.path.join(folder, "sizes.json")
-    return json.loads(Path(path).read_text()) if os.path.isfile(path) else {}
-
-
-def _count_tar_keys(path: str) -> int:
-    """Distinct sample keys among a tar's regular files (headers only; a damaged tail is ignored)."""
-    keys = set()
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if member.isreg() and "." in os.path.basename(member.name):
-                    folder, base = os.path.split(member.name)
-                    keys.add(os.path.join(folder, base.split(".", 1)[0]))
-    except (tarfile.TarError, OSError):
-        pass
-    return len(keys)
+        image = load_image(raw[ext], self.max_pixels, name=f"{name}.{ext}")
+        return image.convert("RGB"), caption
 
 
 def source_kind(part: str) -> str:
@@ -267,13 +201,13 @@ def source_kind(part: str) -> str:
     lower = part.lower()
     if lower == "builtin" or lower.startswith("builtin:"):
         return "builtin"
-    if lower.endswith((".tar", ".tar.gz", ".tgz")) or (".tar" in lower and ("{" in lower or _REMOTE.match(part))):
+    if lower.endswith((".tar", ".tar.gz", ".tgz")) or (".tar" in lower and ("{" in lower or REMOTE.match(part))):
         return "shards"
     if lower.endswith((".csv", ".tsv", ".tab")):
         return "csv"
     if os.path.isdir(part):
         has_tars = any(Path(part).glob("*.tar"))
-        return "shards" if has_tars and not _image_files(part) else "folder"
+        return "shards" if has_tars and not list_images(part) else "folder"
     raise FileNotFoundError(f"training data {part!r} is not a CSV/TSV file, a folder, WebDataset shards "
                             "(*.tar, brace ranges allowed) or 'builtin[:N]'" +
                             ("" if os.path.exists(part) else " (no such file or folder)"))

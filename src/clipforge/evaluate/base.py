@@ -9,9 +9,21 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .datasets import EncodedImages, ImageRef, encode_images
+import torch
+
+from ..data.images import ImageFiles, ImageRef, collate_images
+from ..encode import NothingToEncode, encode_images
 
 MAX_LISTED_SKIPS = 20
+
+
+@dataclass
+class EncodedImages:
+    """Image features of the readable images; ``kept`` indexes them into the input list."""
+
+    features: torch.Tensor
+    kept: torch.Tensor
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -27,13 +39,29 @@ class Evaluator:
         raise NotImplementedError
 
     def encode(self, model, preprocess: Callable, refs: list[ImageRef], where: str,
-                normalize: bool = True) -> EncodedImages:
-        """Image features of ``refs``; unreadable images are skipped, counted in ``details`` and warned about."""
-        encoded = encode_images(model, preprocess, refs, self.batch_size, self.workers, normalize)
+               normalize: bool = True) -> EncodedImages:
+        """Image features of ``refs`` (DataLoader workers decode and preprocess); unreadable images are
+        skipped, counted in ``details`` and warned about."""
+        loader = torch.utils.data.DataLoader(ImageFiles(refs, preprocess), batch_size=self.batch_size,
+                                             num_workers=self.workers, collate_fn=collate_images)
+        kept, skipped = [], []
+
+        def readable_batches():
+            for index, images, errors in loader:
+                skipped.extend(errors)
+                if images is not None:
+                    kept.append(index)
+                    yield images
+
+        try:
+            features = encode_images(model, readable_batches(), normalize=normalize)
+        except NothingToEncode:
+            raise ValueError(f"none of the {len(refs)} images could be read; first error: "
+                             f"{skipped[0] if skipped else '-'}") from None
         listed = self.details.setdefault("skipped_images", [])
-        listed.extend(encoded.skipped[:max(0, MAX_LISTED_SKIPS - len(listed))])
-        self.details["num_skipped_images"] = self.details.get("num_skipped_images", 0) + len(encoded.skipped)
-        if encoded.skipped:
-            warnings.warn(f"{where}: skipped {len(encoded.skipped)} of {len(refs)} images that could not be read "
-                          f"(first: {encoded.skipped[0]})", stacklevel=2)
-        return encoded
+        listed.extend(skipped[:max(0, MAX_LISTED_SKIPS - len(listed))])
+        self.details["num_skipped_images"] = self.details.get("num_skipped_images", 0) + len(skipped)
+        if skipped:
+            warnings.warn(f"{where}: skipped {len(skipped)} of {len(refs)} images that could not be read "
+                          f"(first: {skipped[0]})", stacklevel=2)
+        return EncodedImages(features, torch.cat(kept), skipped)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Evaluator
-from .datasets import ClassificationData, read_classification
+from ..data.classification import ClassificationData, read_classification
 from .metrics import classification_metrics
 
 L2_RANGE = (1e-6, 1e6)
@@ -49,7 +49,7 @@ def logistic_objective(weight: torch.Tensor, bias: torch.Tensor, features: torch
 @contextmanager
 def _single_thread_if_small(numel: int):
     """Run small problems on one CPU thread: L-BFGS makes thousands of tiny tensor calls, and synchronising
-    intra-op threads for each costs far more than the arithmetic (10x slower on a busy 2-core machine)."""
+    intra-op threads for each costs far more than the arithmetic, worst when other processes hold cores."""
     threads = torch.get_num_threads()
     if numel < SMALL_PROBLEM:
         torch.set_num_threads(1)

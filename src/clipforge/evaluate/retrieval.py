@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 
 from .base import Evaluator
-from .datasets import encode_texts, read_captions
+from ..data.captions import read_captions
+from ..encode import encode_texts
 from .metrics import retrieval_metrics
 
 
@@ -31,7 +32,7 @@ class RetrievalEvaluator(Evaluator):
         new_index[encoded.kept] = torch.arange(len(encoded.kept))  # old image index -> row in the features
         owner = new_index[torch.tensor(data.image_of_caption, dtype=torch.long)]
         keep = (owner >= 0).nonzero().flatten().tolist()
-        texts = encode_texts(model, [data.captions[j] for j in keep], self.batch_size)
+        texts = encode_texts(model, [data.captions[j] for j in keep], batch_size=self.batch_size)
         similarity = encoded.features @ texts.to(encoded.features.device).t()  # (N_images, N_texts)
         self.details.update(num_images=len(encoded.kept), num_captions=len(keep))
         return retrieval_metrics(similarity, owner[keep], self.ks)

@@ -10,7 +10,7 @@ import torch
 
 from ..zeroshot import build_zeroshot_classifier
 from .base import Evaluator
-from .datasets import ClassificationData, read_classification
+from ..data.classification import ClassificationData, read_classification
 from .metrics import topk_accuracy
 from .zeroshot import resolve_templates, zeroshot_logits
 

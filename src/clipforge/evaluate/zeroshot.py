@@ -10,7 +10,7 @@ import torch
 
 from ..zeroshot import build_zeroshot_classifier, load_templates, template_set_names
 from .base import Evaluator
-from .datasets import ClassificationData, read_classification
+from ..data.classification import ClassificationData, read_classification
 from .metrics import classification_metrics
 
 

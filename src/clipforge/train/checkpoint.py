@@ -1,10 +1,9 @@
 """Training checkpoints: ``OUTPUT/checkpoints/step_{step:08d}/`` with the model (clipforge's folder
 format, so ``clipforge.load`` reads it) and ``train_state.pt`` (optimiser, scheduler, scaler, RNG states,
-data position), written to a temporary folder and renamed into place, keeping the newest K.
+data position), written atomically (``clipforge.runs`` owns the layout), keeping the newest K.
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -12,27 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforge.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_checkpoint, step_folders
+from clipforge.checkpoints import load_weights, read_checkpoint
 from clipforge.checkpoints import save as save_model
 from clipforge.models import CLIP
-
-STATE_NAME = "train_state.pt"
-
-
-def checkpoint_root(output: str | Path) -> Path:
-    return Path(output) / "checkpoints"
-
-
-def is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME))
-
-
-def latest_checkpoint(output: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (model, config and train state), or None."""
-    for _, folder in reversed(step_folders(output)):
-        if is_complete(folder):
-            return folder
-    return None
+from clipforge.runs import (CONFIG_NAME, STATE_NAME, TRAIN_FILES, WEIGHTS_NAME, is_complete, step_folder,
+                            step_folders, write_files, write_folder)
 
 
 def save_checkpoint(output: str | Path, step: int, model: CLIP, state: dict, keep: int) -> Path:
@@ -41,21 +24,11 @@ def save_checkpoint(output: str | Path, step: int, model: CLIP, state: dict, kee
     The folder is assembled under a hidden temporary name and renamed into place, so a process killed
     mid-save leaves either the previous checkpoints or a complete new one.
     """
-    root = checkpoint_root(output)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp_*"):  # left behind by a killed process
-        shutil.rmtree(stale, ignore_errors=True)
-    final, temp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    save_model(model, temp)
-    with open(temp / STATE_NAME, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # the same step saved again (a run resumed at its last step)
-        old = root / f".tmp_old_{step:08d}"
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(temp, final)
+    def fill(folder: Path) -> None:
+        save_model(model, folder)
+        write_files(folder, {STATE_NAME: lambda path: torch.save(state, path)})
+
+    final = write_folder(step_folder(output, step), fill)
     for _, folder in step_folders(output)[:-keep]:
         shutil.rmtree(folder, ignore_errors=True)
     return final
@@ -64,7 +37,7 @@ def save_checkpoint(output: str | Path, step: int, model: CLIP, state: dict, kee
 def load_checkpoint(folder: str | Path, model: CLIP) -> dict:
     """Load the checkpoint's weights into ``model`` and return its train state (tensors on the CPU)."""
     folder = Path(folder)
-    if not is_complete(folder):
+    if not is_complete(folder, TRAIN_FILES):
         raise FileNotFoundError(f"{folder} is not a complete training checkpoint: it needs {WEIGHTS_NAME}, "
                                 f"{CONFIG_NAME} and {STATE_NAME}")
     load_weights(model, read_checkpoint(folder).state_dict, str(folder))

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSSES = ("contrastive", "sigmoid")
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,7 +34,7 @@ class TrainConfig:
                                   "clipforge.load accepts", str, metavar="openai|PATH")
     lock_image: bool = _opt(False, "freeze the image tower (LiT: train the text tower only)")
     lock_text: bool = _opt(False, "freeze the text tower")
-    grad_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30%% more compute")
+    grad_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, one more forward pass")
     compile: bool = _opt(False, "torch.compile the model")
     # data
     train_data: str = _opt(None, "'builtin[:N]' (coloured shapes), a CSV file, an image folder or WebDataset "
@@ -59,10 +61,10 @@ class TrainConfig:
     steps: int | None = _opt(None, "number of optimiser steps (or give --epochs)", int)
     lr: float = _opt(5e-4, "peak learning rate", float, metavar="LR")
     warmup: int = _opt(2000, "linear warm-up steps before the cosine decay", int, metavar="STEPS")
-    weight_decay: float = _opt(0.2, "AdamW weight decay (weight matrices only)", float)
-    beta1: float = _opt(0.9, "AdamW beta1", float)
-    beta2: float = _opt(0.98, "AdamW beta2", float)
-    eps: float = _opt(1e-6, "AdamW epsilon", float)
+    weight_decay: float = _opt(ADAMW_WEIGHT_DECAY, "AdamW weight decay (weight matrices only)", float)
+    beta1: float = _opt(ADAMW_BETAS[0], "AdamW beta1", float)
+    beta2: float = _opt(ADAMW_BETAS[1], "AdamW beta2", float)
+    eps: float = _opt(ADAMW_EPS, "AdamW epsilon", float)
     grad_clip_norm: float | None = _opt(None, "clip the global gradient norm to this value", float)
     accum_freq: int = _opt(1, "accumulate K micro-batches per step, exactly (features cached, negatives "
                            "from the whole accumulated batch)", int, metavar="K")

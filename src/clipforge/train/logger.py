@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-METRICS_NAME = "metrics.jsonl"
+from clipforge.runs import METRICS_NAME, TENSORBOARD_DIR
+
 _BAR_FIELDS = {"samples_per_s": "{:.0f}", "loss": "{:.4f}", "lr": "{:.2e}", "logit_scale": "{:.2f}"}
 
 
@@ -55,7 +56,7 @@ class RunLogger:
         self.tensorboard = None
         if enabled and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(str(Path(output) / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(Path(output) / TENSORBOARD_DIR))
 
     def advance(self) -> None:
         """One optimiser step done."""

@@ -19,18 +19,19 @@ import clipforge
 from clipforge.allocator import retain_freed_memory
 from clipforge.data import build_train_data
 from clipforge.factory import create_model_and_transforms
+from clipforge.runs import (CHECKPOINTS_DIR, METRICS_NAME, RUN_CONFIG_NAME, TRAIN_FILES, checkpoints_dir, is_complete,
+                            is_run_dir, latest_checkpoint)
 from clipforge.tokenizer import get_tokenizer
 
-from .checkpoint import is_complete, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, default_resume
 from .distributed import DistEnv, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
-from .logger import METRICS_NAME, RunLogger, truncate_metrics
+from .logger import RunLogger, truncate_metrics
 from .optim import CosineSchedule, build_optimizer
-from .step import LossSpec, Stepper, TrainModule
+from .step import Stepper, TrainingLoss, TrainModule
 from .validate import HELDOUT, heldout_zeroshot_set, load_val_pairs, validate, zeroshot_from_val
 
-RUN_CONFIG_NAME = "run_config.json"
-_IDENTITY_KEYS = ("model", "train_data", "seed", "loss", "lr", "warmup", "accum_freq")
+_RUN_IDENTITY_KEYS = ("model", "train_data", "seed", "loss", "lr", "warmup", "accum_freq")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -46,8 +47,7 @@ def train(cfg: TrainConfig) -> dict:
         return Trainer(cfg, env).run()
     finally:
         # Free the run (model, optimiser, data workers, the last step's graph) while the process group is
-        # still up: pending collective work objects destroyed after it, at interpreter exit, can abort
-        # the process (seen once as "terminate called without an active exception" with gloo).
+        # still up: collective work objects destroyed after it, at interpreter exit, can abort the process.
         gc.collect()
         cleanup(env)
 
@@ -56,20 +56,20 @@ def resolve_resume(cfg: TrainConfig, output: Path) -> Path | None:
     """The checkpoint folder to resume from, or None to start; refuses to overwrite another run."""
     resume = cfg.resume if cfg.resume is not None else default_resume()
     if resume is None:
-        found = [name for name in (RUN_CONFIG_NAME, METRICS_NAME, "checkpoints") if (output / name).exists()]
+        found = [name for name in (RUN_CONFIG_NAME, METRICS_NAME, CHECKPOINTS_DIR) if (output / name).exists()]
         if found:
             raise ValueError(f"--output {output} already holds a training run ({', '.join(found)}); pass "
                              "--resume latest to continue it, or choose another --output directory")
         return None
     if resume in ("latest", "auto"):
-        folder = latest_checkpoint(output)
+        folder = latest_checkpoint(output, require=TRAIN_FILES)
         if folder is None and resume == "latest":
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {output / 'checkpoints'}; "
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {checkpoints_dir(output)}; "
                                     "drop --resume to start a new run there")
         return folder
     path = Path(resume)
-    folder = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
-    if folder is None or not is_complete(folder):
+    folder = latest_checkpoint(path, require=TRAIN_FILES) if is_run_dir(path) else path
+    if folder is None or not is_complete(folder, TRAIN_FILES):
         raise FileNotFoundError(f"--resume {resume}: not a complete training checkpoint (a checkpoints/step_* "
                                 "folder with model.safetensors, config.json and train_state.pt) or a run holding one")
     return folder
@@ -119,7 +119,7 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
         self.stepper = Stepper(self.module, self._wrap(), self.optimizer,
-                               LossSpec(cfg.loss, cfg.gather, cfg.local_loss, cfg.loss_tile_size),
+                               TrainingLoss(cfg.loss, cfg.gather, cfg.local_loss, cfg.loss_tile_size),
                                self.scaler, self.autocast, cfg.grad_clip_norm)
         if env.is_master:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -196,9 +196,9 @@ class Trainer:
         elif cfg.zeroshot_classes:
             self.zeroshot_set = zeroshot_from_val(self.val_set, cfg.zeroshot_classes)
 
-    def _identity(self) -> dict:
+    def _run_identity(self) -> dict:
         """Settings a resumed run must share with the checkpoint, or its data position means nothing."""
-        ident = {k: getattr(self.cfg, k) for k in _IDENTITY_KEYS}
+        ident = {k: getattr(self.cfg, k) for k in _RUN_IDENTITY_KEYS}
         ident.update(global_batch=self.global_batch, total_steps=self.total_steps,
                      steps_per_epoch=self.steps_per_epoch)
         return ident
@@ -207,6 +207,7 @@ class Trainer:
         resolved = {"precision": self.precision, "device": str(self.env.device), "world_size": self.env.world_size,
                     "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
                     "total_steps": self.total_steps, "train_samples": self.data.num_samples,
+                    "data_split": self.data.split_by,  # how ranks and workers share the data (TrainData.split_by)
                     "resumed_from": str(self.resume_from) if self.resume_from else None,
                     "clipforge_version": clipforge.__version__, "torch_version": torch.__version__}
         text = json.dumps({**self.cfg.to_dict(), "resolved": resolved}, indent=2)
@@ -215,7 +216,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoints
     def _restore(self, folder: Path) -> None:
         state = load_checkpoint(folder, self.clip)
-        saved, now = state["run"], self._identity()
+        saved, now = state["run"], self._run_identity()
         changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
         if changed:
             raise ValueError(f"cannot resume from {folder}: these settings differ from the checkpoint's "
@@ -245,7 +246,7 @@ class Trainer:
                  * self.cfg.accum_freq, "optimizer": self.optimizer.state_dict(),
                  "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": gather_objects(rng_state(), self.env), "skipped": self._global_skips(),
-                 "run": self._identity()}
+                 "run": self._run_identity()}
         if self.module.logit_bias is not None:
             state["logit_bias"] = self.module.logit_bias.detach().cpu()
         if self.env.is_master:

@@ -10,8 +10,10 @@ from torch import nn
 
 # Parameters named like this are embeddings (token, positional, class) and take no weight decay.
 _EMBEDDING_NAMES = ("token_embedding.weight", "positional_embedding", "class_embedding")
+# The paper's AdamW settings; the run configuration's defaults are these.
 ADAMW_BETAS = (0.9, 0.98)
 ADAMW_EPS = 1e-6
+ADAMW_WEIGHT_DECAY = 0.2
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -33,9 +35,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.2,
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = ADAMW_WEIGHT_DECAY,
                     betas: tuple[float, float] = ADAMW_BETAS, eps: float = ADAMW_EPS) -> torch.optim.AdamW:
-    """AdamW with the paper's defaults (betas (0.9, 0.98), eps 1e-6, weight decay 0.2) over :func:`param_groups`.
+    """AdamW with the paper's defaults (``ADAMW_*``) over :func:`param_groups`.
 
     Uses the fused kernel (one pass over all parameters) where torch has one for the parameters' device.
     """

@@ -43,8 +43,8 @@ class TrainModule(nn.Module):
 
 
 @dataclass(frozen=True)
-class LossSpec:
-    """Which loss, and how the global batch is formed across ranks."""
+class TrainingLoss:
+    """The training loss of features: which loss, and how the global batch is formed across ranks."""
 
     kind: str = "contrastive"
     gather: bool = True
@@ -98,7 +98,7 @@ class Stepper:
     """
 
     def __init__(self, module: TrainModule, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: LossSpec, scaler: torch.amp.GradScaler, autocast: Callable[[], ContextManager],
+                 loss_fn: TrainingLoss, scaler: torch.amp.GradScaler, autocast: Callable[[], ContextManager],
                  grad_clip_norm: float | None = None):
         self.module, self.wrapped, self.optimizer, self.loss_fn = module, wrapped, optimizer, loss_fn
         self.scaler, self.autocast, self.grad_clip_norm = scaler, autocast, grad_clip_norm

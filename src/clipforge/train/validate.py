@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
-import torch.nn.functional as F
 
 from clipforge.data import shapes
 from clipforge.data.sources import SkipCounter, iter_pairs
+from clipforge.encode import encode_images, encode_texts
 from clipforge.evaluate.metrics import retrieval_metrics, topk_accuracy
 from clipforge.loss import contrastive_loss
 from clipforge.models import CLIP
-from clipforge.zeroshot import build_zeroshot_classifier, eval_mode, load_classnames
+from clipforge.data.classnames import load_classnames
+from clipforge.zeroshot import build_zeroshot_classifier
 
 HELDOUT = "builtin-heldout"
 HELDOUT_SAMPLES = 512  # images of the held-out pairs scored for "builtin-heldout"
@@ -104,38 +105,25 @@ def zeroshot_from_val(val: ValSet, classes_file: str) -> ZeroShotSet:
 
 
 @torch.no_grad()
-def _encode(model: CLIP, method: str, inputs: torch.Tensor, batch_size: int, device: torch.device,
-            autocast: Callable[[], ContextManager]) -> torch.Tensor:
-    encode = getattr(model, method)
-    chunks = []
-    for start in range(0, len(inputs), batch_size):
-        with autocast():
-            chunks.append(encode(inputs[start:start + batch_size].to(device), normalize=True).float())
-    return F.normalize(torch.cat(chunks), dim=-1)  # (N, D)
-
-
-@torch.no_grad()
 def validate(model: CLIP, val: ValSet | None, zeroshot: ZeroShotSet | None, batch_size: int,
              autocast: Callable[[], ContextManager] = nullcontext) -> dict[str, float]:
     """``loss`` (the contrastive loss averaged over batches of ``batch_size``), ``image_to_text_recall@K``
     and ``text_to_image_recall@K`` (K = 1, 5, 10) on ``val``; ``zeroshot_top1``/``zeroshot_top5`` on ``zeroshot``."""
-    device = model.logit_scale.device
     metrics: dict[str, float] = {}
-    with eval_mode(model):
-        if val is not None:
-            images = _encode(model, "encode_image", val.images, batch_size, device, autocast)
-            texts = _encode(model, "encode_text", val.tokens, batch_size, device, autocast)
-            scale = model.logit_scale.exp().float()
-            losses = [contrastive_loss(images[i:i + batch_size], texts[i:i + batch_size], scale).item()
-                      for i in range(0, len(images), batch_size)]
-            metrics["loss"] = sum(losses) / len(losses)
-            metrics.update(retrieval_metrics(images @ texts.T, torch.arange(len(texts))))
-            metrics["val_samples"] = len(images)
-        if zeroshot is not None:
-            images = _encode(model, "encode_image", zeroshot.images, batch_size, device, autocast)
-            weights = build_zeroshot_classifier(model, zeroshot.classnames, zeroshot.templates)
-            accuracy = topk_accuracy(images @ weights.float(), zeroshot.labels, (1, 5))
-            metrics.update({f"zeroshot_{k}": v for k, v in accuracy.items()})
-            metrics["zeroshot_samples"] = len(images)
-            metrics["zeroshot_classes"] = len(zeroshot.classnames)
+    if val is not None:
+        images = encode_images(model, val.images, batch_size, autocast)
+        texts = encode_texts(model, val.tokens, batch_size=batch_size, autocast=autocast)
+        scale = model.logit_scale.exp().float()
+        losses = [contrastive_loss(images[i:i + batch_size], texts[i:i + batch_size], scale).item()
+                  for i in range(0, len(images), batch_size)]
+        metrics["loss"] = sum(losses) / len(losses)
+        metrics.update(retrieval_metrics(images @ texts.T, torch.arange(len(texts))))
+        metrics["val_samples"] = len(images)
+    if zeroshot is not None:
+        images = encode_images(model, zeroshot.images, batch_size, autocast)
+        weights = build_zeroshot_classifier(model, zeroshot.classnames, zeroshot.templates)
+        accuracy = topk_accuracy(images @ weights, zeroshot.labels, (1, 5))
+        metrics.update({f"zeroshot_{k}": v for k, v in accuracy.items()})
+        metrics["zeroshot_samples"] = len(images)
+        metrics["zeroshot_classes"] = len(zeroshot.classnames)
     return metrics

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import torch
 
-from .data import ShapesDataset, class_names, templates, write_classification, write_shapes
-from .evaluate import evaluate
-from .explain import plot_report, similarity_report
-from .factory import load
-from .train import TrainConfig, train
-from .train.logger import read_metrics
-from .zeroshot import ZeroShotClassifier
+from ..data import ShapesDataset, class_names, templates, write_classification, write_shapes
+from ..encode import encode_images
+from ..evaluate import evaluate
+from ..evaluate.explain import plot_report, similarity_report
+from ..factory import load
+from ..train import TrainConfig, train
+from ..train.logger import read_metrics
+from ..zeroshot import ZeroShotClassifier
 
 SINGLE_TEMPLATE = ["a photo of a {}."]
+EVAL_BATCH = 256
 
 
 @dataclass
@@ -85,9 +87,9 @@ def _zeroshot_among_all_pairs(model, preprocess, n: int) -> dict[str, float]:
     targets = torch.tensor([names.index(data.class_name(i, "pair")) for i in range(n)])
     classifiers = {"top1_ensemble": ZeroShotClassifier(model, names, templates()),
                    "top1_single": ZeroShotClassifier(model, names, SINGLE_TEMPLATE)}
-    encode = classifiers["top1_single"].encode_images
-    features = torch.cat([encode(torch.stack([preprocess(data.image(i)) for i in range(start, min(n, start + 256))]))
-                          for start in range(0, n, 256)])  # (n, D), encoded once for both classifiers
+    batches = (torch.stack([preprocess(data.image(i)) for i in range(start, min(n, start + EVAL_BATCH))])
+               for start in range(0, n, EVAL_BATCH))  # preprocessed a batch at a time
+    features = encode_images(model, batches)  # (n, D), encoded once for both classifiers
     results = {key: float((c.logits(features).argmax(dim=-1) == targets).float().mean())
                for key, c in classifiers.items()}
     results["chance"] = 1 / len(names)

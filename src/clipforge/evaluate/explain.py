@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .tokenizer import get_tokenizer
-from .zeroshot import eval_mode, model_device
+from ..encode import encode_images, encode_texts
 
 EXPLANATION = """\
 How CLIP picks a text for an image:
@@ -55,18 +53,13 @@ class SimilarityReport:
         return self.cosine.argmax(dim=-1).tolist()
 
 
-@torch.no_grad()
 def similarity_report(model, images: torch.Tensor, texts: Sequence[str],
                       image_names: Sequence[str] | None = None) -> SimilarityReport:
     """Score preprocessed ``images`` (N, 3, H, W) against ``texts`` with ``model``."""
     texts = list(texts)
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("explain needs one or more non-empty texts")
-    device = model_device(model)
-    tokens = get_tokenizer(int(getattr(model, "context_length", 77)))(texts).to(device)
-    with eval_mode(model):
-        image_features = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
-        text_features = F.normalize(model.encode_text(tokens).float(), dim=-1)
+    image_features, text_features = encode_images(model, images), encode_texts(model, texts)
     names = list(image_names) if image_names is not None else [f"image {i}" for i in range(len(images))]
     cosine = (image_features @ text_features.t()).cpu()  # (N_images, N_texts)
     return SimilarityReport(names, texts, cosine, float(model.logit_scale.detach().float().exp()))
