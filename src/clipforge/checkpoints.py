@@ -10,7 +10,6 @@ import json
 import math
 import pickle
 import re
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from .hf import config_from_hf, config_to_hf, hf_to_openai, is_hf_state_dict, op
 from .models.clip import CLIP
 from .models.config import CLIPConfig
 from .runs import CONFIG_NAME, WEIGHTS_NAME, is_run_dir, latest_checkpoint, step_folders, write_files
+from .torchscript import TorchScriptError, read_torchscript
 from .transforms import PreprocessConfig
 
 FORMAT, FORMAT_VERSION = "clipforge", 1
@@ -72,12 +72,12 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     try:
         if kind == "safetensors":
             obj = load_file(str(path))
-        elif kind == "torchscript":  # OpenAI's release format: only the tensors are kept
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                obj = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        elif kind == "torchscript":  # OpenAI's release format: its tensors, read as data without running its code
+            obj = read_torchscript(path)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except TorchScriptError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     except pickle.UnpicklingError as e:
         if (found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e))) is None:
             raise CheckpointError(f"{path}: cannot read this {kind} file; it is truncated or corrupt (not a "

@@ -2,7 +2,8 @@
 
 Token ids equal OpenAI's for any text, computed fast: OpenAI's cleaning (ftfy, HTML unescaping, whitespace,
 lower case) takes exact shortcuts where ftfy has nothing or little to do, ids are cached per
-whitespace-separated chunk of text, and the padded batch is filled with numpy.
+whitespace-separated chunk of text, under truncation BPE stops once the kept ids are known (a long word is
+merged a window at a time, keeping the tokens proven final), and the padded batch is filled with numpy.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ SOT_TEXT, EOT_TEXT = "<|startoftext|>", "<|endoftext|>"
 _MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary: 512 byte tokens + 48894 merges + 2 special = 49408
 _CACHE_SIZE = 100_000  # entries per cache (words, chunks); a full cache is emptied
+# Under truncation, a chunk longer than this is tokenized only as far as the kept ids reach, and not cached;
+# a word longer than the window is merged a window of byte symbols at a time (see _BPE.merge_prefix).
+_LONG_CHUNK = 256
+_BPE_WINDOW = 128
 
 # OpenAI's pre-tokenizer: contractions, letter runs, single digits, runs of other non-space characters.
 _WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -54,6 +59,7 @@ class _BPE:
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.decoder = vocab
         self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.max_token_length = max(map(len, vocab))
         self.specials = {SOT_TEXT: (self.encoder[SOT_TEXT],), EOT_TEXT: (self.encoder[EOT_TEXT],)}
         self.word_cache: dict[str, tuple[int, ...]] = {}
         self.chunk_caches: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -66,17 +72,67 @@ class _BPE:
             pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, _NUM_MERGES))
             if pair not in ranks:
                 break
-            first, second = pair
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = _merge_pair(symbols, *pair)
         return symbols
+
+    def merge_prefix(self, word: str, count: int, window: int) -> list[str]:
+        """The first ``count`` tokens of ``merge(word)`` (all of them if fewer; maybe a few more), exactly, merging
+        about ``window`` characters at a time rather than the whole word.
+
+        Each window yields the tokens that :meth:`_settled_tokens` proves final. The rest of the word starts at a
+        boundary between the whole word's tokens, where BPE splits into the BPE of each side, so it is tokenized
+        on its own. The work depends on how far merges reach back across a window's end (in practice a few
+        tokens with CLIP's merges); a window with no settled token is doubled, up to the whole word.
+        """
+        tail = word + "</w>"  # the whole word's text as its symbols spell it
+        tokens, start, size = [], 0, window
+        while len(tokens) < count:
+            if start + size >= len(word):
+                return tokens + self.merge(word[start:])
+            settled = self._settled_tokens(tail, start, start + size)
+            if settled:
+                tokens += settled
+                start += sum(map(len, settled))
+                size = window
+            else:  # no token of this window is settled yet: look further
+                size *= 2
+        return tokens
+
+    def _settled_tokens(self, tail: str, start: int, end: int) -> list[str]:
+        """Leading BPE tokens of ``tail[start:end]`` that BPE of all of ``tail[start:]`` has too.
+
+        BPE applies merges in rising rank order (a merge's parts come from lower-ranked merges), each one's
+        occurrences left to right, so tokens left of a point change only by merges left of it or by a merge
+        across it. The window is merged with a wall at its right end; whenever the next rank could merge the
+        token left of the wall with text beyond it (a merge (that token, y) with y a prefix of that text),
+        the wall moves left past the token. What stays left of the wall is final and ends at a token boundary.
+        """
+        ranks = self.ranks
+        symbols = list(tail[start:end])
+        wall, done = end, -1
+        across = self._ranks_across(symbols[-1], tail, wall, done)
+        while symbols:
+            pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, _NUM_MERGES), default=None)
+            inside = ranks.get(pair, _NUM_MERGES)
+            done = min(inside, across[0] if across else _NUM_MERGES)
+            if done == _NUM_MERGES:
+                break
+            last = len(symbols[-1])
+            if inside == done:
+                symbols = _merge_pair(symbols, *pair)
+            if len(symbols[-1]) > last:  # the last token merged with its left neighbour: nothing crosses the wall
+                across = self._ranks_across(symbols[-1], tail, wall, done)
+            elif across and across[0] == done:
+                wall -= len(symbols.pop())
+                across = self._ranks_across(symbols[-1], tail, wall, done) if symbols else []
+            else:
+                across = [r for r in across if r > done]
+        return symbols
+
+    def _ranks_across(self, token: str, tail: str, wall: int, done: int) -> list[int]:
+        """Ranks above ``done`` of the merges (token, y) with y a prefix of ``tail[wall:]``, lowest first."""
+        found = (self.ranks.get((token, tail[wall:wall + n])) for n in range(1, self.max_token_length + 1))
+        return sorted(r for r in found if r is not None and r > done)
 
     def word_ids_uncached(self, word: str) -> tuple[int, ...]:
         """Ids of one pre-tokenized word (the raw regex match), computed from scratch."""
@@ -93,6 +149,26 @@ class _BPE:
                 self.word_cache.clear()
             ids = self.word_cache[word] = self.word_ids_uncached(word)
         return ids
+
+    def word_prefix_ids(self, word: str, count: int) -> Sequence[int]:
+        """The first ``count`` ids of ``word_ids(word)`` or more (all if fewer), with bounded work for long words."""
+        if len(word) <= _BPE_WINDOW or word in self.specials:
+            return self.word_ids(word)
+        mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+        return [self.encoder[s] for s in self.merge_prefix(mapped, count, _BPE_WINDOW)]
+
+
+def _merge_pair(symbols: list[str], first: str, second: str) -> list[str]:
+    """``symbols`` with each occurrence of the pair (first, second) merged, left to right."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
+            merged.append(first + second)
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
 
 
 @lru_cache(maxsize=1)
@@ -128,6 +204,7 @@ class Tokenizer:
         self._bpe = _shared_bpe()
         pattern = (_SPECIAL_PATTERN if special_tokens_in_text else "") + _WORD_PATTERN
         self._findall = _compiled_pattern(pattern).findall
+        self._finditer = _compiled_pattern(pattern).finditer
         self._chunk_cache = self._bpe.chunk_caches.setdefault(pattern, {})
         self._cached_chunk_ids = self._chunk_cache.__getitem__
         self.encoder: dict[str, int] = self._bpe.encoder  # shared by all tokenizers: read only
@@ -153,11 +230,12 @@ class Tokenizer:
             raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
         length = _check_context_length(self.context_length if context_length is None else context_length)
         truncate = self.truncate if truncate is None else truncate
-        ids, counts = self._encode_all(texts)
+        ids, counts = self._encode_all(texts, length - 2 if truncate else None)
         return torch.from_numpy(self._pad(ids, counts, texts, length, truncate))
 
-    def _encode_all(self, texts: Sequence[str]) -> tuple[list[int], list[int]]:
-        """The ids of all ``texts`` concatenated, and how many belong to each text."""
+    def _encode_all(self, texts: Sequence[str], limit: int | None = None) -> tuple[list[int], list[int]]:
+        """The ids of all ``texts`` concatenated, and how many belong to each text; with ``limit``, only each
+        text's first ``limit`` ids, and BPE stops once they are known."""
         ids, counts = [], []
         extend, cached = ids.extend, self._cached_chunk_ids
         try:
@@ -168,12 +246,28 @@ class Tokenizer:
                     extend(chain.from_iterable(map(cached, chunks)))
                 except KeyError:  # a chunk not seen yet: drop its text's partial ids, compute them one by one
                     del ids[start:]
-                    extend(i for chunk in chunks for i in self._chunk_ids(chunk))
+                    extend(self._chunks_ids(chunks, limit))
+                if limit is not None:
+                    del ids[start + limit:]
                 counts.append(len(ids) - start)
         except (AttributeError, TypeError):
             _check_all_str(texts)
             raise
         return ids, counts
+
+    def _chunks_ids(self, chunks: list[str], limit: int | None) -> list[int]:
+        """Ids of a text's chunks in order; with ``limit``, its first ``limit`` ids or a few more."""
+        if limit is None:
+            return [i for chunk in chunks for i in self._chunk_ids(chunk)]
+        ids: list[int] = []
+        for chunk in chunks:
+            if len(ids) >= limit:
+                break
+            if len(chunk) > _LONG_CHUNK and chunk not in self._chunk_cache:
+                ids += self._chunk_prefix_ids(chunk, limit - len(ids))
+            else:
+                ids += self._chunk_ids(chunk)
+        return ids
 
     def _chunk_ids(self, chunk: str) -> tuple[int, ...]:
         """Ids of a whitespace-free chunk of cleaned text (OpenAI's regex never matches across whitespace)."""
@@ -182,6 +276,15 @@ class Tokenizer:
             if len(self._chunk_cache) >= _CACHE_SIZE:
                 self._chunk_cache.clear()
             ids = self._chunk_cache[chunk] = tuple(i for w in self._findall(chunk) for i in self._bpe.word_ids(w))
+        return ids
+
+    def _chunk_prefix_ids(self, chunk: str, limit: int) -> list[int]:
+        """The first ``limit`` ids of a chunk or a few more: words in order until they are known, not cached."""
+        ids: list[int] = []
+        for match in self._finditer(chunk):
+            if len(ids) >= limit:
+                break
+            ids += self._bpe.word_prefix_ids(match.group(), limit - len(ids))
         return ids
 
     def _encode_reference(self, text: str) -> list[int]:
