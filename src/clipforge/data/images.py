@@ -91,7 +91,8 @@ def load_image(source: ImageSource, max_pixels: int | None = None, draft_size: i
     (corrupt, truncated, not an image) or ``too_many_pixels`` (more than ``max_pixels``, default PIL's
     limit of 89,478,485, checked before decoding). ``draft_size`` lets JPEGs decode at 1/2, 1/4 or 1/8
     scale while both sides stay at least ``draft_size`` pixels: much faster, but not pixel-identical to a
-    full decode, so use it for training only. The image keeps its own mode (convert it as needed).
+    full decode, so use it for training or opt-in fast indexing (the full size stays in
+    ``img.info["full_size"]``). The image keeps its own mode (convert it as needed).
     """
     if isinstance(source, ImageRef) and source.member is None:
         source = source.path
@@ -142,6 +143,7 @@ def _decode(f: IO[bytes], size: int | None, name: str, max_pixels: int | None, d
             raise BadSample("too_many_pixels", f"image {name} is {width}x{height} = {width * height} pixels, "
                                                f"more than max_pixels={limit}; skip it or raise the limit")
         if draft_size is not None:
+            img.info["full_size"] = (width, height)  # draft() shrinks img.size; keep what the file holds
             img.draft(None, (draft_size, draft_size))
         try:
             img.load()
@@ -169,6 +171,76 @@ class ImageFiles(torch.utils.data.Dataset):
         except (OSError, ValueError) as e:  # a decoding BadSample, or preprocessing refusing the image
             message, name = str(e), str(self.refs[i])
             return i, None, message if name in message else f"{name}: {message}"
+
+
+def read_image_bytes(source: str | os.PathLike | ImageRef) -> bytes:
+    """The encoded bytes of an image file or shard member, as stored; a :class:`BadSample` if unreadable."""
+    if isinstance(source, ImageRef) and source.member is not None:
+        try:
+            return source.read()
+        except OSError as e:
+            raise BadSample("unreadable_file", f"cannot read image {source}: {e.strerror or e}") from None
+    path = source.path if isinstance(source, ImageRef) else source
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise MissingImage(f"image file {path} does not exist (not found)") from None
+    except OSError as e:
+        raise BadSample("unreadable_file", f"cannot open image {path}: {e.strerror or e}") from None
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the file says about a decoded image: its full size and the EXIF capture time, if any."""
+
+    width: int
+    height: int
+    taken: str | None = None
+
+
+_EXIF_IFD, _DATE_TIME_ORIGINAL, _DATE_TIME = 0x8769, 36867, 306
+
+
+def image_info(img: Image.Image) -> ImageInfo:
+    """Size (before any draft decoding) and EXIF DateTimeOriginal (else DateTime) of a loaded image."""
+    width, height = img.info.get("full_size", img.size)
+    try:
+        exif = img.getexif()
+        taken = exif.get_ifd(_EXIF_IFD).get(_DATE_TIME_ORIGINAL) or exif.get(_DATE_TIME)
+    except Exception:  # EXIF blocks are often malformed; a capture time is optional
+        taken = None
+    taken = str(taken).strip("\x00 ") if taken else None
+    return ImageInfo(int(width), int(height), taken or None)
+
+
+class DescribedImages(ImageFiles):
+    """:class:`ImageFiles` for indexing: item ``i`` is ``(i, tensor, ImageInfo, None)``, or
+    ``(i, None, None, (reason, message))`` for an image that cannot be used (a :data:`REASONS` code).
+    ``draft_size`` decodes JPEGs at reduced scale, as in :func:`load_image`."""
+
+    def __init__(self, refs: Sequence[ImageSource], preprocess: Callable, max_pixels: int | None = None,
+                 draft_size: int | None = None):
+        super().__init__(refs, preprocess, max_pixels)
+        self.draft_size = draft_size
+
+    def __getitem__(self, i: int):
+        try:
+            img = load_image(self.refs[i], self.max_pixels, self.draft_size)
+            return i, self.preprocess(img), image_info(img), None
+        except BadSample as e:
+            return i, None, None, (e.reason, str(e))
+        except (OSError, ValueError) as e:  # preprocessing refusing a decoded image
+            return i, None, None, ("unreadable_image", f"{self.refs[i]}: {e}")
+
+
+def collate_described(items) -> tuple[list[int], torch.Tensor | None, list[ImageInfo], list[tuple[int, str, str]]]:
+    """(indices of the usable images, their stacked tensors or None, their infos, (index, reason, message)
+    of the others), for :class:`DescribedImages`."""
+    good = [(i, x, info) for i, x, info, problem in items if problem is None]
+    bad = [(i, *problem) for i, _, _, problem in items if problem is not None]
+    tensors = torch.stack([x for _, x, _ in good]) if good else None
+    return [i for i, _, _ in good], tensors, [info for _, _, info in good], bad
 
 
 def collate_images(items) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:

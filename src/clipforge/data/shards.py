@@ -12,6 +12,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .images import IMAGE_EXTENSIONS
+from .samples import BadSample
+
+SHARD_IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # a sample's image member, by preference
 REMOTE = re.compile(r"^[a-z][a-z0-9+.-]+:", re.IGNORECASE)  # pipe:, http://, s3:// ... (not C:\)
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"(\d+)\.\.(\d+)")
@@ -106,3 +110,40 @@ def shard_size(url: str, listed: dict) -> int | None:
         return len(scan_tar(url))
     except (tarfile.TarError, OSError):
         return 0
+
+
+@dataclass(frozen=True)
+class ShardImage:
+    """One sample's image member in a shard, with the sample's caption (its ``txt`` member) if any."""
+
+    key: str
+    member: Member
+    caption: str | None
+
+
+def shard_images(path: str | os.PathLike) -> tuple[list[ShardImage], list[str]]:
+    """(the image samples of a local shard in tar order, the keys of samples with no image member).
+
+    A caption that is not UTF-8 or is blank counts as none. A shard that cannot be read from the start
+    raises :class:`~clipforge.data.samples.BadSample` (``unreadable_shard``).
+    """
+    images, imageless = [], []
+    try:
+        samples = scan_tar(path)
+    except (tarfile.TarError, OSError) as e:
+        raise BadSample("unreadable_shard", f"cannot read shard {path}: {e}") from None
+    with open(path, "rb") as f:
+        for key, members in samples.items():
+            ext = next((e for e in SHARD_IMAGE_KEYS if e in members), None)
+            if ext is None:
+                imageless.append(key)
+                continue
+            caption = None
+            if "txt" in members:
+                f.seek(members["txt"].offset)
+                try:
+                    caption = f.read(members["txt"].size).decode("utf-8").strip() or None
+                except UnicodeDecodeError:
+                    caption = None
+            images.append(ShardImage(key, members[ext], caption))
+    return images, imageless

@@ -59,3 +59,22 @@ def resolve_path(value: str, base: str | os.PathLike) -> str:
     """An image path from a table: absolute as given, relative to the table's folder ``base``."""
     path = Path(value)
     return str(path if path.is_absolute() else Path(base) / path)
+
+
+def table_images(path: str | os.PathLike, separator: str | None = None,
+                 caption_key: str = "caption") -> list[tuple[int, str, str | None]]:
+    """(line number, image path, caption or None) of every row of a CSV/TSV, for indexing a photo list.
+
+    The image column is any of :data:`IMAGE_COLUMNS`; the caption column is optional. Relative paths
+    resolve against the table's folder; a row without an image path gives ``""``.
+    """
+    table = read_table(path, separator)
+    image_column = table.column(IMAGE_COLUMNS, "image path")
+    caption_column = table.header.index(caption_key) if caption_key in table.header else None
+    base = os.path.dirname(os.path.abspath(str(path)))
+    rows = []
+    for line, fields in table.rows():
+        value = fields[image_column].strip() if image_column < len(fields) else ""
+        caption = fields[caption_column].strip() if caption_column is not None and caption_column < len(fields) else ""
+        rows.append((line, resolve_path(value, base) if value else "", caption or None))
+    return rows

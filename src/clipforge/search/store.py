@@ -1,0 +1,155 @@
+"""The on-disk index: ``config.json``, float16 ``.npy`` vector segments and the SQLite metadata.
+
+Crash safety: a batch's vectors are written into rows past every committed row and flushed to disk
+before one SQLite transaction commits the rows that point at them; readers trust committed rows only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SEGMENT_ROWS = 65536  # rows per .npy segment file
+CONFIG, DATABASE = "config.json", "metadata.sqlite"
+KINDS = ("images", "captions")  # the two sets of vectors; a segment is KIND-NNNNN.npy
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,         -- the folder, table or shard spec it was found through
+    path TEXT NOT NULL,           -- the image file, or the shard holding it
+    key TEXT NOT NULL DEFAULT '', -- the sample key inside a shard; '' for a file
+    member TEXT,                  -- the tar member holding the image
+    offset INTEGER,               -- where that member's bytes start in the shard
+    size INTEGER NOT NULL,        -- bytes of the encoded image
+    mtime_ns INTEGER NOT NULL,    -- modification time of the file (or shard), nanoseconds
+    hash TEXT NOT NULL,           -- BLAKE2b-128 of the encoded image bytes, hex
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    caption TEXT,
+    taken TEXT,                   -- EXIF DateTimeOriginal, 'YYYY:MM:DD HH:MM:SS'
+    row INTEGER NOT NULL,         -- row of its image vector (segment row // SEGMENT_ROWS)
+    caption_row INTEGER,          -- row of its caption vector, if it has a caption
+    UNIQUE (path, key)
+);
+CREATE INDEX IF NOT EXISTS items_hash ON items (hash);
+CREATE TABLE IF NOT EXISTS skipped (
+    path TEXT NOT NULL, key TEXT NOT NULL DEFAULT '', size INTEGER, mtime_ns INTEGER,
+    reason TEXT NOT NULL, message TEXT NOT NULL, PRIMARY KEY (path, key)
+);
+CREATE TABLE IF NOT EXISTS shards (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (kind TEXT PRIMARY KEY, next INTEGER NOT NULL);
+"""
+
+ITEM_COLUMNS = ("id", "source", "path", "key", "member", "offset", "size", "mtime_ns", "hash", "width", "height",
+                "caption", "taken", "row", "caption_row")
+
+
+def read_config(folder: Path) -> dict | None:
+    """The index's config.json, or None if the folder holds no index yet."""
+    path = folder / CONFIG
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder} holds a search index of format version {config.get('format_version')}; "
+                         f"this clipforge reads version {FORMAT_VERSION}: rebuild it with --rebuild")
+    return config
+
+
+def write_config(folder: Path, config: dict) -> None:
+    """Replace config.json atomically (write, fsync, rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CONFIG + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(config, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / CONFIG)
+
+
+def connect(folder: Path, readonly: bool = False) -> sqlite3.Connection:
+    """The metadata database (created with its schema unless ``readonly``)."""
+    path = folder / DATABASE
+    if readonly:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        db = sqlite3.connect(path, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def next_row(db: sqlite3.Connection, kind: str) -> int:
+    """The first row of ``kind`` that no committed item uses or has used."""
+    found = db.execute("SELECT next FROM rows WHERE kind = ?", (kind,)).fetchone()
+    return found[0] if found else 0
+
+
+def segment_path(folder: Path, kind: str, number: int) -> Path:
+    return folder / f"{kind}-{number:05d}.npy"
+
+
+class SegmentWriter:
+    """Writes L2-normalised float16 vectors into fixed-size ``.npy`` segments, creating them as needed.
+
+    A segment is created whole (header for SEGMENT_ROWS rows, file sparse until written) under a temporary
+    name and renamed into place, so a segment on disk always has a valid header.
+    """
+
+    def __init__(self, folder: Path, kind: str, dim: int):
+        self.folder, self.kind, self.dim = folder, kind, dim
+        self._open: dict[int, np.memmap] = {}
+
+    def _segment(self, number: int) -> np.memmap:
+        if number not in self._open:
+            path = segment_path(self.folder, self.kind, number)
+            if not path.exists():
+                tmp = path.with_suffix(".npy.tmp")
+                created = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                                    shape=(SEGMENT_ROWS, self.dim))
+                created.flush()
+                del created
+                _fsync(tmp)
+                os.replace(tmp, path)
+            self._open[number] = np.load(path, mmap_mode="r+")
+        return self._open[number]
+
+    def write(self, first_row: int, vectors: np.ndarray) -> None:
+        """Write ``vectors`` (N, dim) at rows ``first_row ...`` and flush them to disk."""
+        touched, start = set(), 0
+        while start < len(vectors):
+            number, within = divmod(first_row + start, SEGMENT_ROWS)
+            count = min(len(vectors) - start, SEGMENT_ROWS - within)
+            self._segment(number)[within:within + count] = vectors[start:start + count]
+            touched.add(number)
+            start += count
+        for number in touched:
+            self._open[number].flush()
+            _fsync(segment_path(self.folder, self.kind, number))
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_segments(folder: Path, kind: str, rows: int) -> list[np.ndarray]:
+    """Read-only memory maps of the segments covering rows ``0 .. rows - 1``, each cut to its used rows."""
+    segments = []
+    for number in range((rows + SEGMENT_ROWS - 1) // SEGMENT_ROWS):
+        used = min(SEGMENT_ROWS, rows - number * SEGMENT_ROWS)
+        segments.append(np.load(segment_path(folder, kind, number), mmap_mode="r")[:used])
+    return segments
