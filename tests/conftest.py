@@ -41,3 +41,50 @@ def trained_tiny_model(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return run
+
+
+@pytest.fixture(scope="session")
+def search_photos(tmp_path_factory):
+    """57 generated JPEG photos in two folders, ``a/`` and ``b/``, where ``b/copy.jpg`` is ``a/00000.jpg``'s
+    bytes again (for dedup): the images the search service tests index."""
+    import shutil
+    from clipforge.data import ShapesDataset
+    root = tmp_path_factory.mktemp("photos")
+    shapes = ShapesDataset(56, seed=3, image_size=96)
+    for i in range(56):
+        folder = root / ("a" if i < 28 else "b")
+        folder.mkdir(exist_ok=True)
+        shapes.image(i).save(folder / f"{i:05d}.jpg", quality=90)
+    shutil.copy(root / "a" / "00000.jpg", root / "b" / "copy.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def search_index(tmp_path_factory, search_photos, trained_tiny_model):
+    """An index of ``search_photos`` built by the search library with the briefly trained tiny-vit."""
+    from clipforge.search import Index
+    folder = tmp_path_factory.mktemp("indexes") / "photos.index"
+    Index.build(folder, [str(search_photos)], model=str(trained_tiny_model), progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def search_server(search_index, tmp_path_factory):
+    """``clipforge serve`` over ``search_index`` in its own process on 127.0.0.1 (a free port), with small
+    upload limits (1 MiB, 4 megapixels) so that the tests can exceed them; yields the base URL."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "CLIPFORGE_TOKEN"}
+    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "clipforge", "serve", str(search_index), "--port", "0",
+                                    "--max-upload-mb", "1", "--max-pixels", "4000000"],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    line = process.stdout.readline()
+    if " at http://" not in line:
+        process.kill()
+        raise RuntimeError(f"clipforge serve did not start: {line}{log.read_text()}")
+    yield line.rsplit(" at ", 1)[1].strip().rstrip("/")
+    process.terminate()
+    process.wait(timeout=30)

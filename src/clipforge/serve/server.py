@@ -1,0 +1,54 @@
+"""Running the service: open the index, load the model once, bind the socket and hand it to uvicorn."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from dataclasses import replace
+
+import uvicorn
+
+from .app import ServeOptions, create_app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free port); OSError names the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
+          device: str | None = None, log_level: str = "warning") -> None:
+    """Serve the index in ``index_dir`` until interrupted; prints the address once it is listening."""
+    from ..search import Index
+    if not is_loopback(host) and options.token is None:
+        print(f"clipforge serve: warning: listening on {host}, which other machines can reach, without a token: "
+              f"anyone who can connect can search and view every indexed image; pass --token (or set "
+              f"CLIPFORGE_TOKEN)", file=sys.stderr)
+    index = Index.open(index_dir, device=device)
+    app = create_app(index, replace(options, loopback_only=is_loopback(host)), index_dir=index_dir)
+    app.state.service.warm_up()
+    sock = bind(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"clipforge serve: {len(index):,} items from {index_dir} at http://{shown}:{sock.getsockname()[1]}/",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])

@@ -1,0 +1,93 @@
+"""What the routes ask of a search index, run in worker threads: queries checked for what a remote client
+may ask (no file paths, known ids, images within the limits), encoded, searched, and turned into JSON rows."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..data import load_image
+from .metrics import Metrics
+from .queries import SearchRequest, Term, Uploads, decode_cursor, decode_image_term, encode_cursor
+
+
+class UploadGone(LookupError):
+    """A query that refers to an uploaded image the service no longer holds."""
+
+
+def thumbnail_url(item_id: int) -> str:
+    return f"/thumbnails/{item_id}"
+
+
+class SearchService:
+    """``index`` (a :class:`clipforge.search.Index`) as the service uses it; ``max_pixels`` bounds uploads."""
+
+    def __init__(self, index, metrics: Metrics, uploads: Uploads, max_pixels: int):
+        self.index, self.metrics, self.uploads, self.max_pixels = index, metrics, uploads, max_pixels
+
+    def warm_up(self) -> None:
+        """Load the model and run it once, so that the first client does not wait for it."""
+        from ..search import Query
+        self.index.encode_query(Query.from_terms([("text", "a photo")]))
+
+    def check_upload(self, data: bytes) -> str:
+        """Decode an uploaded image to check it (a ValueError naming what is wrong); returns its upload key."""
+        load_image(data, max_pixels=self.max_pixels, name="the uploaded image")
+        return self.uploads.add(data)
+
+    def search(self, request: SearchRequest, upload_key: str | None = None) -> dict:
+        offset = decode_cursor(request.cursor)
+        query = self._query(request, upload_key)
+        with self.metrics.timed("encode"):  # the index encodes one query at a time (its own lock)
+            vector = self.index.encode_query(query)
+        with self.metrics.timed("search"):
+            found = self.index.search(vector, top_k=request.top_k, offset=offset, folder=request.folder,
+                                      min_score=request.min_score, dedup=request.dedup, captions=request.captions)
+        more = len(found) == request.top_k
+        return {"results": [result_row(r) for r in found], "upload": upload_key,
+                "next_cursor": encode_cursor(offset + len(found)) if more else None}
+
+    def item(self, item_id: int) -> dict:
+        with self.metrics.timed("metadata"):
+            item = self.index.item(item_id)
+        row = dataclasses.asdict(item) if dataclasses.is_dataclass(item) else dict(vars(item))
+        return {**row, "thumbnail_url": thumbnail_url(item_id)}
+
+    def _query(self, request: SearchRequest, upload_key: str | None):
+        from ..search import Query
+        terms = list(self._parsed_terms(request.query)) if request.query else []
+        terms += [self._term(term) for term in request.terms]
+        if upload_key is not None:
+            terms.append(("bytes", self._upload(upload_key), 1.0))
+        if not terms:
+            raise ValueError("empty query: give a query string, terms, or an image")
+        return Query.from_terms(terms)
+
+    def _parsed_terms(self, text: str) -> list:
+        terms = self.index.parse(text).terms
+        for term in terms:
+            if term.kind == "id":
+                self.index.item(term.value)  # KeyError (404) for an unknown id
+            if term.kind == "image":  # a remote client names no files on this machine
+                raise ValueError(f"query term {term.value!r} reads as an image path, and the service reads no "
+                                 f"files named in a query: upload the image instead, or put text in double quotes")
+        return list(terms)
+
+    def _term(self, term: Term) -> tuple:
+        if term.text is not None:
+            return ("text", term.text, term.weight)
+        if term.id is not None:
+            self.index.item(term.id)
+            return ("id", term.id, term.weight)
+        data = self._upload(term.upload) if term.upload is not None else decode_image_term(term.image)
+        load_image(data, max_pixels=self.max_pixels, name="the query image")
+        return ("bytes", data, term.weight)
+
+    def _upload(self, key: str):
+        try:
+            return self.uploads.get(key)
+        except LookupError as e:
+            raise UploadGone(str(e)) from None
+
+
+def result_row(result) -> dict:
+    return {"id": result.id, "path": result.path, "score": float(result.score), "caption": result.caption,
+            "width": result.width, "height": result.height, "thumbnail_url": thumbnail_url(result.id)}

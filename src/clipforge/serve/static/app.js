@@ -1,0 +1,195 @@
+// The search page: keeps the query in the URL (?q=... or ?image=UPLOAD), asks POST /api/search for pages
+// of results and shows them as a grid of thumbnails; a result's link searches for more like it.
+"use strict";
+
+const PAGE_SIZE = 40;
+const $ = (id) => document.getElementById(id);
+// failed: a page failed to load; scrolling stops loading until "Load more" is pressed.
+const state = { search: null, cursor: null, loading: false, failed: false, generation: 0 };
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function post(body) {
+  const response = await fetch("/api/search", body instanceof FormData
+    ? { method: "POST", body }
+    : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (response.status === 401) $("token-form").hidden = false;
+  if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+  return data;
+}
+
+function requestFor(search, cursor) {
+  const base = { top_k: PAGE_SIZE, cursor };
+  return search.q !== undefined ? { ...base, query: search.q } : { ...base, terms: [{ upload: search.image }] };
+}
+
+function resultElement(result) {
+  const item = document.createElement("li");
+  const link = document.createElement("a");
+  link.className = "result";
+  link.href = "?q=" + encodeURIComponent(`id:${result.id}`);
+  link.dataset.id = result.id;
+  const name = result.path.split("/").pop();
+  link.title = `${result.path}${result.caption ? "\n" + result.caption : ""}\n${result.width}×${result.height}` +
+               " — open to see more like it";
+  const img = document.createElement("img");
+  img.src = result.thumbnail_url;
+  img.alt = result.caption || name;
+  img.loading = "lazy";
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  meta.innerHTML = '<span class="name"></span><span class="score"></span>';
+  meta.firstChild.textContent = name;
+  meta.lastChild.textContent = result.score.toFixed(3);
+  link.append(img, meta);
+  item.append(link);
+  return item;
+}
+
+function showPage(data, generation) {
+  if (generation !== state.generation) return;
+  $("results").append(...data.results.map(resultElement));
+  state.cursor = data.next_cursor;
+  const shown = $("results").children.length;
+  setStatus(shown ? `${shown} result${shown === 1 ? "" : "s"}${state.cursor ? " (scroll for more)" : ""}`
+                  : "No results");
+  $("load-more").hidden = !state.cursor;
+}
+
+// The observer fires only when the sentinel comes into view: keep loading while it stays in view.
+function fillViewport() {
+  if (state.cursor && !state.failed && $("more-sentinel").getBoundingClientRect().top < window.innerHeight) loadMore();
+}
+
+async function loadMore() {
+  if (!state.search || !state.cursor || state.loading) return;
+  state.loading = true;
+  const generation = state.generation;
+  try {
+    showPage(await post(requestFor(state.search, state.cursor)), generation);
+  } catch (error) {
+    state.failed = true;
+    setStatus(error.message, true);
+  } finally {
+    state.loading = false;
+    fillViewport();
+  }
+}
+
+async function start(search, firstPage) {
+  state.search = search;
+  state.cursor = null;
+  state.failed = false;
+  state.generation += 1;
+  const generation = state.generation;
+  $("results").replaceChildren();
+  $("load-more").hidden = true;
+  $("q").value = search.q || "";
+  $("query-image").hidden = !search.preview;
+  if (search.preview) $("query-image").src = search.preview;
+  setStatus("Searching…");
+  state.loading = true;
+  try {
+    showPage(await (firstPage || post(requestFor(search, null))), generation);
+  } catch (error) {
+    if (generation === state.generation) setStatus(error.message, true);
+  } finally {
+    state.loading = false;
+    fillViewport();
+  }
+}
+
+function go(search, firstPage) {
+  const params = new URLSearchParams(search.q !== undefined ? { q: search.q } : { image: search.image });
+  history.pushState(null, "", "?" + params.toString());
+  return start(search, firstPage);
+}
+
+function fromUrl() {
+  const params = new URLSearchParams(location.search);
+  if (params.get("q")) return start({ q: params.get("q") });
+  if (params.get("image")) return start({ image: params.get("image") });
+  setStatus("Type a query, or choose or drop an image.");
+}
+
+async function searchByImage(file) {
+  if (!file || !file.type.startsWith("image/")) return setStatus("That is not an image file.", true);
+  const form = new FormData();
+  form.append("image", file);
+  form.append("request", JSON.stringify({ top_k: PAGE_SIZE }));
+  setStatus("Uploading…");
+  const preview = URL.createObjectURL(file);
+  try {
+    const first = await post(form);
+    await go({ image: first.upload, preview }, Promise.resolve(first));
+  } catch (error) {
+    setStatus(error.message, true);
+  }
+}
+
+function moveFocus(event) {
+  const links = [...document.querySelectorAll(".result")];
+  const at = links.indexOf(document.activeElement);
+  if (at < 0) return;
+  const top = (el) => el.getBoundingClientRect().top;
+  const columns = links.filter((el) => top(el) === top(links[0])).length || 1;
+  const step = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: columns, ArrowUp: -columns }[event.key];
+  if (step === undefined) return;
+  const next = links[Math.min(Math.max(at + step, 0), links.length - 1)];
+  event.preventDefault();
+  next.focus();
+  if (at + step >= links.length - columns) loadMore();
+}
+
+function wire() {
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const q = $("q").value.trim();
+    if (q) go({ q });
+  });
+  $("results").addEventListener("click", (event) => {
+    const link = event.target.closest(".result");
+    if (!link || event.ctrlKey || event.metaKey || event.shiftKey || event.button !== 0) return;
+    event.preventDefault();
+    go({ q: `id:${link.dataset.id}` });
+    window.scrollTo(0, 0);
+  });
+  $("results").addEventListener("keydown", moveFocus);
+  $("choose-image").addEventListener("click", () => $("image-input").click());
+  $("image-input").addEventListener("change", (event) => searchByImage(event.target.files[0]));
+  $("load-more").addEventListener("click", () => { state.failed = false; loadMore(); });
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    document.cookie = `clipforge_token=${encodeURIComponent($("token").value)}; path=/; SameSite=Strict`;
+    $("token-form").hidden = true;
+    fromUrl();
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "/" && document.activeElement !== $("q")) { event.preventDefault(); $("q").focus(); }
+  });
+  wireDrop();
+  new IntersectionObserver((entries) => { if (entries[0].isIntersecting) loadMore(); })
+    .observe($("more-sentinel"));
+  window.addEventListener("popstate", fromUrl);
+}
+
+function wireDrop() {
+  let depth = 0;
+  const overlay = $("drop-overlay");
+  document.addEventListener("dragenter", (event) => { event.preventDefault(); depth += 1; overlay.hidden = false; });
+  document.addEventListener("dragleave", () => { depth -= 1; if (depth <= 0) { depth = 0; overlay.hidden = true; } });
+  document.addEventListener("dragover", (event) => event.preventDefault());
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    depth = 0;
+    overlay.hidden = true;
+    searchByImage(event.dataTransfer.files[0]);
+  });
+}
+
+wire();
+fromUrl();
