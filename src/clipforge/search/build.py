@@ -17,15 +17,16 @@ from tqdm import tqdm
 from ..data import DescribedImages, collate_described
 from ..encode import encode_images, encode_texts
 from ..train.distributed import DistEnv, barrier, gather_objects, init_distributed
-from . import store
+from . import approximate, store
 from .model import load_model, model_identity
 from .plan import Entry, Plan, hash_all, list_sources, resolve, resolve_sources, triage
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """How to index: images per batch, DataLoader workers (decoding + preprocessing), threads for
-    hashing, folder globs to leave out, the pixel limit, draft JPEG decoding, a progress bar."""
+    """How to index: images per batch, DataLoader workers (decoding + preprocessing; also the threads
+    hashing files), folder globs to leave out, the pixel limit, draft JPEG decoding, a progress bar,
+    starting over, and whether to build the approximate index ("auto", "always", "never")."""
 
     batch_size: int = 64
     workers: int = 2
@@ -34,6 +35,7 @@ class BuildOptions:
     fast_decode: bool = False
     progress: bool = True
     rebuild: bool = False
+    approximate: str = "auto"
 
 
 def build(folder: str | os.PathLike, sources, model: str, device: str | None, options: BuildOptions) -> dict:
@@ -47,6 +49,8 @@ def build(folder: str | os.PathLike, sources, model: str, device: str | None, op
     barrier(env)
     plan = _plan(folder, sources, options, env)
     summary = _run(folder, plan, network, preprocess, identity["dim"], options, env)
+    if env.is_master:
+        approximate.refresh(folder, options.approximate)
     barrier(env)
     return summary
 

@@ -13,6 +13,7 @@ import torch
 from ..data import ImageRef, load_image, read_image_bytes
 from ..encode import encode_images, encode_texts
 from . import exact, store
+from .approximate import is_current, load as load_approximate
 from .build import BuildOptions, build
 from .model import load_model, weights_checksum
 from .query import Query, parse_query
@@ -80,9 +81,11 @@ class Index:
     @classmethod
     def build(cls, folder: str | os.PathLike, sources, model: str, device: str | None = None, batch_size: int = 64,
               workers: int = 2, exclude=(), max_pixels: int | None = None, rebuild: bool = False,
-              progress: bool = True, fast_decode: bool = False) -> "Index":
-        """Create the index, or update it incrementally; the run's summary is on ``last_update``."""
-        options = BuildOptions(batch_size, workers, tuple(exclude), max_pixels, fast_decode, progress, rebuild)
+              progress: bool = True, fast_decode: bool = False, approximate: str = "auto") -> "Index":
+        """Create the index, or update it incrementally; the run's summary is on ``last_update``.
+        ``approximate``: build the faiss index "always", "never", or "auto" (above 200,000 items)."""
+        options = BuildOptions(batch_size, workers, tuple(exclude), max_pixels, fast_decode, progress, rebuild,
+                               approximate)
         summary = build(folder, sources, str(model), device, options)
         index = cls(folder, device)
         index.last_update = summary
@@ -107,6 +110,10 @@ class Index:
             self._caption_rows = np.array([r[2] for r in with_caption], dtype=np.int64)
             self._segments = {kind: store.open_segments(self.folder, kind, store.next_row(self._db, kind))
                               for kind in store.KINDS}
+            self.config = store.read_config(self.folder)
+            info = self.config.get("approximate")
+            current = is_current(info, len(ids), store.next_row(self._db, "images"))
+            self._approximate = load_approximate(self.folder, info) if current else None
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -164,14 +171,20 @@ class Index:
     # ------------------------------------------------------------------------------------------ search
 
     def search(self, query, top_k: int = 10, offset: int = 0, folder: str | None = None,
-               min_score: float | None = None, dedup: float | None = None, captions: bool = False) -> list[SearchResult]:
-        """The ``top_k`` best items after ``offset``, best first, by exact cosine similarity to ``query`` (a
+               min_score: float | None = None, dedup: float | None = None, captions: bool = False,
+               approximate: bool | None = None) -> list[SearchResult]:
+        """The ``top_k`` best items after ``offset``, best first, by cosine similarity to ``query`` (a
         query string, a :class:`Query` or a unit vector). ``folder`` keeps items whose path starts with it;
         ``min_score`` drops weaker hits; ``dedup`` drops hits whose cosine to a better kept hit is at least
-        that; ``captions`` searches the caption vectors."""
+        that; ``captions`` searches the caption vectors. Exact unless ``approximate`` is True, or None and
+        the index has a current approximate index (used only without folder, dedup and captions)."""
         if top_k < 1 or offset < 0:
             raise ValueError(f"top_k must be at least 1 and offset at least 0, got top_k={top_k}, offset={offset}")
         vector = query if isinstance(query, np.ndarray) else self.encode_query(query)
+        if self._wants_approximate(approximate, folder, dedup, captions):
+            ids, found = self._approximate_top(vector[None], offset + top_k)
+            keep = (ids[0] >= 0) & (found[0] >= (min_score if min_score is not None else -np.inf))
+            return self._results(ids[0][keep][offset:], found[0][keep][offset:])
         kind = "captions" if captions else "images"
         ids, rows = (self._caption_ids, self._caption_rows) if captions else (self._ids, self._rows)
         if folder is not None:
@@ -187,6 +200,32 @@ class Index:
             best = candidate_scores[positions]
         positions, best = positions[offset:wanted], best[offset:wanted]
         return self._results(ids[positions], best)
+
+    def search_batch(self, queries: np.ndarray, top_k: int = 10,
+                     approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores), each (Q, top_k), of the best items for each unit vector of ``queries`` (Q, dim)."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if approximate:
+            return self._approximate_top(queries, top_k)
+        all_scores = exact.scores(self._segments["images"], queries)[self._rows]  # (N, Q)
+        best = [exact.top_k(all_scores[:, q], top_k) for q in range(len(queries))]
+        return np.stack([self._ids[p] for p, _ in best]), np.stack([s for _, s in best])
+
+    def _wants_approximate(self, approximate: bool | None, folder, dedup, captions) -> bool:
+        if approximate is False:
+            return False
+        usable = self._approximate is not None and folder is None and dedup is None and not captions
+        if approximate and not usable:
+            raise ValueError("no approximate search here: the index has no current approximate index (build one "
+                             "with `clipforge index ... --approximate always`), or folder/dedup/captions was given")
+        return usable
+
+    def _approximate_top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._approximate is None:
+            raise ValueError("this index has no current approximate index; build it with --approximate always")
+        searcher, ids = self._approximate
+        found, positions = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return np.where(positions < 0, -1, ids[np.maximum(positions, 0)]), found  # -1: fewer than k found
 
     def _ids_under(self, folder: str) -> np.ndarray:
         prefix = str(folder) if str(folder).endswith(("/", os.sep)) else os.path.abspath(folder)
