@@ -1,0 +1,144 @@
+"""The search page in headless Chromium (Playwright): a typed query shows thumbnails, an uploaded or dropped
+image searches by it, a click or the keyboard searches for more like a result, infinite scroll, and a
+reloaded URL gives the same results."""
+import base64
+import os
+import shutil
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="the page tests need the test extra (httpx)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests need playwright (the test extra)")
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) or shutil.which("chromium")),
+                                reason="the page tests need Debian's chromium at /usr/bin/chromium "
+                                       "(apt-get install chromium; .ci/run installs it)")
+PAGE_SIZE = 40  # app.js's PAGE_SIZE
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium"),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, search_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=search_server)
+    page = context.new_page()
+    outside = []
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(search_server)
+                  else (outside.append(route.request.url), route.abort()))
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    context.close()
+    assert not outside, f"the page reached outside the service: {outside}"
+    assert not errors, f"script errors on the page: {errors}"
+
+
+def _api_ids(search_server, body):
+    response = httpx.post(f"{search_server}/api/search", json={"top_k": PAGE_SIZE, **body}, timeout=60)
+    return [r["id"] for r in response.json()["results"]]
+
+
+def _shown_ids(page):
+    return [int(i) for i in page.locator(".result").evaluate_all("links => links.map(a => a.dataset.id)")]
+
+
+def _wait_for_results(page, first_id=None):
+    page.wait_for_function("() => document.querySelectorAll('.result').length > 0 && "
+                           "!document.getElementById('status').textContent.startsWith('Search')")
+    if first_id is not None:
+        page.wait_for_function(f"() => document.querySelector('.result')?.dataset.id === '{first_id}'")
+    page.wait_for_function("() => [...document.querySelectorAll('.result img')].slice(0, 6)"
+                           ".every(img => img.complete && img.naturalWidth > 0)")
+
+
+def test_typed_query_shows_thumbnails_and_survives_a_reload(page, search_server, tmp_path):
+    page.goto("/")
+    page.fill("#q", "a red circle")
+    page.press("#q", "Enter")
+    _wait_for_results(page)
+    expected = _api_ids(search_server, {"query": "a red circle"})
+    assert _shown_ids(page) == expected
+    assert "q=a+red+circle" in page.url
+    assert page.locator("#token-form").is_hidden() and page.locator("#load-more").is_visible()
+    scores = page.locator(".result .score").all_inner_texts()
+    assert len(scores) == PAGE_SIZE and all(float(s) <= 1 for s in scores)
+    page.screenshot(path=os.environ.get("CLIPFORGE_SCREENSHOT", str(tmp_path / "search_page.png")))
+    page.reload()
+    _wait_for_results(page)
+    assert _shown_ids(page) == expected and page.input_value("#q") == "a red circle"
+
+
+def test_click_a_result_for_more_like_it_and_back(page, search_server):
+    page.goto("/?q=" + "a blue square".replace(" ", "+"))
+    _wait_for_results(page)
+    before = _shown_ids(page)
+    third = before[2]
+    page.locator(".result").nth(2).click()
+    _wait_for_results(page, first_id=third)
+    assert f"q=id%3A{third}" in page.url
+    assert _shown_ids(page) == _api_ids(search_server, {"query": f"id:{third}"})
+    page.reload()
+    _wait_for_results(page, first_id=third)
+    assert page.input_value("#q") == f"id:{third}"
+    page.go_back()
+    page.wait_for_function(f"() => document.querySelector('.result')?.dataset.id === '{before[0]}'")
+    assert _shown_ids(page) == before
+
+
+def test_keyboard_only(page, search_server):
+    page.goto("/")
+    page.keyboard.press("/")
+    page.keyboard.type("a green star")
+    page.keyboard.press("Enter")
+    _wait_for_results(page)
+    shown = _shown_ids(page)
+    page.locator(".result").first.focus()
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.dataset.id") == str(shown[1])
+    page.keyboard.press("Enter")
+    _wait_for_results(page, first_id=shown[1])
+    assert _shown_ids(page) == _api_ids(search_server, {"query": f"id:{shown[1]}"})
+
+
+def test_upload_and_drop_an_image(page, search_server, search_photos):
+    photo = search_photos / "a" / "00007.jpg"
+    page.goto("/")
+    page.set_input_files("#image-input", str(photo))
+    _wait_for_results(page)
+    shown = _shown_ids(page)
+    assert page.locator(".result").first.get_attribute("title").startswith(str(photo))
+    assert "image=" in page.url and page.locator("#query-image").is_visible()
+    page.reload()
+    _wait_for_results(page)
+    assert _shown_ids(page) == shown
+    page.goto("/")
+    data = base64.b64encode((search_photos / "b" / "00030.jpg").read_bytes()).decode()
+    page.evaluate("""data => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+        document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+    }""", data)
+    page.wait_for_function("() => location.search.startsWith('?image=')")
+    _wait_for_results(page)
+    assert page.locator(".result").first.get_attribute("title").startswith(str(search_photos / "b" / "00030.jpg"))
+
+
+def test_infinite_scroll_loads_every_result(page):
+    page.goto("/?q=a+shape")
+    _wait_for_results(page)
+    assert page.locator(".result").count() == PAGE_SIZE
+    page.mouse.wheel(0, 20000)
+    page.wait_for_function("() => document.querySelectorAll('.result').length === 57")
+    ids = _shown_ids(page)
+    assert len(set(ids)) == 57
+    assert page.locator("#load-more").is_hidden()
