@@ -179,7 +179,7 @@ def test_shape_inference_recovers_reference_configs(name):
     assert infer_config(state_dict) == _expected_inferred(config)
 
 
-@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "tiny-vit-cbow", "ViT-B-32", "RN50"])
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "tiny-vit-cbow", "ViT-B-32-quickgelu", "RN50"])
 def test_shape_inference_recovers_registered_configs(name):
     config = get_model_config(name)
     with torch.device("meta"):

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import safetensors.torch
 import torch
 
 import clipforge
@@ -17,11 +18,28 @@ from clipforge.pretrained import PRETRAINED, DownloadError, PretrainedWeights, c
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     files: dict = {}  # path -> bytes
+    hub_sha256: dict = {}  # path -> the SHA-256 the stand-in hub publishes, when not the file's own
     requests: list = []
+
+    def do_HEAD(self):  # the hub's answer for a stored file: a redirect carrying its SHA-256
+        _Handler.requests.append(f"HEAD {self.path}")
+        body = self.files.get(self.path)
+        if body is None or "/resolve/" not in self.path:
+            self.send_error(404)
+            return
+        self.send_response(302)
+        self.send_header("X-Linked-Etag", f'"{self.hub_sha256.get(self.path, hashlib.sha256(body).hexdigest())}"')
+        self.send_header("Location", f"/storage{self.path}")
+        self.end_headers()
 
     def do_GET(self):
         _Handler.requests.append(self.path)
-        body = self.files.get(self.path)
+        if "/resolve/" in self.path and self.path in self.files:  # the hub redirects to its storage
+            self.send_response(302)
+            self.send_header("Location", f"/storage{self.path}")
+            self.end_headers()
+            return
+        body = self.files.get(self.path.removeprefix("/storage"))
         if body is None:
             self.send_error(404)
             return
@@ -173,3 +191,75 @@ def test_unknown_names(tmp_path):
         clipforge.load("ViT-H/14", device="cpu", download_root=tmp_path)
     with pytest.raises(ValueError, match="pretrained='openai' needs a model name with published weights"):
         clipforge.create_model("tiny-vit", pretrained="openai")
+
+
+@pytest.fixture
+def hub(server, weights_file, monkeypatch):
+    """A stand-in of the Hugging Face hub layout (``/ORG/REPO/resolve/main/FILE``, a redirect whose
+    ``X-Linked-Etag`` is the file's SHA-256) with 'tiny-vit' tags in OpenCLIP's table; returns the body."""
+    model, pickled = weights_file
+    body = safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()})
+    _Handler.requests.clear()
+    _Handler.hub_sha256.clear()
+    _Handler.files["/org/tiny-st/resolve/main/open_clip_model.safetensors"] = body
+    _Handler.files["/org/tiny-bin/resolve/main/open_clip_pytorch_model.bin"] = pickled
+    _Handler.files["/org/tiny-bad/resolve/main/open_clip_model.safetensors"] = body
+    _Handler.hub_sha256["/org/tiny-bad/resolve/main/open_clip_model.safetensors"] = "b" * 64
+    monkeypatch.setenv("HF_ENDPOINT", server)
+    table = {"tiny-vit": {"st": {"hf_hub": "org/tiny-st", "quick_gelu": False},
+                          "bin": {"hf_hub": "org/tiny-bin", "quick_gelu": False},
+                          "bad": {"hf_hub": "org/tiny-bad", "quick_gelu": False},
+                          "squash": {"hf_hub": "org/tiny-st", "quick_gelu": False,
+                                     "preprocess": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                                                    "interpolation": "bicubic", "resize_mode": "squash"}}}}
+    monkeypatch.setattr(pretrained, "_open_clip_table", lambda: table)
+    return body
+
+
+def test_open_clip_tag_downloads_from_the_hub_checks_and_reuses_the_cache(hub, weights_file, tmp_path, monkeypatch):
+    model, _ = weights_file
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path))
+    assert ("tiny-vit", "st") in clipforge.list_pretrained()
+    loaded, _, preprocess = clipforge.create_model_and_transforms("tiny-vit", pretrained="st")
+    target = tmp_path / "org--tiny-st" / "open_clip_model.safetensors"
+    assert target.read_bytes() == hub and _no_partial_files(target.parent)
+    assert (target.parent / "open_clip_model.safetensors.sha256").read_text().strip() == hashlib.sha256(hub).hexdigest()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert _Handler.requests[0].startswith("HEAD ") and len(_Handler.requests) == 3  # HEAD, GET, redirected GET
+    clipforge.create_model("tiny-vit", pretrained="st")  # from the cache: checked, no request
+    assert len(_Handler.requests) == 3
+    squashed = clipforge.create_model_and_transforms("tiny-vit", pretrained="squash")[2]
+    assert squashed.config.resize_mode == "squash" and squashed.config.mean == (0.5, 0.5, 0.5)
+    assert preprocess.config.resize_mode == "shortest"
+
+
+def test_hub_file_falls_back_to_the_pickle_name_and_bad_hub_checksum_is_refused(hub, tmp_path):
+    path = download("tiny-vit", download_root=tmp_path, progress=False, tag="bin")
+    assert path == tmp_path / "org--tiny-bin" / "open_clip_pytorch_model.bin"
+    assert path.read_bytes() == _Handler.files["/org/tiny-bin/resolve/main/open_clip_pytorch_model.bin"]
+    with pytest.raises(DownloadError, match=f"checksum mismatch.*expected SHA-256 {'b' * 64}"):
+        download("tiny-vit", download_root=tmp_path, progress=False, tag="bad")
+    assert not (tmp_path / "org--tiny-bad" / "open_clip_model.safetensors").exists()
+    with pytest.raises(ValueError, match="no pretrained weights are registered for 'tiny-vit' with tag 'nope'.*st"):
+        download("tiny-vit", download_root=tmp_path, tag="nope")
+    with pytest.raises(FileNotFoundError, match="pretrained='nope' is neither an existing checkpoint path nor"):
+        clipforge.create_model("tiny-vit", pretrained="nope")
+
+
+def test_weights_of_the_other_activation_warn(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="trained with GELU but the config uses QuickGELU.*'tiny-vit'"):
+        clipforge.create_model("tiny-vit", pretrained="st", quick_gelu=True)
+
+
+def test_offline_hub_error_says_what_to_fetch_and_where(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    with pytest.raises(DownloadError) as info:
+        download("tiny-vit", download_root=tmp_path, progress=False, tag="st")
+    message = str(info.value)
+    target = tmp_path / "org--tiny-st" / "open_clip_model.safetensors"
+    assert f"/org/tiny-st/resolve/main/open_clip_model.safetensors elsewhere and put the file at {target}" in message
+    assert f"its SHA-256 (the hub lists it on the file's page) in {target}.sha256" in message
+    target.write_bytes(hub)  # done by hand, as the message says: used from there, offline
+    target.with_name(target.name + ".sha256").write_text(hashlib.sha256(hub).hexdigest())
+    assert download("tiny-vit", download_root=tmp_path, progress=False, tag="st") == target

@@ -4,7 +4,9 @@
 and ``text_encoder.onnx`` (int64 tokens (N, L <= context_length) -> features), both with a dynamic batch
 axis (the text graph also with a dynamic length: ``OnnxEncoder`` cuts rows after the last end-of-text),
 using PyTorch's TorchScript-based exporter (ONNX opset 17; no ``onnxscript`` needed), plus
-``onnx_config.json`` with the model config. ``OnnxEncoder`` runs them with ONNX Runtime.
+``onnx_config.json``: the model config and, for users of other languages, the preprocessing, the tokenizer
+files written beside it, the context length and the trained logit scale (also in each graph's metadata).
+``OnnxEncoder`` runs them with ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hf import hf_tokenizer_files
 from .models.clip import CLIP
 from .models.config import CLIPConfig
 from .models.text import cut_after_end_of_text
+from .transforms import PreprocessConfig
 
 IMAGE_FILE, TEXT_FILE, META_FILE = "image_encoder.onnx", "text_encoder.onnx", "onnx_config.json"
 FORMAT, FORMAT_VERSION = "clipforge-onnx", 1
@@ -42,8 +46,12 @@ class _Encoder(nn.Module):
 
 
 def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
-                atol: float = DEFAULT_ATOL) -> dict[str, Path]:
+                atol: float = DEFAULT_ATOL, preprocess: PreprocessConfig | None = None) -> dict[str, Path]:
     """Write ``model``'s image and text encoders as ONNX graphs into ``folder``; return the paths.
+
+    ``preprocess`` (default OpenAI's at the model's image size) and the tokenizer are described in
+    ``onnx_config.json`` (see ``describe``) and the tokenizer files (``tokenizer.json``, ``vocab.json``,
+    ``merges.txt``, ...) written beside it, so the folder is usable without clipforge.
 
     The graphs are exported from an fp32 CPU copy in eval mode (``model`` itself is left as it was).
     ``verify=True`` runs both graphs with ONNX Runtime on a batch size other than the one traced
@@ -61,7 +69,11 @@ def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, ver
     # any length up to context_length, so OnnxEncoder can stop at the batch's last end-of-text as CLIP does
     _export(_Encoder(model, "text"), example_tokens(model.config, 2), "tokens", paths["text"], opset,
             dynamic_length=True)
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset, "model_cfg": model.config.to_dict()}
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset, **describe(model, preprocess),
+            "model_cfg": model.config.to_dict()}
+    _add_metadata(paths.values(), meta)
+    for name, text in hf_tokenizer_files(model.context_length).items():
+        (folder / name).write_text(text, encoding="utf-8")
     paths["config"] = folder / META_FILE
     paths["config"].write_text(json.dumps(meta, indent=2))
     if verify:
@@ -72,6 +84,47 @@ def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, ver
                                f"{bad} exceed {atol}")
         paths["config"].write_text(json.dumps(meta, indent=2))
     return paths
+
+
+def describe(model: CLIP, preprocess: PreprocessConfig | None = None) -> dict[str, Any]:
+    """What a consumer in any language needs: inputs, preprocessing, tokenizer, and how to score."""
+    pre = preprocess or PreprocessConfig(image_size=model.image_size)
+    resize = {"shortest": "resize the shorter side to image_size, then centre-crop image_size x image_size",
+              "squash": "resize to image_size x image_size, ignoring the aspect ratio",
+              "longest": "resize the longer side to image_size, then pad to a square with black"}[pre.resize_mode]
+    return {
+        "image_input": {"name": "images", "dtype": "float32", "shape": ["batch", 3, model.image_size, model.image_size],
+                        "layout": "NCHW, RGB"},
+        "preprocess": {"image_size": model.image_size, "resize_mode": pre.resize_mode, "resize": resize,
+                       "interpolation": pre.interpolation, "rescale": "pixel / 255", "mean": list(pre.mean),
+                       "std": list(pre.std), "normalize": "(pixel / 255 - mean) / std, per channel"},
+        "text_input": {"name": "tokens", "dtype": "int64", "shape": ["batch", f"length <= {model.context_length}"],
+                       "note": "cast int32 ids to int64 (OnnxEncoder does); rows are start-of-text, ids, "
+                               "end-of-text, then zeros; longer rows are an error"},
+        "context_length": model.context_length,
+        "tokenizer_files": sorted(hf_tokenizer_files(model.context_length)),
+        "tokenizer": {"start_of_text": model.vocab_size - 2, "end_of_text": model.vocab_size - 1, "pad": 0,
+                      "note": "tokenizer.json is CLIP's BPE for the Hugging Face tokenizers library; it pads "
+                              "with end-of-text, which after the first end-of-text changes nothing"},
+        "features_normalized": False,
+        "logit_scale": float(model.logit_scale.detach().float().exp()),
+        "scoring": "logits = logit_scale * normalize(image_features) @ normalize(text_features).T; "
+                   "softmax over texts for zero-shot probabilities",
+    }
+
+
+def _add_metadata(paths, meta: dict[str, Any]) -> None:
+    """Store each description entry as ONNX metadata (JSON strings), so a lone .onnx file describes itself."""
+    try:
+        import onnx
+    except ImportError as e:
+        raise RuntimeError(f"onnx is not installed; {_INSTALL_HINT}") from e
+    for path in paths:
+        graph = onnx.load(str(path), load_external_data=False)  # large graphs keep their weights files
+        for key, value in meta.items():
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        onnx.save(graph, str(path))
 
 
 def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Path, opset: int,

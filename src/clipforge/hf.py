@@ -3,15 +3,20 @@
 HF splits each fused attention input projection into ``q_proj``/``k_proj``/``v_proj``, stores the
 two output projections as transposed ``nn.Linear`` weights and renames every module; the config is
 HF's ``CLIPConfig`` JSON (``text_config``, ``vision_config``, ``projection_dim``). ViT models only.
+The tokenizer and image-processor files that ``CLIPProcessor`` reads are built from clipforge's own BPE
+merges and preprocessing.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import torch
 
 from .models.config import CLIPConfig
+from .tokenizer import _WORD_PATTERN, EOT_TEXT, SOT_TEXT, _shared_bpe
+from .transforms import PreprocessConfig
 
 # HF's defaults for keys a config.json may leave out (transformers' CLIPTextConfig / CLIPVisionConfig).
 _TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
@@ -159,3 +164,62 @@ def config_to_hf(cfg: CLIPConfig, logit_scale: float) -> dict[str, Any]:
                           "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": act,
                           "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim},
     }
+
+
+# transformers' tokenizer files: OpenAI's "openai/clip-vit-*" folders pad with end-of-text.
+_SPECIAL_TOKENS = {"bos_token": SOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT}
+_RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values, as preprocessor_config.json stores them
+
+
+def hf_tokenizer_files(context_length: int) -> dict[str, str]:
+    """File name -> text of ``CLIPTokenizer``'s files (``vocab.json``, ``merges.txt``, ``tokenizer.json``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``), from clipforge's BPE vocabulary and merges."""
+    bpe = _shared_bpe()
+    merges = sorted(bpe.ranks, key=bpe.ranks.get)
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, "do_lower_case": True,
+              "errors": "replace", "add_prefix_space": False, **_SPECIAL_TOKENS}
+    return {
+        "vocab.json": json.dumps(bpe.encoder, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        "tokenizer.json": json.dumps(_fast_tokenizer(bpe.encoder, merges), ensure_ascii=False),
+        "tokenizer_config.json": json.dumps(config, indent=2),
+        "special_tokens_map.json": json.dumps(_SPECIAL_TOKENS, indent=2),
+    }
+
+
+def _fast_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict[str, Any]:
+    """The ``tokenizers`` library's JSON for CLIP's tokenizer: normalise (NFC, whitespace, lower case), split
+    with OpenAI's word pattern, byte-level BPE with ``</w>`` word ends, then start/end of text around."""
+    special = [{"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True} for t in (SOT_TEXT, EOT_TEXT)]
+    words = r"<\|startoftext\|>|<\|endoftext\|>|" + _WORD_PATTERN
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "}, {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": words}, "behavior": "Removed", "invert": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [EOT_TEXT, vocab[EOT_TEXT]],
+                           "cls": [SOT_TEXT, vocab[SOT_TEXT]], "trim_offsets": False, "add_prefix_space": False},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": EOT_TEXT, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "</w>", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
+    }
+
+
+def hf_preprocessor_config(preprocess: PreprocessConfig) -> dict[str, Any]:
+    """``preprocessor_config.json`` for ``CLIPImageProcessor``: the same resize, crop and normalisation."""
+    size = preprocess.image_size
+    if preprocess.resize_mode == "longest":
+        raise ValueError("cannot describe resize_mode='longest' (resize the long side, then pad) to transformers' "
+                         "CLIPImageProcessor, which only crops or squashes; export a model saved with "
+                         "resize_mode 'shortest' or 'squash'")
+    crop = preprocess.resize_mode == "shortest"  # resize the short side, centre crop; "squash": resize to a square
+    return {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
+            "do_resize": True, "size": {"shortest_edge": size} if crop else {"height": size, "width": size},
+            "resample": _RESAMPLE[preprocess.interpolation], "do_center_crop": crop,
+            "crop_size": {"height": size, "width": size}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(preprocess.mean), "image_std": list(preprocess.std),
+            "do_convert_rgb": True}

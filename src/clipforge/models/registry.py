@@ -7,10 +7,13 @@ from pathlib import Path
 
 from .config import CLIPConfig
 
-# OpenAI's names (with '/' and '@') for the configs whose file names cannot hold those characters.
+# OpenAI's names -> their configs. File names follow OpenCLIP: 'ViT-B-32' is the GELU model and
+# 'ViT-B-32-quickgelu' the QuickGELU one that OpenAI trained; OpenAI's own names keep OpenAI's
+# QuickGELU meaning, the ResNets' ('RN50', ...) included.
 OPENAI_NAMES = {
     "RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
-    "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336",
+    "ViT-B/32": "ViT-B-32-quickgelu", "ViT-B/16": "ViT-B-16-quickgelu", "ViT-L/14": "ViT-L-14-quickgelu",
+    "ViT-L/14@336px": "ViT-L-14-336-quickgelu",
 }
 
 
@@ -26,7 +29,7 @@ def list_models() -> list[str]:
 
 
 def canonical_name(name: str) -> str | None:
-    """The registry name for ``name`` (OpenAI's 'ViT-B/32' -> 'ViT-B-32'), or None if unknown."""
+    """The registry name for ``name`` (OpenAI's 'ViT-B/32' -> 'ViT-B-32-quickgelu'), or None if unknown."""
     name = OPENAI_NAMES.get(name, name)
     files = _config_files()
     if name in files:
