@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.images import load_image  # the one decoder; re-exported here, where preprocessing meets files
+from .data.images import DEFAULT_MAX_PIXELS, load_image  # the one decoder; re-exported here
+from .data.samples import BadSample
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -184,12 +185,28 @@ class EvalTransform:
         width, height = img.size
         if width == 0 or height == 0:
             raise ValueError(f"cannot preprocess an empty image of size {width}x{height}")
-        n, mode = self.config.image_size, self.config.resize_mode
-        size = (n, n) if mode == "squash" else (
-            _shortest_side_size if mode == "shortest" else _longest_side_size)(width, height, n)
+        size = self.resized_size(width, height)
+        n = self.config.image_size
         if size != img.size:
             img = img.resize(size, _INTERPOLATIONS[self.config.interpolation])
         return self._normalize(_center_crop(img, n))
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) an image is resized to before the centre crop; raises :class:`BadSample`
+        (``too_many_pixels``) when that has more pixels than the decoder's limit :data:`DEFAULT_MAX_PIXELS`.
+
+        Only ``"shortest"`` can exceed it: a thin strip's shorter side is scaled up to ``image_size``, so a
+        1x10000 image would become 224x2240000 before being cropped back to 224x224.
+        """
+        n, mode = self.config.image_size, self.config.resize_mode
+        size = (n, n) if mode == "squash" else (
+            _shortest_side_size if mode == "shortest" else _longest_side_size)(width, height, n)
+        if size[0] * size[1] > DEFAULT_MAX_PIXELS:
+            raise BadSample("too_many_pixels", f"a {width}x{height} image resized to a shorter side of {n} would "
+                                               f"be {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
+                                               f"max_pixels={DEFAULT_MAX_PIXELS} (an aspect ratio over "
+                                               f"{DEFAULT_MAX_PIXELS // (n * n)}:1); crop it first")
+        return size
 
     def __repr__(self) -> str:
         c = self.config

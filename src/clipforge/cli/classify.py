@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     templates = load_templates(args.templates)
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     model, preprocess = load(args.model, device=args.device)
     classifier = ZeroShotClassifier(model, labels, templates, negative=args.negative,
                                     allow_duplicates=args.classes in classname_set_names())

@@ -93,6 +93,10 @@ def _parse_shifted(items: list[str]) -> dict[str, str]:
 
 def evaluator_options(args: argparse.Namespace) -> dict:
     """The evaluator's keyword arguments from the command line; ValueError for an option the task ignores."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     options = {"data": args.data, "batch_size": args.batch_size, "workers": args.workers}
     for attr, (name, tasks) in _OPTIONS.items():
         value = getattr(args, attr)

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..data.classnames import read_text_lines
 from ..evaluate.explain import explanation, format_report, plot_report, similarity_report
 from ..factory import load
 from .classify import read_images
@@ -41,7 +42,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
         path = Path(args.texts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--texts-file {path} does not exist")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [line.strip() for line in read_text_lines(path, "--texts-file")]
     if not texts or any(not t for t in texts):
         raise ValueError("explain needs one or more non-empty texts (--texts \"a dog\" \"a cat\")")
     return texts

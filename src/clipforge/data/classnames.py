@@ -16,15 +16,28 @@ def check_classnames(classnames: Sequence[str], where: str = "class names", uniq
     names = list(classnames)
     if not names:
         raise ValueError(f"{where}: no class names given")
-    seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{where}: class {i + 1} is an empty string; every label needs some text")
-        if unique and name in seen:
-            raise ValueError(f"{where}: {name!r} appears twice (positions {seen[name] + 1} and {i + 1}); "
-                             "class names must be unique")
-        seen[name] = i
+    if unique:
+        _check_unique(names, where)
     return names
+
+
+def _check_unique(names: list[str], where: str) -> None:
+    """ValueError for two names the tokenizer cannot tell apart (it lower-cases and normalises whitespace
+    and punctuation spacing), since they would be one class twice."""
+    from ..tokenizer import get_tokenizer  # the model sees token ids, so those decide what is a repeat
+
+    tokenizer, seen = get_tokenizer(), {}
+    for i, name in enumerate(names):
+        key = tuple(tokenizer.encode(name))
+        if key in seen:
+            first = seen[key]
+            same = "appears twice" if names[first] == name else f"and {names[first]!r} tokenize identically"
+            raise ValueError(f"{where}: {name!r} {same} (positions {first + 1} and {i + 1}); class names "
+                             "must be unique")
+        seen[key] = i
 
 
 def classname_set_names() -> list[str]:

@@ -26,6 +26,15 @@ logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def _one_caption_each(captions: list, seed: int) -> list[str]:
+    """One caption per sample: a sample with several (a list) gets one drawn from ``seed``, the batch's own
+    stream, so a resumed run draws the same; single captions draw nothing."""
+    if all(isinstance(c, str) for c in captions):
+        return captions
+    rng = random.Random(seed)
+    return [c if isinstance(c, str) else c[rng.randrange(len(c))] for c in captions]
+
+
 class _RngStream(IntEnum):
     """The purpose key that :func:`_seed` mixes in last, one per random stream. The values are part of
     every data order (and so of every checkpoint's resume position): never renumber them."""
@@ -37,6 +46,7 @@ class _RngStream(IntEnum):
     RESAMPLED_SHARDS = 5  # shard sources, resampled: a worker's draws of shards
     SHUFFLE_BUFFER = 6  # shard sources: a worker's shuffle buffer
     STREAM_REFILL = 7  # shard sources: the replacements of a batch's bad samples
+    CAPTION_CHOICE = 8  # samples with several captions: which one each sample of a batch trains on
     AUGMENT = 9  # the random augmentations of a batch's images
 
 
@@ -69,17 +79,19 @@ def _weighted_copies(groups: list[np.ndarray], weights: Sequence[float], rng: np
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _fill(pairs: list, draw: Callable[[], tuple | None], rng: random.Random, counts: SkipCounter) -> list:
+def _fill(pairs: list, draw: Callable[[], tuple | None], rng: random.Random, counts: SkipCounter,
+          where: str) -> list:
     """Replace the bad (None) entries of a batch by good draws, then by copies of good entries of the
-    same batch, so the batch keeps its size."""
+    same batch, so the batch keeps its size; ``where`` names the sources in the error if all are bad."""
     tries = 4 * len(pairs) + 16  # enough for a batch that is mostly bad, bounded for a source that is all bad
     for index in range(len(pairs)):
         while pairs[index] is None and tries > 0:
             pairs[index], tries = draw(), tries - 1
     good = [pair for pair in pairs if pair is not None]
     if not good:
-        raise DataSourceError(f"cannot fill a batch: every sample tried was bad ({counts.by_reason()}); "
-                              "most of the data is unusable, check the source")
+        raise DataSourceError(f"cannot fill a batch from {where}: every sample tried was bad "
+                              f"({counts.by_reason()}, e.g. {next(iter(counts.examples.values()), '?')}); most "
+                              "of the data is unusable, check the source")
     return [pair if pair is not None else rng.choice(good) for pair in pairs]
 
 
@@ -114,19 +126,36 @@ class _Producer:
     def prepare(self, epoch: int) -> None:
         """Precompute per-epoch state in the main process, so forked workers share it."""
 
-    def _attempt(self, source, read, item, counts: SkipCounter) -> tuple | None:
+    def _attempt(self, source, read, item, counts: SkipCounter, retry: bool = False) -> tuple | None:
+        """The sample's (image, caption), or None if it is bad; counted in ``counts`` unless ``retry`` (a
+        draw to fill a bad sample's place, which may meet a sample counted at its own place)."""
         try:
             pair = read(item)
+            self._check_size(pair[0], source, item)
         except BadSample as bad:
-            counts.record(source.name, bad.reason)
+            if not retry:
+                counts.record(source.name, bad.reason, detail=str(bad))
             return None
-        counts.record(source.name)
+        if not retry:
+            counts.record(source.name)
         return pair
+
+    def _check_size(self, image, source, item) -> None:
+        """Refuse, before preprocessing, an image the transform would refuse (e.g. a strip whose resized size
+        exceeds the pixel limit), so that it is skipped like one that cannot be decoded."""
+        check = getattr(self.preprocess, "resized_size", None)
+        if check is not None:
+            try:
+                check(*image.size)
+            except BadSample as bad:
+                raise BadSample(bad.reason, f"{source.describe(item)}: {bad}") from None
 
     def _tensors(self, pairs: list, epoch: int, batch_index: int) -> Batch:
         with _seeded(_seed(self.seed, epoch, self.rank, batch_index, _RngStream.AUGMENT)):
             images = torch.stack([self.preprocess(image) for image, _ in pairs])  # (B, 3, H, W)
-        tokens = self.tokenize([caption for _, caption in pairs])  # (B, L)
+        tokens = self.tokenize(_one_caption_each([caption for _, caption in pairs],
+                                                 _seed(self.seed, epoch, self.rank, batch_index,
+                                                       _RngStream.CAPTION_CHOICE)))  # (B, L)
         return images, tokens
 
     def slot_batches(self, epoch: int, worker_slot: int, num_slots: int, start: int, total: int | None) -> Iterator:
@@ -194,10 +223,10 @@ class _MapProducer(_Producer):
         which = rng.choice(len(self.sources), size=num_ids, p=mass / mass.sum())
         return self.offsets[which] + (rng.random(num_ids) * self.sizes[which]).astype(np.int64)
 
-    def _load(self, sample_id: int, counts: SkipCounter) -> tuple | None:
+    def _load(self, sample_id: int, counts: SkipCounter, retry: bool = False) -> tuple | None:
         source_index = int(np.searchsorted(self.offsets, sample_id, side="right") - 1)
         source = self.sources[source_index]
-        return self._attempt(source, source.load, int(sample_id - self.offsets[source_index]), counts)
+        return self._attempt(source, source.load, int(sample_id - self.offsets[source_index]), counts, retry)
 
     def _slot_pairs(self, epoch, worker_slot, num_slots, start, total):
         for local in count(_first_local(worker_slot, num_slots, start)):
@@ -211,11 +240,12 @@ class _MapProducer(_Producer):
 
                 def draw():  # any sample of the epoch (resampled: of the weighted sources)
                     if self.resampled:
-                        return self._load(self._random_ids(np.random.default_rng(rng.getrandbits(64)), 1)[0], counts)
+                        sample_id = self._random_ids(np.random.default_rng(rng.getrandbits(64)), 1)[0]
+                        return self._load(sample_id, counts, retry=True)
                     order = self._order(epoch)
-                    return self._load(order[rng.randrange(len(order))], counts)
+                    return self._load(order[rng.randrange(len(order))], counts, retry=True)
 
-                pairs = _fill(pairs, draw, rng, counts)
+                pairs = _fill(pairs, draw, rng, counts, ", ".join(repr(s.name) for s in self.sources))
             yield batch_index, pairs, counts
 
 
@@ -326,15 +356,15 @@ class _StreamProducer(_Producer):
                 rng = random.Random(_seed(self.seed, epoch, self.rank, batch_index, _RngStream.STREAM_REFILL))
 
                 def draw():  # a copy of a random sample still waiting in the buffer
-                    return self._decode(*rng.choice(buffer.items), counts) if buffer.items else None
+                    return self._decode(*rng.choice(buffer.items), counts, retry=True) if buffer.items else None
 
-                pairs = _fill(pairs, draw, rng, counts)
+                pairs = _fill(pairs, draw, rng, counts, ", ".join(repr(s.name) for s in self.sources))
             counts.merge(pending.take())
             yield batch_index, pairs, counts
 
-    def _decode(self, source_index: int, raw: dict, counts: SkipCounter) -> tuple | None:
+    def _decode(self, source_index: int, raw: dict, counts: SkipCounter, retry: bool = False) -> tuple | None:
         source = self.sources[source_index]
-        return self._attempt(source, source.decode, raw, counts)
+        return self._attempt(source, source.decode, raw, counts, retry)
 
 
 class _BatchStream(IterableDataset):
@@ -396,6 +426,10 @@ class TrainData:
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples by reason, cumulative over epochs, workers and sources (see ``sources.REASONS``)."""
         return self._counter.by_reason()
+
+    def skip_examples(self) -> dict[str, str]:
+        """The message of the first bad sample met for each reason (of this process's batches)."""
+        return dict(self._counter.examples)
 
 
 def _parse_weights(weights, parts: int) -> list[float]:

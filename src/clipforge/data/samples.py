@@ -41,27 +41,34 @@ class SkipCounter:
         self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
         self.seen: Counter = Counter()
         self.skipped: dict[str, Counter] = {}
+        self.examples: dict[str, str] = {}  # reason -> the first bad sample met for it
 
-    def record(self, source: str, reason: str | None = None, count: int = 1) -> None:
-        """Count ``count`` samples seen from ``source``; skipped for ``reason`` unless it is None."""
+    def record(self, source: str, reason: str | None = None, count: int = 1, detail: str | None = None) -> None:
+        """Count ``count`` samples seen from ``source``; skipped for ``reason`` unless it is None.
+
+        ``detail`` (the bad sample's message) is kept as the example of ``reason`` if it is the first."""
         self.seen[source] += count
         if reason is not None:
             self.skipped.setdefault(source, Counter())[reason] += count
+            self.examples.setdefault(reason, detail or f"a sample of {source}")
 
     def to_dict(self) -> dict:
-        """Plain nested dicts, cheap to send from a worker process: {"seen": ..., "skipped": ...}."""
-        return {"seen": dict(self.seen), "skipped": {s: dict(c) for s, c in self.skipped.items()}}
+        """Plain nested dicts, cheap to send from a worker process: {"seen", "skipped", "examples"}."""
+        return {"seen": dict(self.seen), "skipped": {s: dict(c) for s, c in self.skipped.items()},
+                "examples": dict(self.examples)}
 
     def merge(self, counts: dict) -> None:
         """Add counts produced by :meth:`to_dict` (e.g. from a worker)."""
         self.seen.update(counts["seen"])
         for source, reasons in counts["skipped"].items():
             self.skipped.setdefault(source, Counter()).update(reasons)
+        for reason, detail in counts.get("examples", {}).items():
+            self.examples.setdefault(reason, detail)
 
     def take(self) -> dict:
         """:meth:`to_dict`, then reset to zero."""
         counts = self.to_dict()
-        self.seen, self.skipped = Counter(), {}
+        self.seen, self.skipped, self.examples = Counter(), {}, {}
         return counts
 
     def by_reason(self) -> dict[str, int]:

@@ -6,6 +6,7 @@ Bad samples (unreadable image, missing file, empty caption, ...) are skipped and
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -16,11 +17,10 @@ from PIL import Image
 from .images import IMAGE_EXTENSIONS, list_images, load_image
 from .samples import BadSample, SkipCounter, check_caption, decode_caption
 from .shapes import ShapesDataset
-from .shards import REMOTE, expand_shards, missing_shards, shard_size
+from .shards import REMOTE, SHARD_IMAGE_KEYS, expand_shards, missing_shards, shard_size
 from .tables import read_table
 
 DEFAULT_BUILTIN_SAMPLES = 10_000
-SHARD_IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 class _Strings:
@@ -56,6 +56,10 @@ class MapSource:
     def load(self, i: int) -> tuple[Image.Image, str]:
         raise NotImplementedError
 
+    def describe(self, i: int) -> str:
+        """How messages name sample ``i``."""
+        return f"sample {i} of {self.name}"
+
 
 class CsvSource(MapSource):
     """A CSV or TSV file of image paths and captions; relative paths resolve against the file's folder.
@@ -72,17 +76,17 @@ class CsvSource(MapSource):
         counter = counter if counter is not None else SkipCounter()
         table = read_table(path, separator)
         hint = "Pass the right names (csv_img_key / csv_caption_key) or csv_separator."
-        img_col, cap_col = (table.column(key, what, hint) for key, what in ((img_key, "image path"),
-                                                                             (caption_key, "caption")))
+        img_col = table.column(img_key, "image path", hint)
+        cap_cols = [table.column(key.strip(), "caption", hint) for key in caption_key.split(",")]
         for line, row in table.rows():
             where = f"{path} line {line}"
             try:
                 image_path = row[img_col].strip() if img_col < len(row) else ""
                 if not image_path:
                     raise BadSample("missing_file", f"{where} has no image path")
-                caption = check_caption(row[cap_col] if cap_col < len(row) else None, where)
+                caption = _row_captions(row, cap_cols, where)
             except BadSample as bad:
-                counter.record(self.name, bad.reason)
+                counter.record(self.name, bad.reason, detail=str(bad))
                 continue
             paths.append(os.path.join(folder, image_path))
             captions.append(caption)
@@ -92,7 +96,48 @@ class CsvSource(MapSource):
         return len(self._paths)
 
     def load(self, i: int) -> tuple[Image.Image, str]:
-        return load_image(self._paths[i], self.max_pixels).convert("RGB"), self._captions[i]
+        caption = self._captions[i]
+        captions = caption.split(_CAPTION_SEPARATOR) if _CAPTION_SEPARATOR in caption else caption
+        return load_image(self._paths[i], self.max_pixels).convert("RGB"), captions
+
+    def describe(self, i: int) -> str:
+        return self._paths[i]
+
+
+# Several captions of one row are stored joined by this control character, which no caption holds.
+_CAPTION_SEPARATOR = "\x1e"
+
+
+def _row_captions(row: list[str], columns: list[int], where: str) -> str:
+    """The row's caption, or its several captions joined by ``_CAPTION_SEPARATOR``: one per caption column
+    (``caption_key="caption_1,caption_2"``) or a JSON list of strings in a cell; empty ones are dropped."""
+    cells = [row[c] if c < len(row) else None for c in columns]
+    texts = [t for cell in cells for t in (split_caption_list(cell) if cell is not None else [None])]
+    good = []
+    for text in texts:
+        try:
+            good.append(check_caption(text, where).replace(_CAPTION_SEPARATOR, " "))
+        except BadSample:
+            if len(texts) == 1:
+                raise
+    if not good:
+        raise BadSample("empty_caption", f"{where} has no non-empty caption")
+    return _CAPTION_SEPARATOR.join(good)
+
+
+def split_caption_list(text: str | list) -> list:
+    """A JSON list of captions (``["a dog", "a brown dog"]``) as a list; any other text as itself, alone."""
+    if isinstance(text, list):
+        return text
+    stripped = text.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError:
+            return [text]
+        if isinstance(value, list) and value and all(isinstance(t, str) for t in value):
+            return value
+    return [text]
 
 
 class FolderSource(MapSource):
@@ -109,7 +154,8 @@ class FolderSource(MapSource):
             if os.path.exists(os.path.splitext(image)[0] + ".txt"):
                 paths.append(image)
             else:
-                counter.record(self.name, "missing_caption")
+                counter.record(self.name, "missing_caption",
+                               detail=f"{image} has no caption file {os.path.splitext(image)[0]}.txt")
         if not paths and not counter.seen[self.name]:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
         self._paths = _Strings(paths)
@@ -126,6 +172,9 @@ class FolderSource(MapSource):
         except FileNotFoundError:
             raise BadSample("missing_caption", f"{caption_path} does not exist") from None
         return load_image(path, self.max_pixels).convert("RGB"), caption
+
+    def describe(self, i: int) -> str:
+        return self._paths[i]
 
 
 class BuiltinSource(MapSource):
@@ -183,17 +232,39 @@ class ShardSource:
 
             yield from wds.tarfile_samples([{"url": url}], handler=keep_going)
             if errors:
-                counter.record(self.name, "unreadable_shard")
+                counter.record(self.name, "unreadable_shard", detail=f"shard {url}: {errors[0]}")
+
+    def describe(self, raw: dict) -> str:
+        """How messages name a raw sample: ``URL:KEY``."""
+        return f"{raw.get('__url__')}:{raw.get('__key__')}"
 
     def decode(self, raw: dict) -> tuple[Image.Image, str]:
         """The (image, caption) of a raw sample; raises :class:`BadSample`."""
-        name = f"{raw.get('__url__')}:{raw.get('__key__')}"
+        name = self.describe(raw)
         ext = next((e for e in SHARD_IMAGE_KEYS if e in raw), None)
         if ext is None:
             raise BadSample("missing_image", f"{name} has no {'/'.join(SHARD_IMAGE_KEYS)} member")
-        caption = decode_caption(raw.get("txt"), f"{name}.txt")
+        caption = _shard_captions(raw, name)
         image = load_image(raw[ext], self.max_pixels, name=f"{name}.{ext}")
         return image.convert("RGB"), caption
+
+
+def _shard_captions(raw: dict, name: str) -> str | list[str]:
+    """A sample's ``txt`` caption, or without one the captions of its ``json`` member: a list of strings or
+    an object whose ``captions`` (or ``caption``) holds one or a list."""
+    if "txt" in raw or "json" not in raw:
+        return decode_caption(raw.get("txt"), f"{name}.txt")
+    try:
+        value = json.loads(decode_caption(raw["json"], f"{name}.json"))
+    except json.JSONDecodeError as e:
+        raise BadSample("missing_caption", f"{name}.json is not valid JSON ({e})") from None
+    if isinstance(value, dict):
+        value = value.get("captions", value.get("caption"))
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    good = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+    if not good:
+        raise BadSample("missing_caption", f"{name} has no txt member and its json holds no caption strings")
+    return good if len(good) > 1 else good[0]
 
 
 def source_kind(part: str) -> str:
@@ -259,7 +330,7 @@ def iter_pairs(spec: str, *, counter: SkipCounter | None = None, **options) -> I
             try:
                 pair = read(item)
             except BadSample as bad:
-                counter.record(source.name, bad.reason)
+                counter.record(source.name, bad.reason, detail=str(bad))
                 counter.check()
                 continue
             counter.record(source.name)

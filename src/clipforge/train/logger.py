@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -74,11 +75,18 @@ class RunLogger:
                 if key not in ("step", "split"):
                     self.tensorboard.add_scalar(f"{split}/{key}", value, record["step"])
         if split == "train":
-            self.bar.set_postfix_str(", ".join(
-                f"{key}={fmt.format(record[key])}" for key, fmt in _BAR_FIELDS.items() if key in record))
+            fields = [f"{key}={fmt.format(record[key])}" for key, fmt in _BAR_FIELDS.items() if key in record]
+            if record.get("skipped"):
+                fields.append(f"skipped={sum(record['skipped'].values())}")
+            self.bar.set_postfix_str(", ".join(fields))
         else:
             self.bar.write(f"step {record['step']} {split}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+
+    def warn(self, message: str) -> None:
+        """A warning line on stderr, above the progress bar."""
+        if self.enabled:
+            self.bar.write(f"warning: {message}", file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
