@@ -15,9 +15,11 @@ _API = {
     "get_model_config": "clipforge.models",
     "available_models": "clipforge.factory", "create_model": "clipforge.factory",
     "create_model_and_transforms": "clipforge.factory", "load": "clipforge.factory", "save": "clipforge.factory",
+    "list_pretrained": "clipforge.pretrained",
     "export_hf": "clipforge.checkpoints",
     # text and images
     "tokenize": "clipforge.tokenizer", "get_tokenizer": "clipforge.tokenizer", "Tokenizer": "clipforge.tokenizer",
+    "model_tokenizer": "clipforge.tokenizer",
     "image_transform": "clipforge.transforms",
     "PreprocessConfig": "clipforge.transforms",
     "OPENAI_DATASET_MEAN": "clipforge.transforms", "OPENAI_DATASET_STD": "clipforge.transforms",

@@ -10,6 +10,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +21,23 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .hf import config_from_hf, config_to_hf, hf_to_openai, is_hf_state_dict, openai_to_hf
+from .hf import (config_from_hf, config_to_hf, hf_preprocessor_config, hf_to_openai, hf_tokenizer_files,
+                 is_hf_state_dict, openai_to_hf)
 from .models.clip import CLIP
 from .models.config import CLIPConfig
-from .runs import CONFIG_NAME, WEIGHTS_NAME, is_run_dir, latest_checkpoint, step_folders, write_files
+from .runs import (CONFIG_NAME, HF_TEXT_DIR, WEIGHTS_NAME, is_run_dir, latest_checkpoint, step_folders, write_files,
+                   write_folder)
 from .torchscript import TorchScriptError, read_torchscript
 from .transforms import PreprocessConfig
 
 FORMAT, FORMAT_VERSION = "clipforge", 1
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# OpenCLIP's ``local-dir:`` loader reads this config and finds our model.safetensors beside it.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # scalars in OpenAI's archives
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_OUR_CONFIG_KEYS = ("format", "version", "clipforge_version", "model_cfg", "preprocess_cfg")  # what save writes
 
 
 class CheckpointError(ValueError):
@@ -69,29 +75,46 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """A weights file -> (state dict in OpenAI's layout, file kind); never unpickles arbitrary objects."""
     kind = _sniff(path)
+    if kind == "torch":
+        obj = torch_load(path)
+    else:
+        try:
+            # OpenAI's TorchScript release format: its tensors, read as data without running its code
+            obj = load_file(str(path)) if kind == "safetensors" else read_torchscript(path)
+        except TorchScriptError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # every reader has its own error types for damaged files
+            raise _damaged(path, kind, e) from e
+    return _to_openai_layout(_unwrap(obj, path)), kind
+
+
+def torch_load(path: str | Path, what: str = "torch") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers, never arbitrary
+    objects. A refused pickle raises CheckpointError naming the refused global, a damaged file one saying so."""
     try:
-        if kind == "safetensors":
-            obj = load_file(str(path))
-        elif kind == "torchscript":  # OpenAI's release format: its tensors, read as data without running its code
-            obj = read_torchscript(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except TorchScriptError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if (found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e))) is None:
-            raise CheckpointError(f"{path}: cannot read this {kind} file; it is truncated or corrupt (not a "
-                                  f"valid pickle). Download or save it again") from e
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        if found is None:  # e.g. "Unsupported operand": not a pickle at all
+            detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))
+            raise CheckpointError(f"{path}: cannot read this {what} file; it is truncated or corrupt (not a valid "
+                                  f"pickle{': ' + detail.group(1) if detail else ''}). Download or save it again") from None
         raise CheckpointError(
             f"{path}: refusing to load it: it holds a pickled Python object ({found.group(1)}) besides tensors, "
-            f"and unpickling one can run arbitrary code. Re-save just its state dict with torch.save or "
-            f"safetensors") from e
+            f"and unpickling one can run arbitrary code. Re-save just its tensors with torch.save or "
+            f"safetensors") from None
     except MemoryError:
         raise
-    except Exception as e:  # every reader has its own error types for damaged files
-        raise CheckpointError(f"{path}: cannot read this {kind} file; it is truncated or corrupt "
-                              f"({type(e).__name__}: {e}). Download or save it again") from e
-    return _to_openai_layout(_unwrap(obj, path)), kind
+    except Exception as e:  # torch's zip reader, a legacy pickle or the storage reader: a damaged file
+        raise _damaged(path, what, e) from e
+
+
+def _damaged(path: Path, kind: str, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot read this {kind} file; it is truncated or corrupt "
+                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+                           "Download or save it again")
 
 
 def _sniff(path: Path) -> str:
@@ -138,9 +161,12 @@ def _to_openai_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def _read_folder(path: Path) -> Checkpoint:
     if is_run_dir(path):
         return _read_folder(_newest_checkpoint(path))
-    if (path / "open_clip_config.json").is_file():
-        source = str(path / "open_clip_config.json")
-        meta = _read_json(path / "open_clip_config.json")
+    ours = _read_json(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else {}
+    if ours.get("format") == FORMAT:  # before open_clip_config.json, which clipforge.save writes too
+        return _read_ours(path, ours)
+    if (path / OPEN_CLIP_CONFIG).is_file() and any((path / name).is_file() for name in _OPEN_CLIP_WEIGHTS):
+        source = str(path / OPEN_CLIP_CONFIG)
+        meta = _read_json(path / OPEN_CLIP_CONFIG)
         tensors, _ = read_tensors(_weights_file(path, _OPEN_CLIP_WEIGHTS))
         return Checkpoint(tensors, CLIPConfig.from_dict(meta, source=source), _preprocess(meta, source),
                           path, "open_clip")
@@ -152,9 +178,7 @@ def _read_folder(path: Path) -> Checkpoint:
             f"folder {path} is not a checkpoint: it has neither clipforge's files (model.safetensors + "
             f"config.json) nor a Hugging Face CLIPModel's (config.json + model.safetensors or "
             f"pytorch_model.bin){detail}")
-    meta = _read_json(config_path)
-    if meta.get("format") == FORMAT:
-        return _read_ours(path, meta)
+    meta = ours
     if meta.get("model_type") == "clip" or "vision_config" in meta:
         tensors, _ = read_tensors(_weights_file(path, _HF_WEIGHTS))
         return Checkpoint(tensors, config_from_hf(meta, source=str(config_path)), None, path, "hf")
@@ -166,12 +190,43 @@ def _read_ours(path: Path, meta: dict[str, Any]) -> Checkpoint:
     if int(meta.get("version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path / CONFIG_NAME}: written by a newer clipforge (format version "
                               f"{meta['version']} > {FORMAT_VERSION}); upgrade clipforge to load it")
+    unknown = sorted(set(meta) - set(_OUR_CONFIG_KEYS))
+    if unknown:
+        raise CheckpointError(f"{path / CONFIG_NAME}: unknown key(s) {unknown}; a clipforge config.json holds "
+                              f"only {', '.join(_OUR_CONFIG_KEYS)} (a typo, or a file edited by hand?)")
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{path}: has config.json but no {WEIGHTS_NAME}")
     tensors, _ = read_tensors(weights)
     source = str(path / CONFIG_NAME)
-    return Checkpoint(tensors, CLIPConfig.from_dict(meta, source=source), _preprocess(meta, source), path, FORMAT)
+    config = _resolve_packaged(CLIPConfig.from_dict(meta, source=source), path)
+    return Checkpoint(tensors, config, _preprocess(meta, source), path, FORMAT)
+
+
+def _package_hf_text(model: CLIP, folder: Path) -> CLIPConfig:
+    """Write a Hugging Face text tower's model config and tokenizer into ``folder/hf_text`` and return the
+    config to save, naming that folder: a saved model then loads with no hub access and no source folder."""
+    if model.text is None:
+        return model.config
+    from .tokenizer import model_tokenizer
+
+    def fill(target: Path) -> None:
+        model.text.hf_config.save_pretrained(str(target))
+        model_tokenizer(model).save(target)
+
+    write_folder(folder / HF_TEXT_DIR, fill)
+    return model.config.replace(hf_model_name=HF_TEXT_DIR, hf_tokenizer_name=HF_TEXT_DIR, hf_model_pretrained=False)
+
+
+def _resolve_packaged(config: CLIPConfig, folder: Path) -> CLIPConfig:
+    """A saved config names its packaged tokenizer and model files relative to its folder."""
+    name = config.text_cfg.hf_model_name
+    if name and (folder / name).is_dir() and not Path(name).is_absolute():
+        packaged = str((folder / name).absolute())
+        tokenizer = config.text_cfg.hf_tokenizer_name
+        return config.replace(hf_model_name=packaged, hf_model_pretrained=False,
+                              hf_tokenizer_name=packaged if tokenizer in (None, name) else tokenizer)
+    return config
 
 
 def _preprocess(meta: dict[str, Any], source: str) -> PreprocessConfig | None:
@@ -300,16 +355,28 @@ def load_weights(model: CLIP, state_dict: dict[str, torch.Tensor], source: str =
     model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
+def _warn_unknown_activation(path: Path) -> None:
+    warnings.warn(f"{path}: the file records no config, so its activation (GELU or QuickGELU) cannot be known; "
+                  f"assuming QuickGELU as OpenAI's weights need. OpenCLIP models named without '-quickgelu' "
+                  f"(e.g. ViT-B-32 laion2b_s34b_b79k) use GELU: load those with "
+                  f"clipforge.create_model('ViT-B-32', pretrained=path)", UserWarning, stacklevel=3)
+
+
 def model_from_checkpoint(checkpoint: Checkpoint, config: CLIPConfig | None = None, **overrides: Any) -> CLIP:
     """A CLIP (fp32, CPU) holding the checkpoint's weights.
 
     The architecture is ``config`` if given, else the checkpoint's own, else inferred from shapes; then
     ``overrides`` (e.g. ``image_size=336``) are applied and positional embeddings resized to fit.
     """
-    config = config or checkpoint.config or infer_config(checkpoint.state_dict, source=str(checkpoint.path))
+    if config is None and checkpoint.config is None:
+        config = infer_config(checkpoint.state_dict, source=str(checkpoint.path))
+        if checkpoint.format != "torchscript":  # OpenAI's release format: always QuickGELU
+            _warn_unknown_activation(checkpoint.path)
+    config = config or checkpoint.config
     config = config.replace(**overrides) if overrides else config
-    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
-        model = CLIP(config)
+    foreign = config.text_cfg.hf_model_name or config.vision_cfg.timm_model_name
+    with torch.device("cpu" if foreign else "meta"):  # meta: no random init, every tensor comes from the
+        model = CLIP(config)  # checkpoint; Hugging Face and timm towers hold buffers outside the state dict
     # Copies: the model must not share storage with the checkpoint (which may build another model).
     state_dict = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
                   for k, v in checkpoint.state_dict.items()}
@@ -321,7 +388,8 @@ def model_from_checkpoint(checkpoint: Checkpoint, config: CLIPConfig | None = No
 
 
 def save(model: CLIP, folder: str | Path, preprocess: Any = None) -> Path:
-    """Save ``model`` as a clipforge checkpoint folder: ``model.safetensors`` + ``config.json``.
+    """Save ``model`` as a clipforge checkpoint folder: ``model.safetensors`` + ``config.json``, and
+    ``open_clip_config.json`` so ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` loads it too.
 
     ``preprocess`` is a ``PreprocessConfig``, its dict, or a transform from ``load`` (default: OpenAI's
     preprocessing at the model's image size). Files are written to temporaries and renamed,
@@ -335,29 +403,54 @@ def save(model: CLIP, folder: str | Path, preprocess: Any = None) -> Path:
     if not isinstance(preprocess, PreprocessConfig):
         raise TypeError(f"preprocess must be a PreprocessConfig, its dict, a transform or None, "
                         f"got {type(preprocess).__name__}")
+    config = _package_hf_text(model, Path(folder))
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "clipforge_version": __version__,
-            "model_cfg": model.config.to_dict(), "preprocess_cfg": preprocess.to_dict()}
-    return _write_folder(Path(folder), _cpu_tensors(model.state_dict()), meta)
+            "model_cfg": config.to_dict(), "preprocess_cfg": preprocess.to_dict()}
+    extra = {}
+    (Path(folder) / OPEN_CLIP_CONFIG).unlink(missing_ok=True)  # an interrupted save must not pair it with new weights
+    if model.config.text_cfg.encoder == "transformer":  # OpenCLIP has no bag-of-words text tower
+        open_clip = json.dumps(open_clip_config(config, preprocess), indent=2)
+        extra[OPEN_CLIP_CONFIG] = lambda p: p.write_text(open_clip)
+    return _write_folder(Path(folder), _cpu_tensors(model.state_dict()), meta, extra)
 
 
-def export_hf(model: CLIP, folder: str | Path) -> Path:
-    """Write ``model`` as a Hugging Face ``CLIPModel`` folder (``config.json`` + ``model.safetensors``).
+def open_clip_config(config: CLIPConfig, preprocess: PreprocessConfig) -> dict[str, Any]:
+    """``open_clip_config.json`` contents in OpenCLIP's schema: ``model_cfg`` without clipforge-only keys
+    (``text_cfg.encoder``) and ``preprocess_cfg`` with OpenCLIP's names (``size``, ``mode``, ``fill_color``)."""
+    model_cfg = config.to_dict()
+    del model_cfg["text_cfg"]["encoder"]
+    pre = preprocess.to_dict()
+    pre["size"] = pre.pop("image_size")
+    return {"model_cfg": model_cfg, "preprocess_cfg": {**pre, "mode": "RGB", "fill_color": 0}}
 
-    ``transformers.CLIPModel.from_pretrained(folder)`` then gives the same features. ViT models with
-    the Transformer text tower only: HF has no ResNet or CBOW CLIP.
+
+def export_hf(model: CLIP, folder: str | Path, preprocess: PreprocessConfig | None = None) -> Path:
+    """Write ``model`` as a Hugging Face ``CLIPModel`` folder: ``config.json``, ``model.safetensors``, the
+    tokenizer files and ``preprocessor_config.json`` (``preprocess``, default OpenAI's at the model's size).
+
+    ``CLIPModel``, ``CLIPProcessor``/``AutoProcessor``, ``CLIPTokenizer``/``AutoTokenizer`` and
+    ``pipeline("zero-shot-image-classification", model=folder)`` then work from the folder alone and give
+    clipforge's features and ids. ViT models with the Transformer text tower only: HF has no ResNet or CBOW CLIP.
     """
     meta = config_to_hf(model.config, model.logit_scale.item())
-    return _write_folder(Path(folder), openai_to_hf(_cpu_tensors(model.state_dict())), meta)
+    preprocess = getattr(preprocess, "config", preprocess) or PreprocessConfig(image_size=model.image_size)
+    files = {**hf_tokenizer_files(model.context_length),
+             "preprocessor_config.json": json.dumps(hf_preprocessor_config(preprocess), indent=2)}
+    extra = {name: (lambda p, text=text: p.write_text(text, encoding="utf-8")) for name, text in files.items()}
+    return _write_folder(Path(folder), openai_to_hf(_cpu_tensors(model.state_dict())), meta, extra)
 
 
 def _cpu_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
 
 
-def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Weights, then the ``extra`` files (name -> writer), then ``config.json``, which marks the folder complete."""
     folder.mkdir(parents=True, exist_ok=True)
     write_files(folder, {
         WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        **(extra or {}),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2)),
     })
     return folder

@@ -9,7 +9,7 @@ from typing import Callable, ContextManager, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .tokenizer import DEFAULT_CONTEXT_LENGTH, get_tokenizer
+from .tokenizer import DEFAULT_CONTEXT_LENGTH, model_tokenizer
 
 
 class NothingToEncode(ValueError):
@@ -81,13 +81,13 @@ def encode_texts(model, texts: Sequence[str] | torch.Tensor, tokenizer: Callable
                  batch_size: int = 256, autocast: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
     """L2-normalised float32 text features (N, D) on the model's device, in the order of ``texts``.
 
-    ``texts`` are strings, tokenized ``batch_size`` at a time with ``tokenizer`` (default: the BPE
-    tokenizer at the model's context length, which truncates long texts), or already tokenized ids (N, L).
+    ``texts`` are strings, tokenized ``batch_size`` at a time with ``tokenizer`` (default: the model's
+    own, ``clipforge.tokenizer.model_tokenizer``, which truncates long texts), or already tokenized ids (N, L).
     """
     if isinstance(texts, torch.Tensor):
         batches = texts.split(batch_size)
     else:
         if tokenizer is None:
-            tokenizer = get_tokenizer(context_length(model))
+            tokenizer = model_tokenizer(model)
         batches = (tokenizer(list(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size))
     return _encode(model, model.encode_text, batches, autocast, normalize=True)

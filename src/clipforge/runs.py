@@ -3,6 +3,7 @@ and the atomic writes that fill it: a file or a folder is either complete and in
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 STATE_NAME = "train_state.pt"
 RUN_CONFIG_NAME, METRICS_NAME, TENSORBOARD_DIR = "run_config.json", "metrics.jsonl", "tensorboard"
+HF_TEXT_DIR = "hf_text"  # a Hugging Face text tower's model config and tokenizer, inside a model folder
 MODEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)  # what clipforge.load reads
 TRAIN_FILES = (*MODEL_FILES, STATE_NAME)  # what a resume reads
 _STEP_FOLDER = re.compile(r"step_(\d+)")
@@ -43,6 +45,34 @@ def step_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
         return []
     found = ((_STEP_FOLDER.fullmatch(p.name), p) for p in root.iterdir() if p.is_dir())
     return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+BEST_DIR, BEST_RECORD = "best", "best.json"  # checkpoints/best: the best checkpoint by --keep-best's metric
+BEST_SUFFIX = "@best"
+
+
+def best_folder(run_dir: str | Path) -> Path:
+    """Where a run keeps its best checkpoint (``--keep-best``): ``checkpoints/best``; never pruned."""
+    return checkpoints_dir(run_dir) / BEST_DIR
+
+
+def read_best(run_dir: str | Path) -> dict | None:
+    """``{"metric", "mode", "value", "step"}`` of a run's best checkpoint, or None if it has none."""
+    record = best_folder(run_dir) / BEST_RECORD
+    return json.loads(record.read_text()) if is_complete(best_folder(run_dir), (*MODEL_FILES, BEST_RECORD)) else None
+
+
+def checkpoint_path(spec: str | Path) -> Path:
+    """A path to load: ``RUN@best`` is the run's best checkpoint (FileNotFoundError if it has none); any
+    other path is itself (a run directory then means its newest checkpoint)."""
+    text = str(spec)
+    if not text.endswith(BEST_SUFFIX) or Path(text).exists():
+        return Path(text)
+    run = Path(text[: -len(BEST_SUFFIX)]).expanduser()
+    if read_best(run) is None:
+        raise FileNotFoundError(f"{text}: {run} has no best checkpoint ({best_folder(run)}); train it with "
+                                "--keep-best METRIC, or load the run's newest checkpoint with the bare path")
+    return best_folder(run)
 
 
 def is_complete(folder: str | Path, require: tuple[str, ...] = MODEL_FILES) -> bool:

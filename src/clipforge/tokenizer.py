@@ -187,6 +187,11 @@ def _check_context_length(context_length) -> int:
     return int(context_length)
 
 
+class TextTooLongError(RuntimeError, ValueError):
+    """A text with more tokens than the context: OpenAI's ``clip.tokenize`` raises RuntimeError, clipforge's
+    callers catch ValueError; this is both."""
+
+
 class Tokenizer:
     """CLIP's tokenizer: texts -> zero-padded id tensors ``[49406, ..., 49407, 0, ...]``.
 
@@ -298,7 +303,7 @@ class Tokenizer:
         counts = np.array(counts, dtype=np.int64)  # (N,)
         too_long = np.flatnonzero(counts > length - 2)
         if too_long.size and not truncate:
-            raise ValueError(_too_long_message(texts, counts, too_long, length))
+            raise TextTooLongError(_too_long_message(texts, counts, too_long, length))
         values = np.fromiter(ids, dtype=np.int64, count=len(ids))  # (T,) all texts' ids
         rows = np.repeat(np.arange(len(counts)), counts)  # (T,)
         columns = np.arange(len(ids)) - np.repeat(np.cumsum(counts) - counts, counts) + 1  # (T,) sot is column 0
@@ -349,7 +354,8 @@ def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_L
              truncate: bool = False) -> torch.Tensor:
     """Ids of ``texts`` as a LongTensor (N, context_length) zero-padded, as OpenAI's ``clip.tokenize``.
 
-    Too-long texts raise ValueError unless ``truncate=True``, which cuts them and keeps end-of-text last.
+    Too-long texts raise TextTooLongError (a RuntimeError and a ValueError) unless ``truncate=True``,
+    which cuts them and keeps end-of-text last.
     """
     return _default_tokenizer()(texts, context_length=context_length, truncate=truncate)
 
@@ -379,3 +385,47 @@ def get_tokenizer(name_or_context_length: str | int | None = None, context_lengt
         raise ValueError(f"get_tokenizer got two context lengths, {arg} and context_length={context_length}")
     length = next((n for n in (arg, context_length) if n is not None), DEFAULT_CONTEXT_LENGTH)
     return Tokenizer(length, truncate)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (``AutoTokenizer``) with clipforge's contract: texts -> LongTensor (N, L)
+    padded with the model's pad id to ``context_length`` and truncated to it, as OpenCLIP's HFTokenizer."""
+
+    def __init__(self, name: str, context_length: int = DEFAULT_CONTEXT_LENGTH):
+        from .models.hf_text import require_transformers
+
+        self.name, self.context_length = name, _check_context_length(context_length)
+        self.tokenizer = require_transformers().AutoTokenizer.from_pretrained(name)
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        length = self.context_length if context_length is None else context_length
+        ids = self.tokenizer([" ".join(t.split()) for t in texts], return_tensors="pt", padding="max_length",
+                             truncation=True, max_length=length)["input_ids"]
+        return ids.long()
+
+    def save(self, folder) -> None:
+        """Write the tokenizer's files into ``folder`` (so that a saved model carries them)."""
+        self.tokenizer.save_pretrained(str(folder))
+
+
+def model_tokenizer(model) -> Tokenizer | HFTokenizer:
+    """The tokenizer of a model (a CLIP, anything with a ``config``, or a ``CLIPConfig``): its Hugging Face
+    tokenizer when its text tower has one, else the BPE tokenizer at its context length; both truncate.
+
+    Every part of clipforge that turns text into ids for a model (training, validation, zero-shot,
+    classify, eval, search) goes through this function.
+    """
+    config = getattr(model, "config", model)
+    text_cfg = getattr(config, "text_cfg", None)
+    if text_cfg is None:
+        return get_tokenizer(int(getattr(model, "context_length", DEFAULT_CONTEXT_LENGTH)))
+    name = text_cfg.hf_tokenizer_name or text_cfg.hf_model_name
+    if name:
+        return _hf_tokenizer(name, text_cfg.context_length)
+    return get_tokenizer(text_cfg.context_length)
+
+
+@lru_cache(maxsize=8)
+def _hf_tokenizer(name: str, context_length: int) -> HFTokenizer:
+    return HFTokenizer(name, context_length)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..factory import create_model_and_transforms, load
-from ..tokenizer import Tokenizer, get_tokenizer
+from ..tokenizer import Tokenizer, model_tokenizer
 
 MODEL_TYPE = "clipforge"
 _NO_WEIGHTS = (None, "", "none", "None")
@@ -34,7 +34,7 @@ def load_clipforge(model_name: str, pretrained: str | None = None, cache_dir: st
     else:
         model, _, transform = create_model_and_transforms(model_name, pretrained=pretrained, device=device)
     model.eval()
-    return model, transform, get_tokenizer(int(model.context_length))
+    return model, transform, model_tokenizer(model)
 
 
 def register_with_clip_benchmark(model_type: str = MODEL_TYPE) -> None:

@@ -3,6 +3,7 @@
 Both towers end in a linear projection into one joint space. ``forward`` returns OpenAI's
 ``(logits_per_image, logits_per_text)``: ``exp(logit_scale) * normalize(I) @ normalize(T).T`` and its
 transpose; the product of two L2-normalised feature matrices is the matrix of cosine similarities.
+``forward(..., output_dict=True)`` and ``features`` give OpenCLIP's contract instead.
 """
 from __future__ import annotations
 
@@ -11,27 +12,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig
+from .hf_text import HFTextTower
 from .layers import activation
 from .resnet import ModifiedResNet
 from .text import TextTower
+from .timm_vision import TimmVisionTower
 from .vit import VisionTransformer
 
 
 class CLIP(TextTower):
     def __init__(self, cfg: CLIPConfig):
         act = activation(cfg.quick_gelu)
-        super().__init__(cfg.text_cfg, cfg.embed_dim, act)
+        if cfg.text_cfg.hf_model_name:  # a child module ``text``, OpenCLIP's key layout for such towers
+            nn.Module.__init__(self)
+            self.text = HFTextTower(cfg.text_cfg, cfg.embed_dim)
+            self.context_length, self.transformer = cfg.text_cfg.context_length, None
+        else:
+            super().__init__(cfg.text_cfg, cfg.embed_dim, act)
+            self.text = None
         self.config = cfg
-        if cfg.vision_cfg.is_resnet:
+        if cfg.vision_cfg.timm_model_name:
+            self.visual = TimmVisionTower(cfg.vision_cfg, cfg.embed_dim)
+        elif cfg.vision_cfg.is_resnet:
             self.visual = ModifiedResNet(cfg.vision_cfg, cfg.embed_dim)
         else:
             self.visual = VisionTransformer(cfg.vision_cfg, cfg.embed_dim, act)
+        self.visual.input_resolution = cfg.vision_cfg.image_size  # OpenAI's name on either image tower
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self._frozen: set[str] = set()
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.token_embedding.weight.dtype
+        return self.logit_scale.dtype
 
     @property
     def image_size(self) -> int:
@@ -42,28 +54,61 @@ class CLIP(TextTower):
         x = self.visual(images.to(self.dtype))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                output_dict: bool = False) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+        """OpenAI's ``(logits_per_image, logits_per_text)``; with ``output_dict=True`` OpenCLIP's dict of
+        ``image_features``, ``text_features`` (L2-normalised) and ``logit_scale`` (already exponentiated)."""
+        image_features, text_features, scale = self.features(images, tokens)
+        if output_dict:
+            return {"image_features": image_features, "text_features": text_features, "logit_scale": scale}
+        logits_per_image = scale * image_features @ text_features.t()  # (N_img, N_txt)
+        return logits_per_image, logits_per_image.t()
+
+    def features(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """OpenCLIP's ``image_features, text_features, logit_scale = model(image, text)``: normalised
+        features and ``exp(logit_scale)``, ready for ``contrastive_loss``."""
         image_features = self.encode_image(images, normalize=True)
         text_features = self.encode_text(tokens, normalize=True)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # (N_img, N_txt)
-        return logits_per_image, logits_per_image.t()
+        return image_features, text_features, self.logit_scale.exp()
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Token ids (N, L) of the model's tokenizer (``clipforge.model_tokenizer``) -> features (N, embed_dim)."""
+        if self.text is None:
+            return super().encode_text(tokens, normalize)
+        x = self.text(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass: less memory for more compute."""
         self.visual.set_grad_checkpointing(enable)
-        if self.transformer is not None:
+        if self.text is not None:
+            self.text.set_grad_checkpointing(enable)
+        elif self.transformer is not None:
             self.transformer.grad_checkpointing = enable
 
     def text_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith(("visual.", "logit_scale"))]
 
-    def freeze(self, image: bool = False, text: bool = False) -> None:
-        """Freeze a tower (LiT: a locked image tower with a trained text tower); BatchNorm stays in eval."""
+    def freeze(self, image: bool = False, text: bool = False, text_unlocked_layers: int = 0) -> None:
+        """Freeze a tower (LiT: a locked image tower with a trained text tower); BatchNorm stays in eval.
+
+        ``text_unlocked_layers`` leaves the text tower's last N blocks trainable (OpenCLIP's
+        ``lock_text_unlocked_layers``). A Hugging Face text tower keeps its projection trainable, as
+        OpenCLIP's does: it is new, the pretrained model under it is what is locked.
+        """
         self._frozen = {name for name, on in (("image", image), ("text", text)) if on}
         for p in self.visual.parameters():
             p.requires_grad_(not image)
         for p in self.text_parameters():
             p.requires_grad_(not text)
+        if text and self.text is not None:
+            self.text.lock(text_unlocked_layers)
+            for p in self.text.proj.parameters():
+                p.requires_grad_(True)
+        elif text and text_unlocked_layers:
+            for module in (*self.transformer.resblocks[-text_unlocked_layers:], self.ln_final):
+                module.requires_grad_(True)
+            self.text_projection.requires_grad_(True)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "CLIP":

@@ -18,13 +18,13 @@ _IGNORED_KEYS = {"custom_text", "output_tokens", "patch_dropout", "output_dict"}
 # OpenCLIP keys that change the architecture in ways clipforge does not implement; accepted only
 # when they hold their neutral value.
 _NEUTRAL_VALUES = {
-    "timm_model_name": (None,), "hf_model_name": (None,), "ls_init_value": (None,),
+    "ls_init_value": (None,),
     "attentional_pool": (False,), "no_ln_pre": (False,), "final_ln_after_pool": (False,),
     "pool_type": ("argmax", "tok"), "proj_bias": (False,), "embed_cls": (False,),
     "pad_id": (0,), "input_patchnorm": (False,), "global_average_pool": (False,),
     "act_kwargs": (None, {}), "norm_kwargs": (None, {}), "cast_dtype": (None,),
     "init_logit_bias": (None,), "proj_type": ("linear",), "tokenizer_kwargs": (None, {}),
-    "hf_tokenizer_name": (None, ""), "text_mask": ("first", "last"),
+    "text_mask": ("first", "last"),
 }
 
 
@@ -38,6 +38,14 @@ class VisionConfig:
     patch_size: int | None = 32
     head_width: int = 64
     mlp_ratio: float = 4.0
+    # a timm image tower (models/timm_vision.py) when timm_model_name is set, as OpenCLIP's TimmModel
+    timm_model_name: str | None = None
+    timm_model_pretrained: bool | str = False  # a path: a local timm checkpoint file
+    timm_pool: str = "avg"
+    timm_proj: str | None = "linear"
+    timm_proj_bias: bool = False
+    timm_drop: float = 0.0
+    timm_drop_path: float | None = None
 
     @property
     def is_resnet(self) -> bool:
@@ -60,6 +68,12 @@ class TextConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
     encoder: str = "transformer"
+    # a Hugging Face text tower (models/hf_text.py) when hf_model_name (a hub name or a folder) is set
+    hf_model_name: str | None = None
+    hf_tokenizer_name: str | None = None
+    hf_model_pretrained: bool = True
+    hf_pooler_type: str = "mean_pooler"
+    hf_proj_type: str | None = "mlp"
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,9 @@ class CLIPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for section, switch, prefix in (("vision_cfg", "timm_model_name", "timm_"), ("text_cfg", "hf_model_name", "hf_")):
+            if d[section][switch] is None:  # configs of the built-in towers stay as they were
+                d[section] = {k: v for k, v in d[section].items() if not k.startswith(prefix)}
         if self.vision_cfg.is_resnet:
             d["vision_cfg"]["layers"] = list(self.vision_cfg.layers)
             d["vision_cfg"]["patch_size"] = None
@@ -103,7 +120,7 @@ class CLIPConfig:
         if "model_cfg" in d:  # our saved config.json and OpenCLIP's open_clip_config.json
             d = dict(d["model_cfg"])
         vision = _section(d.pop("vision_cfg", {}), VisionConfig, f"{source}: vision_cfg")
-        text = _section(d.pop("text_cfg", {}), TextConfig, f"{source}: text_cfg")
+        text = _section(_hf_aliases(d.pop("text_cfg", {})), TextConfig, f"{source}: text_cfg")
         top = _section(d, CLIPConfig, source, skip={"vision_cfg", "text_cfg"})
         if isinstance(vision.get("layers"), (list, tuple)):
             if len(vision["layers"]) != 4:
@@ -113,6 +130,7 @@ class CLIPConfig:
             vision["patch_size"] = None
         elif vision.get("patch_size", 32) is None:
             raise ValueError(f"{source}: a ViT (integer vision_cfg.layers) needs a patch_size")
+        _check_foreign_towers(vision, text, source)
         if text.get("encoder", "transformer") not in ("transformer", "cbow"):
             raise ValueError(f"{source}: text_cfg.encoder must be 'transformer' or 'cbow', got {text['encoder']!r}")
         return cls(vision_cfg=VisionConfig(**vision), text_cfg=TextConfig(**text), **top)
@@ -127,6 +145,31 @@ class CLIPConfig:
         if not isinstance(data, dict):
             raise ValueError(f"model config {path} must hold a JSON object")
         return cls.from_dict(data, source=str(path))
+
+
+def _hf_aliases(text: Any) -> Any:
+    """Older OpenCLIP configs name the Hugging Face pooler and projection ``pooler_type`` and ``proj``."""
+    if not isinstance(text, dict) or not text.get("hf_model_name"):
+        return text
+    text = dict(text)
+    for old, new in (("pooler_type", "hf_pooler_type"), ("proj", "hf_proj_type")):
+        if old in text:
+            text.setdefault(new, text.pop(old))
+    return text
+
+
+def _check_foreign_towers(vision: dict[str, Any], text: dict[str, Any], source: str) -> None:
+    from .hf_text import POOLERS, PROJECTIONS  # the tower files own their option names
+
+    if text.get("hf_model_name"):
+        if text.get("hf_pooler_type", "mean_pooler") not in POOLERS:
+            raise ValueError(f"{source}: text_cfg.hf_pooler_type must be one of {sorted(POOLERS)}, "
+                             f"got {text['hf_pooler_type']!r}")
+        if text.get("hf_proj_type", "mlp") not in PROJECTIONS:
+            raise ValueError(f"{source}: text_cfg.hf_proj_type must be 'linear', 'mlp' or null, "
+                             f"got {text['hf_proj_type']!r}")
+    if vision.get("timm_model_name") and vision.get("timm_proj", "linear") not in ("linear", "mlp", None, ""):
+        raise ValueError(f"{source}: vision_cfg.timm_proj must be 'linear', 'mlp' or null, got {vision['timm_proj']!r}")
 
 
 def _fields(cls) -> set[str]:
