@@ -186,7 +186,7 @@ def test_config_file_with_command_line_overrides(tmp_path):
     cfg = _parse("--config", str(path), "--lr", "2e-3", "--no-gather")
     assert (cfg.model, cfg.batch_size, cfg.steps, cfg.lr, cfg.lock_image, cfg.gather) == (
         "tiny-vit", 16, 50, 2e-3, True, False)
-    assert cfg.warmup == 2000 and cfg.weight_decay == 0.2  # defaults where neither says otherwise
+    assert cfg.warmup is None and cfg.weight_decay == 0.2  # defaults where neither says otherwise (None: fitted)
     path.write_text(json.dumps({"model": "tiny-vit", "batchsize": 16}))
     with pytest.raises(ValueError, match="unknown option 'batchsize'"):
         _parse("--config", str(path))
@@ -196,8 +196,8 @@ def test_config_file_with_command_line_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "5", "--epochs", "1"], "exactly one of --epochs and --steps"),
-    ([], "exactly one of --epochs and --steps"),
+    (["--steps", "5", "--epochs", "1"], "exactly one of --epochs, --steps and --time-budget"),
+    ([], "exactly one of --epochs, --steps and --time-budget"),
     (["--steps", "5", "--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--steps", "5", "--lock-image", "--lock-text"], "nothing to train"),
     (["--steps", "5", "--loss", "sigmoid", "--loss-tile-size", "64"], "contrastive loss"),

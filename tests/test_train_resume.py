@@ -105,7 +105,7 @@ def test_resume_errors(tmp_path, micro_json):
     with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
         train(_cfg(tmp_path, micro_json, resume=str(tmp_path)))
     train(_cfg(tmp_path, micro_json, steps=2))
-    with pytest.raises(ValueError, match=r"settings differ .*lr: 0.0005 -> 0.002"):
+    with pytest.raises(ValueError, match=r"settings differ .*lr: [0-9.e-]+ -> 0.002"):
         train(_cfg(tmp_path, micro_json, steps=2, resume="latest", lr=2e-3))
 
 

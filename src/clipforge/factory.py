@@ -6,6 +6,7 @@ with config overrides (``image_size=336``, ``context_length=...``) instead of fl
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,12 +14,17 @@ import torch
 
 from .checkpoints import Checkpoint, model_from_checkpoint, read_checkpoint, save
 from .models import CLIP, CLIPConfig, get_model_config
-from .pretrained import PRETRAINED, download, pretrained_weights
+from .pretrained import PRETRAINED, PretrainedWeights, download, download_weights, pretrained_tags, pretrained_weights
+from .runs import checkpoint_path
 from .transforms import PreprocessConfig, image_transform
 
-__all__ = ["available_models", "create_model", "create_model_and_transforms", "load", "save"]
+__all__ = ["available_models", "create_model", "create_model_and_transforms", "load", "resolve_device", "save"]
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_JIT_UNSUPPORTED = (
+    "jit=True is not supported: OpenAI's TorchScript module would have to be run as the archive's own code, "
+    "and clipforge reads TorchScript archives as data, never executing them, so that a downloaded file cannot "
+    "run code. jit=False (the default) gives the same weights and outputs; use torch.compile(model) for speed")
 
 
 def available_models() -> list[str]:
@@ -30,9 +36,12 @@ def create_model(name_or_config: str | Path | dict | CLIPConfig, pretrained: str
                  device: str | torch.device | None = None, precision: str = "fp32", **overrides: Any) -> CLIP:
     """Build a CLIP from a registered name, a JSON path, a config dict or a ``CLIPConfig``.
 
-    ``pretrained``: None (random init), "openai" (the published weights for this name, downloaded) or
-    a path to any checkpoint ``load`` reads. ``overrides`` change the config (``image_size=336``
-    interpolates the checkpoint's positional embeddings). ``precision``: "fp32", "fp16" or "bf16".
+    ``pretrained``: None (random init), "openai" (OpenAI's weights for this name), an OpenCLIP tag
+    (``"laion2b_s34b_b79k"``; see ``list_pretrained()``), both downloaded and checked, or a path to any
+    checkpoint ``load`` reads. Names mean what OpenCLIP's do: ``ViT-B-32`` is GELU, ``ViT-B-32-quickgelu``
+    QuickGELU; weights trained with the other activation than the name's give a warning, as in OpenCLIP.
+    ``overrides`` change the config (``image_size=336`` interpolates the checkpoint's positional
+    embeddings). ``precision``: "fp32", "fp16" or "bf16".
     """
     model, _ = _create(name_or_config, pretrained, overrides)
     return _place(model, device, precision)
@@ -47,19 +56,23 @@ def create_model_and_transforms(name_or_config: str | Path | dict | CLIPConfig,
     return model, _transform(preprocess, model, is_train=True), _transform(preprocess, model, is_train=False)
 
 
-def load(name_or_path: str | Path, device: str | torch.device | None = None,
+def load(name_or_path: str | Path, device: str | torch.device | None = None, jit: bool = False,
          download_root: str | Path | None = None, precision: str | None = None) -> tuple[CLIP, Callable]:
-    """Load a model in eval mode and its preprocessing, like OpenAI's ``clip.load``.
+    """Load a model in eval mode and its preprocessing, like OpenAI's ``clip.load(name, device, jit, download_root)``.
 
     ``name_or_path``: a name from ``available_models()`` (downloaded into ``download_root``, default
     ``$CLIPFORGE_CACHE`` or ``~/.cache/clipforge``), or a path: a clipforge or Hugging Face folder, an
-    OpenAI/OpenCLIP file, or a training run directory (its newest complete checkpoint). ``device``
+    OpenAI/OpenCLIP file, or a training run directory (its newest complete checkpoint; ``RUN@best``: its best
+    one, kept by ``--keep-best``). ``device``
     defaults to CUDA when available; ``precision`` to fp16 on CUDA and fp32 elsewhere, as OpenAI's.
     Returns ``(model, preprocess)`` where ``preprocess`` maps a PIL image to a (3, H, W) tensor.
+    The model is always the built one: ``jit=True`` raises ValueError (see ``_JIT_UNSUPPORTED``).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if jit:
+        raise ValueError(_JIT_UNSUPPORTED)
+    device = resolve_device(device)
     precision = precision or ("fp16" if device.type == "cuda" else "fp32")
-    path = Path(name_or_path).expanduser()
+    path = checkpoint_path(Path(name_or_path).expanduser())
     weights = None if path.exists() else pretrained_weights(str(name_or_path))
     if weights is not None:
         checkpoint = read_checkpoint(download(str(name_or_path), download_root))
@@ -74,13 +87,34 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None,
     return model, _transform(checkpoint.preprocess, model, is_train=False)
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device, default (None or "auto") CUDA when available, else the CPU.
+
+    ValueError for a device this machine lacks (CUDA on a CPU-only torch or without a GPU, ``cuda:N`` past
+    the last GPU) or a name torch does not know, instead of torch's assertion deep inside ``.to``.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r}: not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        built = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {device}: no CUDA GPU is available ({built}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"numbered from 0; use --device cuda:0")
+    return dev
+
+
 def _create(name_or_config: Any, pretrained: str | Path | None,
             overrides: dict[str, Any]) -> tuple[CLIP, PreprocessConfig | None]:
     config = _resolve_config(name_or_config)
     config = config.replace(**overrides) if overrides else config
     if pretrained is None:
         return CLIP(config), None
-    checkpoint = _pretrained_checkpoint(name_or_config, pretrained)
+    checkpoint = _pretrained_checkpoint(name_or_config, pretrained, config)
     return model_from_checkpoint(checkpoint, config), checkpoint.preprocess
 
 
@@ -94,13 +128,38 @@ def _resolve_config(name_or_config: Any) -> CLIPConfig:
     raise TypeError(f"expected a model name, JSON path, dict or CLIPConfig, got {type(name_or_config).__name__}")
 
 
-def _pretrained_checkpoint(name_or_config: Any, pretrained: str | Path) -> Checkpoint:
-    if str(pretrained) != "openai" or Path(pretrained).exists():
+def _pretrained_checkpoint(name_or_config: Any, pretrained: str | Path, config: CLIPConfig) -> Checkpoint:
+    if Path(pretrained).exists() or isinstance(pretrained, Path) or _looks_like_path(str(pretrained)):
         return read_checkpoint(pretrained)
-    if not isinstance(name_or_config, str) or pretrained_weights(name_or_config) is None:
-        raise ValueError(f"pretrained='openai' needs a model name with published weights "
-                         f"({', '.join(available_models())}), got {name_or_config!r}")
-    return read_checkpoint(download(name_or_config))
+    tag = str(pretrained)
+    weights = pretrained_weights(name_or_config, tag) if isinstance(name_or_config, str) else None
+    if weights is None:
+        if tag == "openai":
+            raise ValueError(f"pretrained='openai' needs a model name with published weights "
+                             f"({', '.join(available_models())}), got {name_or_config!r}")
+        tags = pretrained_tags(name_or_config) if isinstance(name_or_config, str) else []
+        raise FileNotFoundError(f"pretrained={tag!r} is neither an existing checkpoint path nor a pretrained tag of "
+                                f"{name_or_config!r} (its tags: {', '.join(tags) or 'none'}; all pairs: "
+                                f"clipforge.list_pretrained())")
+    _warn_activation_mismatch(config, weights, f"{name_or_config!r} with pretrained={tag!r}")
+    checkpoint = read_checkpoint(download_weights(weights))
+    if weights.preprocess is not None:
+        size = config.vision_cfg.image_size
+        checkpoint.preprocess = PreprocessConfig.from_dict({**weights.preprocess, "image_size": size})
+    return checkpoint
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or Path(text).suffix in (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _warn_activation_mismatch(config: CLIPConfig, weights: PretrainedWeights, what: str) -> None:
+    trained = get_model_config(weights.architecture).quick_gelu
+    if trained != config.quick_gelu:
+        act = {True: "QuickGELU", False: "GELU"}
+        warnings.warn(f"{what}: these weights were trained with {act[trained]} but the config uses "
+                      f"{act[config.quick_gelu]}, so features will be off; use the architecture "
+                      f"{weights.architecture!r} (or quick_gelu={trained})", UserWarning, stacklevel=4)
 
 
 def _place(model: CLIP, device: str | torch.device | None, precision: str) -> CLIP:

@@ -4,6 +4,7 @@ data position), written atomically (``clipforge.runs`` owns the layout), keeping
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -11,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforge.checkpoints import load_weights, read_checkpoint
+from clipforge.checkpoints import CheckpointError, load_weights, read_checkpoint, torch_load
 from clipforge.checkpoints import save as save_model
 from clipforge.models import CLIP
-from clipforge.runs import (CONFIG_NAME, STATE_NAME, TRAIN_FILES, WEIGHTS_NAME, is_complete, step_folder,
-                            step_folders, write_files, write_folder)
+from clipforge.runs import (BEST_RECORD, CONFIG_NAME, STATE_NAME, TRAIN_FILES, WEIGHTS_NAME, best_folder, is_complete,
+                            step_folder, step_folders, write_files, write_folder)
+
+
+_STATE_KEYS = {"step", "optimizer", "schedule", "scaler", "rng", "skipped", "run"}  # what the trainer saves
 
 
 def save_checkpoint(output: str | Path, step: int, model: CLIP, state: dict, keep: int) -> Path:
@@ -35,13 +39,20 @@ def save_checkpoint(output: str | Path, step: int, model: CLIP, state: dict, kee
 
 
 def load_checkpoint(folder: str | Path, model: CLIP) -> dict:
-    """Load the checkpoint's weights into ``model`` and return its train state (tensors on the CPU)."""
+    """Load the checkpoint's weights into ``model`` and return its train state (tensors on the CPU).
+
+    A damaged or refused file (truncated, corrupt, a pickle holding objects) raises CheckpointError naming it.
+    """
     folder = Path(folder)
     if not is_complete(folder, TRAIN_FILES):
         raise FileNotFoundError(f"{folder} is not a complete training checkpoint: it needs {WEIGHTS_NAME}, "
                                 f"{CONFIG_NAME} and {STATE_NAME}")
+    state = torch_load(folder / STATE_NAME, "training state")
+    if not isinstance(state, dict) or not _STATE_KEYS <= set(state):
+        raise CheckpointError(f"{folder / STATE_NAME}: not a clipforge training state (it needs the keys "
+                              f"{sorted(_STATE_KEYS)}); the file is damaged or from another program")
     load_weights(model, read_checkpoint(folder).state_dict, str(folder))
-    return torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+    return state
 
 
 def rng_state() -> dict:
@@ -69,3 +80,26 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def best_mode(metric: str) -> tuple[str, str]:
+    """``(metric name, "min" | "max")`` from ``--keep-best METRIC[:min|max]``; without a suffix, losses and
+    ranks are lower-is-better and every other metric (accuracies, recalls) higher-is-better."""
+    name, _, mode = metric.partition(":")
+    name = name.strip()
+    if name.startswith("val_"):  # the name as `clipforge train` prints it
+        name = name[len("val_"):]
+    if mode not in ("", "min", "max"):
+        raise ValueError(f"--keep-best {metric}: the suffix must be ':min' or ':max', got {mode!r}")
+    return name, mode or ("min" if "loss" in name or "rank" in name else "max")
+
+
+def save_best(output: str | Path, step: int, model: CLIP, metric: str, mode: str, value: float) -> Path:
+    """Write the model as ``checkpoints/best`` (atomically, replacing the previous best) with ``best.json``."""
+    record = {"metric": metric, "mode": mode, "value": value, "step": step}
+
+    def fill(folder: Path) -> None:
+        save_model(model, folder)
+        write_files(folder, {BEST_RECORD: lambda path: path.write_text(json.dumps(record) + "\n")})
+
+    return write_folder(best_folder(output), fill)

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ class TrainConfig:
     pretrained: str | None = _opt(None, "initial weights to fine-tune: 'openai' or any checkpoint file/folder "
                                   "clipforge.load accepts", str, metavar="openai|PATH")
     lock_image: bool = _opt(False, "freeze the image tower (LiT: train the text tower only)")
-    lock_text: bool = _opt(False, "freeze the text tower")
+    lock_text: bool = _opt(False, "freeze the text tower (a Hugging Face tower keeps its new projection trainable)")
+    lock_text_unlocked_layers: int = _opt(0, "with --lock-text: leave the text tower's last N blocks trainable "
+                                          "(OpenCLIP's option of that name)", int, metavar="N")
     grad_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, one more forward pass")
     compile: bool = _opt(False, "torch.compile the model")
     # data
@@ -49,7 +52,9 @@ class TrainConfig:
     data_weights: str | None = _opt(None, "sampling weights of the '::'-joined sources, e.g. '1::3' "
                                     "(needs --resampled)", str, metavar="W::W")
     csv_img_key: str = _opt("filepath", "CSV column holding image paths", str, metavar="COLUMN")
-    csv_caption_key: str = _opt("caption", "CSV column holding captions", str, metavar="COLUMN")
+    csv_caption_key: str = _opt("caption", "CSV column holding captions; several comma-separated columns, or a "
+                                "JSON list in a cell, give an image several captions (one drawn per step)", str,
+                                metavar="COLUMN[,COLUMN...]")
     csv_separator: str | None = _opt(None, "CSV field separator (default: tab for .tsv, else comma)", str,
                                      metavar="CHAR")
     augment: bool = _opt(True, "random square crops of the training images (the paper's only augmentation); "
@@ -58,9 +63,17 @@ class TrainConfig:
     # optimisation
     batch_size: int = _opt(64, "batch size per process (the global batch is this x processes x --accum-freq)", int)
     epochs: int | None = _opt(None, "number of passes over the training data (or give --steps)", int)
-    steps: int | None = _opt(None, "number of optimiser steps (or give --epochs)", int)
-    lr: float = _opt(5e-4, "peak learning rate", float, metavar="LR")
-    warmup: int = _opt(2000, "linear warm-up steps before the cosine decay", int, metavar="STEPS")
+    steps: int | None = _opt(None, "number of optimiser steps (or give --epochs or --time-budget)", int)
+    time_budget: str | None = _opt(None, "train for this wall time instead of --epochs/--steps ('90s', '20m', "
+                                   "'2h'): the step time is measured on a few probe steps and the total fixed "
+                                   "so that the run, its final checkpoint and validation end within it",
+                                   str, metavar="DURATION")
+    lr: float | None = _opt(None, "peak learning rate; default: the paper's 5e-4 from scratch, WiSE-FT's 3e-5 with "
+                            "--pretrained, times sqrt(global batch / reference batch) above the references' "
+                            "batches (32768 and 512; square-root scaling for Adam)", float, metavar="LR")
+    warmup: int | None = _opt(None, "linear warm-up steps before the cosine decay; default: 2 / (1 - beta2) "
+                              "(100 steps, Adam's untuned warm-up) but at most a tenth of the run", int,
+                              metavar="STEPS")
     weight_decay: float = _opt(ADAMW_WEIGHT_DECAY, "AdamW weight decay (weight matrices only)", float)
     beta1: float = _opt(ADAMW_BETAS[0], "AdamW beta1", float)
     beta2: float = _opt(ADAMW_BETAS[1], "AdamW beta2", float)
@@ -87,6 +100,10 @@ class TrainConfig:
                               str, metavar="latest|auto|PATH")
     save_every: int = _opt(1000, "write a checkpoint every N steps (and at the end)", int, metavar="N")
     keep: int = _opt(3, "keep the newest K checkpoints", int, metavar="K")
+    keep_best: str | None = _opt(None, "also keep the checkpoint with the best value of this validation metric "
+                                 "(e.g. zeroshot_top1, val_loss; ':min' or ':max' to say which is best, else "
+                                 "inferred: losses and ranks lower, the rest higher), as checkpoints/best; "
+                                 "clipforge.load('RUN@best') loads it", str, metavar="METRIC[:min|max]")
     log_every: int = _opt(10, "append a metrics.jsonl record every N steps", int, metavar="N")
     val_every: int | None = _opt(None, "validate every N steps (always at the end when --val-data or "
                                  "--zeroshot-classes is given)", int, metavar="N")
@@ -99,18 +116,22 @@ class TrainConfig:
         for name in ("model", "train_data", "output"):
             if not getattr(self, name):
                 raise ValueError(f"--{_dashed(name)} is required")
-        if (self.epochs is None) == (self.steps is None):
-            raise ValueError("give exactly one of --epochs and --steps"
-                             + (f" (got --epochs {self.epochs} and --steps {self.steps})" if self.steps else ""))
+        lengths = [f"--{_dashed(n)} {getattr(self, n)}" for n in ("epochs", "steps", "time_budget")
+                   if getattr(self, n) is not None]
+        if len(lengths) != 1:
+            raise ValueError("give exactly one of --epochs, --steps and --time-budget"
+                             + (f" (got {' and '.join(lengths)})" if lengths else ""))
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
         for name in ("batch_size", "accum_freq", "keep", "log_every", "save_every", "epochs", "steps",
                      "val_every", "loss_tile_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{_dashed(name)} must be a positive integer, got {value}")
-        for name in ("workers", "warmup"):
-            if getattr(self, name) < 0:
+        for name in ("workers", "warmup", "lock_text_unlocked_layers"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{_dashed(name)} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"--grad-clip-norm must be positive, got {self.grad_clip_norm}")
@@ -120,12 +141,26 @@ class TrainConfig:
             raise ValueError("--local-loss and --loss-tile-size apply to the contrastive loss, not --loss sigmoid")
         if self.local_loss and not self.gather:
             raise ValueError("--local-loss needs --gather (it splits the gathered global batch over ranks)")
+        if self.keep_best and not (self.val_data or self.zeroshot_classes):
+            raise ValueError(f"--keep-best {self.keep_best} needs validation: give --val-data or --zeroshot-classes")
         if self.data_weights and not self.resampled:
             raise ValueError("--data-weights needs --resampled (weights are sampling probabilities)")
         for name, choices in (("precision", PRECISIONS), ("loss", LOSSES), ("device", DEVICES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         return self
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smh])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as ``90s``, ``20m``, ``1.5h`` (a bare number is seconds)."""
+    match = _DURATION.fullmatch(text.strip().lower() + ("s" if text.strip().replace(".", "").isdigit() else ""))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"--time-budget {text!r}: expected a positive duration such as 90s, 20m or 2h")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
 
 
 def _dashed(name: str) -> str:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import logging
 import random
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -17,20 +19,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 import clipforge
 from clipforge.allocator import retain_freed_memory
-from clipforge.data import build_train_data
+from clipforge.checkpoints import CheckpointError
+from clipforge.data import REASONS, build_train_data
 from clipforge.factory import create_model_and_transforms
 from clipforge.runs import (CHECKPOINTS_DIR, METRICS_NAME, RUN_CONFIG_NAME, TRAIN_FILES, checkpoints_dir, is_complete,
-                            is_run_dir, latest_checkpoint)
-from clipforge.tokenizer import get_tokenizer
+                            is_run_dir, latest_checkpoint, read_best, step_folders)
+from clipforge.tokenizer import model_tokenizer
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, default_resume
+from .checkpoint import best_mode, load_checkpoint, rng_state, save_best, save_checkpoint, set_rng_state
+from .config import TrainConfig, default_resume, parse_duration
 from .distributed import DistEnv, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
 from .logger import RunLogger, truncate_metrics
-from .optim import CosineSchedule, build_optimizer
+from .budget import measure_costs, planned_steps
+from .optim import CosineSchedule, build_optimizer, fitted_lr, fitted_warmup
 from .step import Stepper, TrainingLoss, TrainModule
 from .validate import HELDOUT, heldout_zeroshot_set, load_val_pairs, validate, zeroshot_from_val
 
+_log = logging.getLogger(__name__)
 _RUN_IDENTITY_KEYS = ("model", "train_data", "seed", "loss", "lr", "warmup", "accum_freq")
 
 
@@ -57,6 +62,10 @@ def resolve_resume(cfg: TrainConfig, output: Path) -> Path | None:
     resume = cfg.resume if cfg.resume is not None else default_resume()
     if resume is None:
         found = [name for name in (RUN_CONFIG_NAME, METRICS_NAME, CHECKPOINTS_DIR) if (output / name).exists()]
+        if found and latest_checkpoint(output, require=TRAIN_FILES) is None:
+            raise ValueError(f"--output {output} holds a training run that stopped before its first checkpoint "
+                             f"({', '.join(found)}); pass --resume auto to start it again there from step 0, "
+                             "or choose another --output directory")
         if found:
             raise ValueError(f"--output {output} already holds a training run ({', '.join(found)}); pass "
                              "--resume latest to continue it, or choose another --output directory")
@@ -65,7 +74,8 @@ def resolve_resume(cfg: TrainConfig, output: Path) -> Path | None:
         folder = latest_checkpoint(output, require=TRAIN_FILES)
         if folder is None and resume == "latest":
             raise FileNotFoundError(f"--resume latest: no complete checkpoint under {checkpoints_dir(output)}; "
-                                    "drop --resume to start a new run there")
+                                    "pass --resume auto to start the run there from step 0 (or choose another "
+                                    "--output directory)")
         return folder
     path = Path(resume)
     folder = latest_checkpoint(path, require=TRAIN_FILES) if is_run_dir(path) else path
@@ -91,6 +101,10 @@ def _seed_all(seed: int) -> None:
 
 
 def _check_paths(cfg: TrainConfig) -> None:
+    existing = next(p for p in (Path(cfg.output).absolute(), *Path(cfg.output).absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output {cfg.output}: {existing} is a file, not a folder; --output names the run "
+                         "directory (created if missing): choose another path")
     if cfg.pretrained and cfg.pretrained != "openai" and not Path(cfg.pretrained).exists():
         raise FileNotFoundError(f"--pretrained {cfg.pretrained}: no such file or folder (or use 'openai')")
     if cfg.zeroshot_classes and cfg.zeroshot_classes != HELDOUT:
@@ -107,6 +121,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, env: DistEnv):
         self.cfg, self.env, self.output = cfg, env, Path(cfg.output)
+        self.started = time.perf_counter()  # --time-budget counts from here
         _check_paths(cfg)
         self.resume_from = resolve_resume(cfg, self.output)
         barrier(env)  # every rank has looked at the output folder before rank 0 writes into it
@@ -117,16 +132,19 @@ class Trainer:
         _seed_all(cfg.seed + env.rank)
         self.step, self.skipped = 0, dict(self.base_skips)
         if self.resume_from is not None:
-            self._restore(self.resume_from)
+            self.resume_from = self._restore_intact(self.resume_from)
         self.stepper = Stepper(self.module, self._wrap(), self.optimizer,
                                TrainingLoss(cfg.loss, cfg.gather, cfg.local_loss, cfg.loss_tile_size),
                                self.scaler, self.autocast, cfg.grad_clip_norm)
+        self._build_validation()
+        if cfg.time_budget and self.resume_from is None:
+            self._plan_time_budget()
         if env.is_master:
             self.output.mkdir(parents=True, exist_ok=True)
             truncate_metrics(self.output, self.step)
             self._write_run_config()
-        self._build_validation()
         self.logger = RunLogger(self.output, env.is_master, self.total_steps, self.step)
+        self._warned: set[str] = set()  # reasons of bad samples already shown on the console
         self.last_train: dict = {}
         self.last_val: dict = {}
         self.checkpoint: Path | None = self.resume_from
@@ -137,14 +155,14 @@ class Trainer:
         _seed_all(cfg.seed)  # the same initial weights on every rank
         clip, train_tf, eval_tf = create_model_and_transforms(cfg.model, pretrained=cfg.pretrained)
         if cfg.lock_image or cfg.lock_text:
-            clip.freeze(image=cfg.lock_image, text=cfg.lock_text)
+            clip.freeze(image=cfg.lock_image, text=cfg.lock_text, text_unlocked_layers=cfg.lock_text_unlocked_layers)
         clip.set_grad_checkpointing(cfg.grad_checkpointing)
         self.clip, self.train_transform, self.eval_transform = clip, train_tf, eval_tf
         self.module = TrainModule(clip, cfg.loss, init_siglip_scale=cfg.pretrained is None).to(self.env.device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.autocast = functools.partial(torch.autocast, self.env.device.type, dtype=dtype,
                                           enabled=dtype is not None)
-        self.tokenizer = get_tokenizer(clip.context_length)
+        self.tokenizer = model_tokenizer(clip)
 
     def _build_data(self) -> None:
         cfg, env = self.cfg, self.env
@@ -162,16 +180,38 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"an epoch has {self.data.steps_per_epoch} batches per process, fewer than "
                              f"--accum-freq {cfg.accum_freq}; use more data or a smaller batch")
-        self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
-        if cfg.warmup >= self.total_steps:
-            raise ValueError(f"--warmup {cfg.warmup} is not shorter than the run ({self.total_steps} steps); "
-                             f"use e.g. --warmup {max(1, self.total_steps // 10)}")
         self.global_batch = cfg.batch_size * cfg.accum_freq * env.world_size
+        # a --time-budget run has no length until _plan_time_budget has timed it: a long placeholder
+        self._fit_schedule(cfg.steps or (cfg.epochs * self.steps_per_epoch if cfg.epochs else 10 ** 9))
+
+    def _fit_schedule(self, total_steps: int) -> None:
+        """The run's length, peak learning rate and warm-up: as given, else fitted to the run (optim.fitted_*)."""
+        cfg = self.cfg
+        self.total_steps = total_steps
+        self.lr = cfg.lr if cfg.lr is not None else fitted_lr(self.global_batch, cfg.pretrained is not None)
+        self.warmup = cfg.warmup if cfg.warmup is not None else fitted_warmup(total_steps, cfg.beta2)
+        if self.warmup >= total_steps:
+            raise ValueError(f"--warmup {self.warmup} is not shorter than the run ({total_steps} steps); "
+                             f"use e.g. --warmup {max(1, total_steps // 10)}, or leave it out to fit it")
+        if self.warmup > total_steps / 2:
+            warnings.warn(f"the warm-up ({self.warmup} steps) covers most of the run ({total_steps} steps): "
+                          "the learning rate is near its peak for few steps; leave --warmup out to fit it")
+
+    def _plan_time_budget(self) -> None:
+        """Time probe steps, a checkpoint and a validation, then fix the total steps that fit the budget."""
+        costs = measure_costs(self)
+        left = parse_duration(self.cfg.time_budget) - (time.perf_counter() - self.started)
+        steps = planned_steps(left, costs, self.steps_per_epoch, self.cfg.save_every, self.cfg.val_every,
+                              self.validating)
+        self.costs = costs
+        self._fit_schedule(gather_objects(steps, self.env)[0])  # every rank follows rank 0's plan
+        self.schedule.load_state_dict({"base_lr": self.lr, "warmup_steps": self.warmup,
+                                       "total_steps": self.total_steps})
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
-        self.optimizer = build_optimizer(self.module, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-        self.schedule = CosineSchedule(self.optimizer, cfg.lr, cfg.warmup, self.total_steps)
+        self.optimizer = build_optimizer(self.module, self.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.schedule = CosineSchedule(self.optimizer, self.lr, self.warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
 
     def _wrap(self) -> torch.nn.Module:
@@ -199,14 +239,16 @@ class Trainer:
     def _run_identity(self) -> dict:
         """Settings a resumed run must share with the checkpoint, or its data position means nothing."""
         ident = {k: getattr(self.cfg, k) for k in _RUN_IDENTITY_KEYS}
-        ident.update(global_batch=self.global_batch, total_steps=self.total_steps,
+        ident.update(lr=self.lr, warmup=self.warmup, global_batch=self.global_batch, total_steps=self.total_steps,
                      steps_per_epoch=self.steps_per_epoch)
         return ident
 
     def _write_run_config(self) -> None:
         resolved = {"precision": self.precision, "device": str(self.env.device), "world_size": self.env.world_size,
                     "global_batch_size": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-                    "total_steps": self.total_steps, "train_samples": self.data.num_samples,
+                    "total_steps": self.total_steps, "lr": self.lr, "warmup": self.warmup,
+                    "time_budget_costs": getattr(self, "costs", None) and self.costs.to_dict(),
+                    "train_samples": self.data.num_samples,
                     "data_split": self.data.split_by,  # how ranks and workers share the data (TrainData.split_by)
                     "resumed_from": str(self.resume_from) if self.resume_from else None,
                     "clipforge_version": clipforge.__version__, "torch_version": torch.__version__}
@@ -214,8 +256,30 @@ class Trainer:
         (self.output / RUN_CONFIG_NAME).write_text(text + "\n")
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def _restore(self, folder: Path) -> None:
-        state = load_checkpoint(folder, self.clip)
+    def _restore_intact(self, folder: Path) -> Path:
+        """Restore from ``folder``; if it is damaged and was chosen as the run's newest checkpoint, from the
+        newest intact older one instead (logged). Returns the folder restored from."""
+        resume = self.cfg.resume
+        chosen_newest = resume is None or resume in ("latest", "auto") or is_run_dir(resume)
+        older = [f for _, f in reversed(step_folders(folder.parent.parent))
+                 if f.name < folder.name and is_complete(f, TRAIN_FILES)] if chosen_newest else []
+        errors = []
+        for candidate in [folder, *older]:
+            try:
+                state = load_checkpoint(candidate, self.clip)
+            except CheckpointError as error:
+                errors.append(str(error))
+                continue
+            if errors:
+                _log.warning("warning: %s; resuming from the newest intact checkpoint instead: %s",
+                             "; ".join(errors), candidate)
+            self._restore(candidate, state)
+            return candidate
+        raise CheckpointError("cannot resume: " + "; ".join(errors))
+
+    def _restore(self, folder: Path, state: dict) -> None:
+        if self.cfg.time_budget and "total_steps" in state["run"]:
+            self._fit_schedule(state["run"]["total_steps"])  # the plan made when the run started
         saved, now = state["run"], self._run_identity()
         changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
         if changed:
@@ -267,6 +331,9 @@ class Trainer:
                         break
             finally:
                 batches.close()
+        if self.last_train.get("skipped"):
+            self.logger.warn("skipped bad samples in total: " + ", ".join(
+                f"{n} {reason} ({REASONS.get(reason, reason)})" for reason, n in self.last_train["skipped"].items()))
         self.logger.close()
         return {"rank": self.env.rank, "step": self.step, "epoch": max(0, self.step - 1) // self.steps_per_epoch,
                 "train": self.last_train, "val": self.last_val,
@@ -286,6 +353,7 @@ class Trainer:
         self.step += 1
         self._interval.steps += 1
         self.logger.advance()
+        self._warn_new_skips()
         last = self.step == self.total_steps
         if self.step % self.cfg.log_every == 0 or last:
             self._log_train(epoch, lr, out)
@@ -295,6 +363,13 @@ class Trainer:
         if self.step % self.cfg.save_every == 0 or last:
             self._save(epoch)
         self._interval.start += time.perf_counter() - paused  # validation and saving are not training time
+
+    def _warn_new_skips(self) -> None:
+        """One console warning per reason, when this process meets its first bad sample of it."""
+        for reason, example in self.data.skip_examples().items():
+            if reason not in self._warned:
+                self._warned.add(reason)
+                self.logger.warn(f"skipping bad samples: {REASONS.get(reason, reason)}, first {example}")
 
     def _log_train(self, epoch: int, lr: float, out: dict) -> None:
         world = self.env.world_size
@@ -313,12 +388,24 @@ class Trainer:
         self.logger.log(record)
         self._interval = _Interval()
 
+    def _keep_best(self, metrics: dict) -> None:
+        """Write checkpoints/best when ``metrics`` beat the best so far of ``--keep-best``'s metric."""
+        name, mode = best_mode(self.cfg.keep_best)
+        if name not in metrics:
+            raise ValueError(f"--keep-best {self.cfg.keep_best}: validation measured no {name!r}; it measured "
+                             f"{', '.join(sorted(metrics))}")
+        value, best = float(metrics[name]), read_best(self.output)
+        if best is None or (value < best["value"] if mode == "min" else value > best["value"]):
+            save_best(self.output, self.step, self.clip, name, mode, value)
+
     def _validate(self, epoch: int) -> None:
         if self.env.is_master:
             with torch.random.fork_rng(devices=[]):
                 metrics = validate(self.clip, self.val_set, self.zeroshot_set, self.cfg.batch_size, self.autocast)
             self.last_val = metrics
             self.logger.log({"step": self.step, "epoch": epoch, "split": "val", **metrics})
+            if self.cfg.keep_best:
+                self._keep_best(metrics)
         barrier(self.env)
 
 

@@ -46,6 +46,30 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = ADAMW_WEI
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
+# Peak learning rates at reference global batches: the paper's from-scratch value (Radford et al. 2021,
+# table 19-20: 5e-4 for RN50 to ViT-L/14 at batch 32768) and WiSE-FT's fine-tuning of CLIP (Wortsman et al.
+# 2022: 3e-5 at batch 512).
+SCRATCH_LR, SCRATCH_BATCH = 5e-4, 32768
+FINETUNE_LR, FINETUNE_BATCH = 3e-5, 512
+WARMUP_FRACTION = 0.1
+
+
+def fitted_lr(global_batch: int, pretrained: bool) -> float:
+    """Peak learning rate for a run with no ``--lr``: the reference value, scaled up by the square root of
+    the batch ratio for batches above the reference (the scaling rule for Adam, Malladi et al. 2022) and
+    kept below it: on the built-in data at batch 32 a smaller rate trained worse (README, Training on a
+    small dataset). Pretrained weights start from the fine-tuning reference."""
+    lr, batch = (FINETUNE_LR, FINETUNE_BATCH) if pretrained else (SCRATCH_LR, SCRATCH_BATCH)
+    return lr * math.sqrt(max(1.0, global_batch / batch))
+
+
+def fitted_warmup(total_steps: int, beta2: float = ADAMW_BETAS[1]) -> int:
+    """Warm-up steps for a run with no ``--warmup``: ``2 / (1 - beta2)``, the untuned warm-up that Adam's
+    second-moment estimate needs (Ma & Yarats 2021; 100 steps at beta2 = 0.98), but at most a tenth of
+    the run so that a short run spends most of its steps at a useful learning rate."""
+    return max(1, min(round(2 / (1 - beta2)), int(WARMUP_FRACTION * total_steps)))
+
+
 def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate for optimiser step ``step`` (0-based).
 

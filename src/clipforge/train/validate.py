@@ -52,7 +52,7 @@ def load_val_pairs(spec: str, preprocess: Callable, tokenizer: Callable, max_sam
     images, captions = [], []
     for image, caption in _pairs(spec, **source_options):
         images.append(preprocess(image))
-        captions.append(caption)
+        captions.append(caption if isinstance(caption, str) else caption[0])  # several: the first, every time
         if len(images) == max_samples:
             break
     if len(images) < 2:
