@@ -126,7 +126,7 @@ def _sniff(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-        except zipfile.BadZipFile as e:
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError) as e:  # a damaged directory
             raise CheckpointError(f"{path}: the zip archive is truncated or corrupt ({e}); download or "
                                   f"save it again") from e
         return "torchscript" if any(n.endswith("/constants.pkl") for n in names) else "torch"

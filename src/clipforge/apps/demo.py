@@ -15,11 +15,13 @@ from ..encode import encode_images
 from ..evaluate import evaluate
 from ..evaluate.explain import plot_report, similarity_report
 from ..factory import load
+from ..models import get_model_config
 from ..train import TrainConfig, train
 from ..train.logger import read_metrics
 from ..zeroshot import ZeroShotClassifier
 
 SINGLE_TEMPLATE = ["a photo of a {}."]
+DEMO_MARKER = ".clipforge-demo"  # marks a folder the demo wrote, which a later demo run may overwrite
 EVAL_BATCH = 256
 
 
@@ -39,14 +41,17 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    """Generate data, train, evaluate and write ``report.md``; returns the report's path."""
+    """Generate data, train, evaluate and write ``report.md``; returns the report's path.
+
+    Every setting is checked before anything is written, and ``cfg.output`` must be new, empty or a
+    previous demo's folder (it holds the :data:`DEMO_MARKER` file): the demo never replaces other files.
+    """
     out = Path(cfg.output)
+    train_cfg = _train_config(cfg, out / "run")
+    _claim_output(out)
     data = _write_eval_data(out / "data", cfg.eval_samples)
     run_dir = out / "run"
-    train(TrainConfig(model=cfg.model, train_data=f"builtin:{cfg.train_samples}", batch_size=cfg.batch_size,
-                      steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 10), output=str(run_dir),
-                      workers=cfg.workers, seed=cfg.seed, save_every=max(1, cfg.steps // 4), log_every=10,
-                      resume="auto", zeroshot_classes="builtin-heldout", val_every=max(1, cfg.steps // 4)))
+    train(train_cfg)
     model, preprocess = load(run_dir, device="cpu")
     results = _evaluate(model, preprocess, data)
     results["zeroshot_all_pairs"] = _zeroshot_among_all_pairs(model, preprocess, cfg.eval_samples)
@@ -57,6 +62,35 @@ def run_demo(cfg: DemoConfig) -> Path:
     report = out / "report.md"
     report.write_text(_report(results, figures, cfg), encoding="utf-8")
     return report
+
+
+def _train_config(cfg: DemoConfig, run_dir: Path) -> TrainConfig:
+    """The demo's training run, its settings checked (ValueError naming the option) before any file is written."""
+    for name in ("steps", "batch_size", "eval_samples", "train_samples"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.eval_samples < 10:
+        raise ValueError(f"--eval-samples must be at least 10 (the linear probe needs a validation split), "
+                         f"got {cfg.eval_samples}")
+    get_model_config(cfg.model)  # an unknown architecture fails here, not after the data is written
+    return TrainConfig(model=cfg.model, train_data=f"builtin:{cfg.train_samples}", batch_size=cfg.batch_size,
+                       steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 10), output=str(run_dir),
+                       workers=cfg.workers, seed=cfg.seed, save_every=max(1, cfg.steps // 4), log_every=10,
+                       resume="auto", zeroshot_classes="builtin-heldout",
+                       val_every=max(1, cfg.steps // 4)).validate()
+
+
+def _claim_output(out: Path) -> None:
+    """Mark ``out`` as a demo folder; ValueError if it is a file or holds files the demo did not write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; the demo writes a folder of data, run and report")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+        found = sorted(p.name for p in out.iterdir())
+        raise ValueError(f"--output {out} is not empty and is not a previous demo folder (it has no {DEMO_MARKER}; "
+                         f"it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}); the demo would "
+                         "replace files there: choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by clipforge demo; it may replace the files of this folder\n")
 
 
 def _write_eval_data(root: Path, n: int) -> dict[str, str]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from clipforge.factory import resolve_device
+
 DEFAULT_MASTER_PORT = 29500
 
 
@@ -71,14 +73,11 @@ def launcher_env(environ: os._Environ | dict | None = None) -> dict[str, str]:
 
 
 def _device(local_rank: int, device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is available; use --device cpu")
+    dev = resolve_device(device)  # the one device check, shared with clipforge.load
+    if dev.type == "cuda":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
+    return dev
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
