@@ -214,3 +214,21 @@ def _report(results: dict, figures: dict[str, Path], cfg: DemoConfig) -> str:
         f"![similarity heatmap]({figures['heatmap'].name})", "",
     ]
     return "\n".join(lines)
+
+
+def search_own_images(cfg: DemoConfig, queries: tuple[str, str] = ("a blue cross", "id:1"), top_k: int = 3) -> str:
+    """Index the demo's own images (the held-out test folder and the captioned set) with the trained model,
+    run two example searches, and say how to browse them with ``clipforge serve``."""
+    from ..search import Index
+
+    out = Path(cfg.output)
+    folder = out / "index"
+    sources = [out / "data" / "heldout_test", out / "data" / "captions" / "captions.csv"]
+    index = Index.build(folder, sources, model=str(out / "run"), device="cpu", workers=cfg.workers, progress=False,
+                        rebuild=True)  # the model was just (re)trained
+    lines = [f"Indexed {len(index)} demo images into {folder}."]
+    for query in queries:
+        lines.append(f"\n$ clipforge search {folder} {query!r} --top {top_k}")
+        lines += [f"{r.score:7.4f}  id:{r.id:<5d} {r.path}" for r in index.search(query, top_k=top_k)]
+    lines.append(f"\nBrowse them in a web page: clipforge serve {folder}  (then open http://127.0.0.1:8000/)")
+    return "\n".join(lines)

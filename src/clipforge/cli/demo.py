@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..apps.demo import DemoConfig, run_demo
+from ..apps.demo import DemoConfig, run_demo, search_own_images
 
 HELP = ("Train a small CLIP on the built-in data and report what it learned. "
         "Generates the built-in coloured-shapes data, trains a small CLIP on the CPU (a few minutes), then "
@@ -31,4 +31,5 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(cfg)
     print(f"\nreport written to {report}")
     print(report.read_text(encoding="utf-8").split("\n\n![")[0])
+    print("\n" + search_own_images(cfg))
     return 0

@@ -54,11 +54,11 @@ def build(folder: Path, ids: np.ndarray, vectors: np.ndarray, rows_used: int) ->
     :data:`TARGET_RECALL` on sampled queries, save it; returns what config.json records about it."""
     faiss = _faiss()
     dim = vectors.shape[1]
-    cells = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))
+    cells = max(1, min(int(np.sqrt(len(vectors))), len(vectors) // 39))
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(0)
-    train = vectors[rng.choice(len(vectors), size=min(len(vectors), 64 * cells), replace=False)]
+    train = vectors[rng.choice(len(vectors), size=min(len(vectors), 50 * cells), replace=False)]
     index.train(train)
     index.add(vectors)
     queries = sample_queries(vectors, SAMPLED_QUERIES)
