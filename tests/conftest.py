@@ -88,3 +88,18 @@ def search_server(search_index, tmp_path_factory):
     yield line.rsplit(" at ", 1)[1].strip().rstrip("/")
     process.terminate()
     process.wait(timeout=30)
+
+
+MICRO_MODEL = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                               "head_width": 16},
+               "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture
+def micro_json(tmp_path):
+    """A two-layer model config (full BPE vocabulary, so real captions tokenize) that trains in milliseconds
+    a step, as a JSON file path for ``--model``."""
+    import json
+    path = tmp_path / "micro.json"
+    path.write_text(json.dumps(MICRO_MODEL))
+    return str(path)

@@ -5,7 +5,6 @@ bounded amount of memory (measured in a child process)."""
 import io
 import json
 import os
-import random
 import struct
 import subprocess
 import sys

@@ -70,6 +70,17 @@ def test_image_files_used_by_eval_and_index_skip_a_strip(good_image):
     assert "strip_1x100000.png" in errors[0] and "32x3200000" in errors[0] and "max_pixels" in errors[1]
 
 
+def test_the_search_index_reader_skips_a_strip(good_image):
+    from clipforge.data import DescribedImages, collate_described
+    from clipforge.search.model import load_model
+
+    _, preprocess = load_model("tiny-vit", "cpu")
+    refs = [good_image, str(HOSTILE / "strip_1x100000.png")]
+    indices, batch, _, errors = collate_described([DescribedImages(refs, preprocess)[i] for i in range(2)])
+    assert list(indices) == [0] and batch.shape[0] == 1
+    assert len(errors) == 1 and "max_pixels" in str(errors[0])
+
+
 def test_zeroshot_eval_skips_a_strip(saved_tiny_model, good_image, tmp_path, capsys):
     data = tmp_path / "val"
     for label in ("red", "blue"):

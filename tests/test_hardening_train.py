@@ -19,20 +19,9 @@ from clipforge.data import DataSourceError, build_train_data
 from clipforge.train import TrainConfig, train
 from clipforge.train.logger import RunLogger
 
-MICRO = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
-                                         "head_width": 16},
-         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 HOSTILE = Path(__file__).parent / "data" / "hostile"
-BAD_IMAGES = {"empty.png": "empty_file", "truncated.png": "unreadable_image", "not_an_image.jpg": "unreadable_image"}
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def micro_json(tmp_path):
-    path = tmp_path / "micro.json"
-    path.write_text(json.dumps(MICRO))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")  # micro_json: the two-layer model of conftest.py
 
 
 def _csv(folder: Path, good: int, bad: list[str]) -> str:
