@@ -61,6 +61,10 @@ def test_classify_skips_a_strip_and_a_header_bomb_with_one_message(saved_tiny_mo
     assert len(err) == 2 and all("more than max_pixels=89478485" in line for line in err)
     assert "strip_1x100000.png" in err[0] and "a 1x100000 image resized to a shorter side of" in err[0]
     assert "header_bomb_20000x5000.png is 20000x5000 = 100000000 pixels" in err[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["explain", *images, "--model", str(saved_tiny_model), "--texts", "red", "blue"]) == 0
+    assert [line.replace("explain", "classify") for line in capsys.readouterr().err.splitlines()] == err
 
 
 def test_image_files_used_by_eval_and_index_skip_a_strip(good_image):
@@ -98,12 +102,14 @@ def test_zeroshot_eval_skips_a_strip(saved_tiny_model, good_image, tmp_path, cap
 def test_no_augment_training_data_skips_a_strip_by_reason(tmp_path, good_image):
     rows = [["filepath", "caption"]] + [[good_image, f"a red square {i}"] for i in range(7)]
     rows.insert(3, [str(HOSTILE / "strip_1x100000.png"), "a strip"])
+    rows.insert(5, [str(HOSTILE / "header_bomb_20000x5000.png"), "a bomb"])  # the decoder's limit, same reason
+    rows.pop()
     with open(tmp_path / "data.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     data = build_train_data(str(tmp_path / "data.csv"), EvalTransform(32), lambda t: torch.zeros(len(t), 4), 4)
     batches = list(data.batches(0))
     assert len(batches) == 2 and all(images.shape == (4, 3, 32, 32) for images, _ in batches)
-    assert data.skip_counts() == {"too_many_pixels": 1}
+    assert data.skip_counts() == {"too_many_pixels": 2}
     assert "strip_1x100000.png" in data.skip_examples()["too_many_pixels"]
 
 
