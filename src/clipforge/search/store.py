@@ -105,20 +105,25 @@ class SegmentWriter:
 
     def __init__(self, folder: Path, kind: str, dim: int):
         self.folder, self.kind, self.dim = folder, kind, dim
-        self._open: dict[int, np.memmap] = {}
+        self._open: dict[int, tuple[np.memmap, int]] = {}  # segment number -> (its map, a descriptor to fsync)
 
-    def _segment(self, number: int) -> np.memmap:
+    def _create(self, path: Path) -> None:
+        tmp = path.with_suffix(".npy.tmp")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                  "shape": (SEGMENT_ROWS, self.dim)}
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            f.truncate(f.tell() + SEGMENT_ROWS * self.dim * 2)  # zero rows, sparse until written
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _segment(self, number: int) -> tuple[np.memmap, int]:
         if number not in self._open:
             path = segment_path(self.folder, self.kind, number)
             if not path.exists():
-                tmp = path.with_suffix(".npy.tmp")
-                created = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                                    shape=(SEGMENT_ROWS, self.dim))
-                created.flush()
-                del created
-                _fsync(tmp)
-                os.replace(tmp, path)
-            self._open[number] = np.load(path, mmap_mode="r+")
+                self._create(path)
+            self._open[number] = (np.load(path, mmap_mode="r+"), os.open(path, os.O_RDONLY))
         return self._open[number]
 
     def write(self, first_row: int, vectors: np.ndarray) -> None:
@@ -127,23 +132,18 @@ class SegmentWriter:
         while start < len(vectors):
             number, within = divmod(first_row + start, SEGMENT_ROWS)
             count = min(len(vectors) - start, SEGMENT_ROWS - within)
-            self._segment(number)[within:within + count] = vectors[start:start + count]
+            self._segment(number)[0][within:within + count] = vectors[start:start + count]
             touched.add(number)
             start += count
         for number in touched:
-            self._open[number].flush()
-            _fsync(segment_path(self.folder, self.kind, number))
+            segment, fd = self._open[number]
+            segment.flush()
+            os.fsync(fd)
 
     def close(self) -> None:
+        for _, fd in self._open.values():
+            os.close(fd)
         self._open.clear()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_segments(folder: Path, kind: str, rows: int) -> list[np.ndarray]:
