@@ -61,6 +61,10 @@ def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, ver
     """
     if not isinstance(model, CLIP):
         raise TypeError(f"export_onnx needs a clipforge CLIP model, got {type(model).__name__}")
+    if model.config.text_cfg.hf_model_name or model.config.vision_cfg.timm_model_name:
+        raise ValueError("ONNX export covers CLIP's own towers (its graphs and tokenizer files assume them), "
+                         "not a Hugging Face text tower or a timm image tower; save the model with "
+                         "clipforge.save(model, folder) instead")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).float().cpu().eval()

@@ -144,6 +144,10 @@ def config_to_hf(cfg: CLIPConfig, logit_scale: float) -> dict[str, Any]:
     if cfg.vision_cfg.is_resnet:
         raise ValueError("cannot export a ResNet CLIP to the Hugging Face layout: transformers' CLIPModel has "
                          "only a ViT image tower. Save it with clipforge.save(model, folder) instead")
+    if cfg.text_cfg.hf_model_name or cfg.vision_cfg.timm_model_name:
+        raise ValueError("cannot export a Hugging Face text tower or a timm image tower to transformers' "
+                         "CLIPModel layout (it has only CLIP's own towers); save it with clipforge.save(model, "
+                         "folder), which carries the tower's files")
     if cfg.text_cfg.encoder != "transformer":
         raise ValueError(f"cannot export a {cfg.text_cfg.encoder!r} text encoder to the Hugging Face layout: "
                          "transformers' CLIPModel has only the Transformer text tower")

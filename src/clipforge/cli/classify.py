@@ -15,7 +15,8 @@ from ..zeroshot import ZeroShotClassifier, load_templates
 
 HELP = """Zero-shot classify images against labels you name, as in CLIP's README example.
 
-Each label is put into the prompt templates (default "a photo of a {}."), the prompt embeddings are
+Each label is put into the prompt templates (default "a photo of a {}."; --no-template, the same as
+--templates '{}', scores each label's text as given, as OpenAI's README example does), the prompt embeddings are
 averaged per label, and each image gets softmax(exp(logit_scale) * cosine(image, label)) over the labels:
 the probabilities of one image sum to 1.
 
@@ -29,7 +30,7 @@ classified, 1 if none could be read, 2 for bad arguments (empty or duplicate lab
 without a placeholder, an unknown model)."""
 
 EXAMPLES = """examples:
-  clipforge classify CLIP.png --model ViT-B/32 --labels "a diagram,a dog,a cat"
+  clipforge classify CLIP.png --model ViT-B/32 --labels "a diagram,a dog,a cat" --no-template
   clipforge classify photos/*.jpg --model runs/tiny --classes labels.txt --templates openai --json
   clipforge classify street.jpg --model ViT-B/32 --labels "car,bicycle,person,tree" --multi-label"""
 
@@ -43,10 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     labels.add_argument("--labels", help='comma-separated labels, e.g. "a diagram,a dog,a cat"')
     labels.add_argument("--classes", metavar="FILE|NAME",
                         help="a file with one label per line, or a shipped class list (imagenet1k, pets, ...)")
-    parser.add_argument("--templates", metavar="NAME|FILE",
-                        help='prompt templates: a set name (openai = 80 ImageNet prompts, cifar10, food101, ...), '
-                             'a file with one template per line using {} or {c}, or one template; '
-                             'default "a photo of a {}."')
+    templates = parser.add_mutually_exclusive_group()
+    templates.add_argument("--no-template", action="store_true",
+                           help="score each label's text as given (the identity template '{}')")
+    templates.add_argument("--templates", metavar="NAME|FILE",
+                           help='prompt templates: a set name (openai = 80 ImageNet prompts, cifar10, food101, ...), '
+                                'a file with one template per line using {} or {c}, or one template; '
+                                'default "a photo of a {}."')
     parser.add_argument("--top-k", type=int, default=None,
                         help="labels shown per image (default 5; all labels with --multi-label)")
     parser.add_argument("--multi-label", action="store_true", help="score each label on its own (see above)")
@@ -90,7 +94,7 @@ def _print_text(paths: list[str], predictions: list[list[tuple[str, float]]], mu
 
 def run(args: argparse.Namespace) -> int:
     labels = parse_labels(args.labels) if args.labels is not None else load_classnames(args.classes)
-    templates = load_templates(args.templates)
+    templates = ["{}"] if args.no_template else load_templates(args.templates)
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:

@@ -9,14 +9,18 @@ from ..factory import create_model, load
 from ..models import CLIP
 from ..models.registry import canonical_name
 from ..pretrained import pretrained_weights
+from ..transforms import PreprocessConfig
 
 HELP = """Export a model for other runtimes.
 
-onnx: image_encoder.onnx (float32 images (N, 3, H, W) -> features) and text_encoder.onnx (int64 tokens
-      (N, context_length) -> features), batch axis dynamic, plus onnx_config.json. Both graphs are run
-      with ONNX Runtime after export and must match PyTorch within --atol. Load them with
-      clipforge.export.OnnxEncoder(folder). Needs the onnx extra: pip install 'clipforge[onnx]'.
-hf:   a Hugging Face transformers CLIPModel folder (config.json + model.safetensors); ViT models only."""
+onnx: image_encoder.onnx (float32 images (N, 3, H, W) -> features) and text_encoder.onnx (int64 or int32
+      tokens (N, L <= context_length) -> features), batch axis dynamic, plus onnx_config.json, which
+      describes the preprocessing, tokenizer files, context length and trained logit scale (also stored
+      as metadata in each .onnx). Both graphs are run with ONNX Runtime after export and must match
+      PyTorch within --atol. Load them with clipforge.export.OnnxEncoder(folder), or from any language.
+      Needs the onnx extra: pip install 'clipforge[onnx]'.
+hf:   a Hugging Face transformers CLIPModel folder (config.json + model.safetensors, tokenizer files and
+      preprocessor_config.json): CLIPProcessor, AutoTokenizer and pipeline() load it as is; ViT models only."""
 
 EXAMPLES = """examples:
   clipforge export onnx --model ViT-B/32 --output exported/vit-b-32
@@ -42,13 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.random_init)
+    model, preprocess = load_model(args.model, args.random_init)
     if args.format == "hf":
         from ..checkpoints import export_hf
-        print(f"wrote {export_hf(model, args.output)}")
+        print(f"wrote {export_hf(model, args.output, preprocess)}")
         return 0
     from ..export import export_onnx
-    paths = export_onnx(model, args.output, opset=args.opset, verify=not args.no_verify, atol=args.atol)
+    paths = export_onnx(model, args.output, opset=args.opset, verify=not args.no_verify, atol=args.atol,
+                        preprocess=preprocess)
     for name in ("image", "text", "config"):
         print(f"wrote {paths[name]}")
     diffs = json.loads(paths["config"].read_text()).get("max_difference")
@@ -58,17 +63,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(spec: str, random_init: bool = False) -> CLIP:
-    """The model ``--model`` names: loaded weights, or a random-init architecture with ``random_init``."""
+def load_model(spec: str, random_init: bool = False) -> tuple[CLIP, PreprocessConfig | None]:
+    """The model ``--model`` names and its preprocessing: loaded weights, or with ``random_init`` a
+    random-init architecture (preprocessing None: OpenAI's at the model's size)."""
     path = Path(spec).expanduser()
     if random_init:
-        return create_model(spec)
+        return create_model(spec), None
     if path.suffix == ".json" and path.is_file():
         raise ValueError(f"{spec} is an architecture config without weights; pass --random-init to export it "
                          f"with random weights, or give a checkpoint")
     if path.exists() or pretrained_weights(spec) is not None:
-        model, _ = load(spec, device="cpu", precision="fp32")
-        return model
+        model, transform = load(spec, device="cpu", precision="fp32")
+        return model, transform.config
     if canonical_name(spec) is not None:
         raise ValueError(f"{spec!r} is an architecture without published weights; pass a checkpoint path, "
                          f"or --random-init to export it with random weights")

@@ -301,19 +301,24 @@ def write_classification(folder: str | Path, split: str, num_samples: int, fmt: 
 
     ``fmt="folder"``: ``root/<class_name with _ for spaces>/KEY.png`` (sorted directory names give the
     label order); ``"wds"``: shards of ``KEY.png`` + ``KEY.cls`` (label) + ``KEY.txt`` (class name);
-    ``"csv"``: ``labels.csv`` (filepath,label,classname). Every format also writes ``classnames.txt``
-    (one name per line, in label order) and ``templates.txt``. The default ``seed=1`` keeps these images
-    apart from the built-in training data (seed 0).
+    ``"csv"``: ``labels.csv`` (filepath,label,classname); ``"clip_benchmark"``: CLIP_benchmark's ``wds/``
+    layout, ``root/test/0.tar, 1.tar, ...`` (``train/`` for ``split="train"``) of ``KEY.png`` + ``KEY.cls``,
+    ``test/nshards.txt``, and ``zeroshot_classification_templates.txt`` with ``{c}`` (returns ``root``, its
+    ``--dataset_root``). Every format also writes ``classnames.txt`` (one name per line, in label order) and
+    ``templates.txt``. The default ``seed=1`` keeps these images apart from the built-in training data (seed 0).
     """
     _check_labelling(by)
     data = ShapesDataset(num_samples, split, seed, image_size)
-    root = _prepare(folder, fmt, ("folder", "wds", "csv"), image_format, num_samples)
+    root = _prepare(folder, fmt, ("folder", "wds", "csv", "clip_benchmark"), image_format, num_samples)
     (root / "classnames.txt").write_text("\n".join(data.class_names(by)) + "\n", encoding="utf-8")
     (root / "templates.txt").write_text("\n".join(templates()) + "\n", encoding="utf-8")
     samples = ((f"{i:09d}", data.image(i), data.label(i, by), data.class_name(i, by)) for i in range(num_samples))
     if fmt == "wds":
         shard_samples = (({"cls": str(y), "txt": name}, k, im) for k, im, y, name in samples)
         return _write_shards(root, shard_samples, samples_per_shard, image_format)
+    if fmt == "clip_benchmark":
+        return _write_clip_benchmark(root, "train" if split == "train" else "test", samples, samples_per_shard,
+                                     image_format)
     rows = []
     for key, image, label, name in samples:
         subfolder = root / (name.replace(" ", "_") if fmt == "folder" else "images")
@@ -321,6 +326,19 @@ def write_classification(folder: str | Path, split: str, num_samples: int, fmt: 
     if fmt == "folder":
         return str(root)
     return _write_csv(root / "labels.csv", ("filepath", "label", "classname"), rows)
+
+
+def _write_clip_benchmark(root: Path, split: str, samples, samples_per_shard: int, image_format: str) -> str:
+    """CLIP_benchmark's ``build_wds_dataset`` layout: ``SPLIT/{0..n-1}.tar`` + ``SPLIT/nshards.txt``, with
+    ``classnames.txt`` and ``zeroshot_classification_templates.txt`` (``{c}`` placeholders) at the root."""
+    (root / split).mkdir(exist_ok=True)
+    shard_samples = (({"cls": str(y)}, k, im) for k, im, y, _ in samples)
+    _write_shards(root / split, shard_samples, samples_per_shard, image_format, shard_name="{}.tar")
+    nshards = len(json.loads((root / split / "sizes.json").read_text()))
+    (root / split / "nshards.txt").write_text(f"{nshards}\n", encoding="utf-8")
+    cb_templates = [t.replace("{}", "{c}") for t in templates()]
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(cb_templates) + "\n", encoding="utf-8")
+    return str(root)
 
 
 def _prepare(folder: str | Path, fmt: str, formats: tuple, image_format: str, num_samples: int) -> Path:
@@ -350,14 +368,15 @@ def _write_csv(path: Path, header: tuple, rows: list) -> str:
     return str(path)
 
 
-def _write_shards(root: Path, samples, samples_per_shard: int, image_format: str) -> str:
+def _write_shards(root: Path, samples, samples_per_shard: int, image_format: str,
+                  shard_name: str = "{:05d}.tar") -> str:
     """Write (texts by extension, key, image) samples into numbered tar shards and ``sizes.json``."""
     sizes, tar = {}, None
     for n, (texts, key, image) in enumerate(samples):
         if n % samples_per_shard == 0:
             if tar is not None:
                 tar.close()
-            name = f"{n // samples_per_shard:05d}.tar"
+            name = shard_name.format(n // samples_per_shard)
             tar, sizes[name] = tarfile.open(root / name, "w", format=tarfile.USTAR_FORMAT), 0
         encoded = io.BytesIO()
         image.save(encoded, format="JPEG" if image_format == "jpg" else image_format.upper(), quality=95)
