@@ -154,7 +154,9 @@ def test_update_after_adding_changing_renaming_duplicating_and_deleting(tmp_path
     os.remove(photos / "img005.jpg")
     make_image(50).save(photos / "img007.jpg")  # changed content
     write_folder(photos / "new", 2, start=20)
-    updated = _build(tmp_path, [photos])
+    updated = Index.open(tmp_path / "index")
+    assert updated.last_update is None
+    updated.update([photos], workers=0, batch_size=5, progress=False)
     assert updated.last_update == {"indexed": 4, "updated": 1, "reused": 2, "unchanged": 10, "removed": 2,
                                    "skipped": {}, "items": 15}
     assert updated.item(by_path[str(photos / "img007.jpg")].id).hash != by_path[str(photos / "img007.jpg")].hash

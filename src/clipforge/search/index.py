@@ -68,6 +68,7 @@ class Index:
             raise FileNotFoundError(f"no search index in {self.folder} (no {store.CONFIG}); build one with "
                                     f"`clipforge index SOURCE... --model MODEL --index {self.folder}`")
         self.config, self.device = config, device
+        self.last_update: dict | None = None  # the summary of the build or update this object ran
         self._lock = threading.RLock()
         self._model = self._preprocess = None
         self._db = store.connect(self.folder, readonly=True)
