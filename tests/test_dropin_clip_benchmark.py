@@ -71,3 +71,26 @@ def test_clip_benchmark_reads_it_and_gives_clipforge_evals_top1(benchmark_root, 
 def _top1(report: dict) -> float:
     metrics = report.get("metrics", report)
     return next(v for k, v in metrics.items() if k in ("top1", "acc1", "zeroshot_top1"))
+
+
+def test_numbered_class_folders_read_by_id_and_a_missing_class_stays_a_candidate(tmp_path, saved_tiny_model):
+    """Index-labelled exports: folders 0000, 0002 (no 0001: that class has no images) with a names file."""
+    from clipforge.data.classification import read_classification
+
+    source = Path(write_classification(tmp_path / "shapes", "heldout", 12, fmt="folder"))
+    classnames = (source / "classnames.txt").read_text().splitlines()
+    root = tmp_path / "numbered"
+    for label in (0, 2):
+        (root / f"{label:04d}").mkdir(parents=True)
+        for image in sorted((source / classnames[label].replace(" ", "_")).glob("*.png")):
+            image.rename(root / f"{label:04d}" / image.name)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(classnames) + "\n")
+    with pytest.warns(UserWarning, match="have no images"):
+        data = read_classification(root, str(names))
+    assert data.classnames == classnames  # every name, in label order, the missing ones included
+    assert data.targets and {data.classnames[t] for t in data.targets} <= {classnames[0], classnames[2]}
+    assert main(["eval", "--task", "zeroshot", "--model", str(saved_tiny_model), "--data", str(root),
+                 "--classnames", str(names), "--output", str(tmp_path / "out.json")]) == 0
+    details = json.loads((tmp_path / "out.json").read_text())["details"]
+    assert details["num_classes"] == len(classnames) and details["num_images"] == len(data.targets)

@@ -108,3 +108,14 @@ def test_tokenizers_give_clipforges_ids_up_to_padding(exported, tokenizer_class)
         assert theirs[:end] == expected[:end], text
         assert set(theirs[end:]) <= {ours.eot_token_id}, text  # transformers pads with end-of-text, clipforge with 0
     assert tokenizer("a photo of a cat.")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 269, 49407]
+
+
+def test_export_hf_command_writes_a_folder_transformers_reads(saved_tiny_model, tmp_path):
+    from clipforge.cli import main
+
+    assert main(["export", "hf", "--model", str(saved_tiny_model), "--output", str(tmp_path / "hf")]) == 0
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    model, preprocess = clipforge.load(saved_tiny_model, device="cpu")
+    pixels = processor(images=_image(), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(pixels, preprocess(_image()), atol=1e-6, rtol=0)
+    assert processor.tokenizer("a cat")["input_ids"] == clipforge.tokenize("a cat", 32)[0, :4].tolist()
