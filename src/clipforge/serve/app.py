@@ -102,7 +102,7 @@ def _add_api(app: FastAPI, service: SearchService, authorized: list, max_upload:
     async def search(request: Request):
         body, image = await _read_search_body(request, max_upload)
         upload = await run_in_threadpool(service.check_upload, image) if image is not None else None
-        return await run_in_threadpool(service.search, body, upload)
+        return await service.run_query(body, upload)
 
     @app.get("/api/items/{item_id}", dependencies=authorized, summary="All metadata of an indexed item")
     def item(item_id: int):

@@ -2,7 +2,9 @@
 may ask (no file paths, known ids, images within the limits), encoded, searched, and turned into JSON rows."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 from ..data import load_image
 from .metrics import Metrics
@@ -22,11 +24,18 @@ class SearchService:
 
     def __init__(self, index, metrics: Metrics, uploads: Uploads, max_pixels: int):
         self.index, self.metrics, self.uploads, self.max_pixels = index, metrics, uploads, max_pixels
+        # Queries run on one thread, one after another: the index encodes under its lock anyway, torch's own
+        # threads already use every core for one query, and torch keeps a thread pool per calling thread.
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="clipforge-query")
+
+    async def run_query(self, request: SearchRequest, upload_key: str | None = None) -> dict:
+        """:meth:`search` on the query thread, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self.search, request, upload_key)
 
     def warm_up(self) -> None:
         """Load the model and run it once, so that the first client does not wait for it."""
         from ..search import Query
-        self.index.encode_query(Query.from_terms([("text", "a photo")]))
+        self._compute.submit(self.index.encode_query, Query.from_terms([("text", "a photo")])).result()
 
     def check_upload(self, data: bytes) -> str:
         """Decode an uploaded image to check it (a ValueError naming what is wrong); returns its upload key."""
