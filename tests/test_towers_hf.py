@@ -107,3 +107,11 @@ def test_openclip_configs_of_foreign_towers_load_unchanged():
     assert "hf_model_name" not in clipforge.get_model_config("tiny-vit").to_dict()["text_cfg"]
     with pytest.raises(ValueError, match="hf_pooler_type must be one of"):
         CLIPConfig.from_dict(_config(pooler="max_pooler"))
+
+
+def test_exports_that_assume_clips_own_towers_refuse_clearly(tmp_path):
+    model = clipforge.create_model(_config())
+    with pytest.raises(ValueError, match="ONNX export covers CLIP's own towers"):
+        clipforge.export_onnx(model, tmp_path / "onnx")
+    with pytest.raises(ValueError, match="cannot export a Hugging Face text tower"):
+        clipforge.export_hf(model, tmp_path / "hf")

@@ -14,10 +14,12 @@ import torch
 from clipforge.checkpoints import save as save_model
 
 from .checkpoint import rng_state, set_rng_state
+from .distributed import gather_objects
 from .validate import validate
 
-PROBE_STEPS = 8  # the first step starts the data workers and warms caches; the rest give the step time
-SAFETY = 0.85  # the plan uses this share of the time left, for noise in step times
+PROBE_STEPS = 8  # at least: the first step starts the data workers and warms caches; the rest give the step time
+PROBE_SHARE, MAX_PROBE_STEPS = 0.03, 200  # probe longer, up to this share of the budget, to reach steady state
+SAFETY = 0.8  # the plan uses this share of the time left, for noise in step times
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,17 @@ def planned_steps(seconds_left: float, costs: RunCosts, steps_per_epoch: int, sa
     return steps
 
 
-def measure_costs(trainer) -> RunCosts:
-    """Time ``PROBE_STEPS`` training steps, a model save and a validation, then restore the trainer's model,
+def measure_costs(trainer, budget_s: float) -> RunCosts:
+    """Time ``PROBE_STEPS`` training steps (more, up to ``PROBE_SHARE`` of ``budget_s``), a model save and a
+    validation, then restore the trainer's model,
     optimiser, scaler and RNG states so that the run trains exactly as if the probe had not happened."""
     saved = _snapshot(trainer)
     try:
         step_times = _time_steps(trainer, PROBE_STEPS)
+        # then more steps, up to PROBE_SHARE of the budget; as many on every rank (rank 0 decides)
+        extra = min(MAX_PROBE_STEPS, int(PROBE_SHARE * budget_s / max(step_times[-1], 1e-6))) - PROBE_STEPS
+        extra = gather_objects(max(0, extra), trainer.env)[0]
+        step_times += _time_steps(trainer, extra, first_epoch=1) if extra else []
         save_s = _time_save(trainer)
         validate_s = _time_validation(trainer) if trainer.validating else 0.0
     finally:
@@ -77,9 +84,9 @@ def _restore(trainer, saved: dict) -> None:
     set_rng_state(saved["rng"])
 
 
-def _time_steps(trainer, count: int) -> list[float]:
-    """Seconds of each of ``count`` steps from the start of the data, crossing epochs as the run does."""
-    times, epoch = [], 0
+def _time_steps(trainer, count: int, first_epoch: int = 0) -> list[float]:
+    """Seconds of each of ``count`` steps from the start of an epoch's data, crossing epochs as the run does."""
+    times, epoch = [], first_epoch
     while len(times) < count:
         batches = trainer.data.batches(epoch)
         try:

@@ -199,8 +199,10 @@ class Trainer:
 
     def _plan_time_budget(self) -> None:
         """Time probe steps, a checkpoint and a validation, then fix the total steps that fit the budget."""
-        costs = measure_costs(self)
-        left = parse_duration(self.cfg.time_budget) - (time.perf_counter() - self.started)
+        budget = parse_duration(self.cfg.time_budget)
+        costs = measure_costs(self, budget)
+        self.base_skips = self.data.skip_counts()  # bad samples the probe met are met again by the run
+        left = budget - (time.perf_counter() - self.started)
         steps = planned_steps(left, costs, self.steps_per_epoch, self.cfg.save_every, self.cfg.val_every,
                               self.validating)
         self.costs = costs
