@@ -18,7 +18,7 @@ from .pretrained import PRETRAINED, PretrainedWeights, download, download_weight
 from .runs import checkpoint_path
 from .transforms import PreprocessConfig, image_transform
 
-__all__ = ["available_models", "create_model", "create_model_and_transforms", "load", "resolve_device", "save"]
+__all__ = ["available_models", "create_model", "create_model_and_transforms", "load", "save"]
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _JIT_UNSUPPORTED = (
