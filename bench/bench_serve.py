@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -100,6 +101,16 @@ def client(base: str):
     return httpx.Client(base_url=base, timeout=120, transport=httpx.HTTPTransport(socket_options=options))
 
 
+def service_steps(metrics: str) -> dict[str, float]:
+    """Mean milliseconds of the service's encode and search steps, over every query it answered."""
+    means = {}
+    for step in ("encode", "search"):
+        total, count = (float(re.search(rf"^clipforge_{step}_seconds_{part} (\S+)$", metrics, re.M).group(1))
+                        for part in ("sum", "count"))
+        means[step] = 1000 * total / count
+    return means
+
+
 def percentile(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
@@ -150,6 +161,8 @@ def run(items: int = 100_000, n_queries: int = 100, concurrent_requests: int = 4
                 sequential(index, http, texts[:5])  # warm-up: model, page cache, connection
                 times = sequential(index, http, texts[5:5 + n_queries])
             seconds, latencies, errors = concurrent(base, texts[5 + n_queries:])
+            with client(base) as http:
+                steps = service_steps(http.get("/metrics").text)
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -160,7 +173,8 @@ def run(items: int = 100_000, n_queries: int = 100, concurrent_requests: int = 4
             "concurrent_clients": 16, "concurrent_requests": concurrent_requests,
             "concurrent_queries_per_s": concurrent_requests / seconds,
             "concurrent_p50_ms": 1000 * statistics.median(latencies),
-            "concurrent_p99_ms": 1000 * percentile(latencies, 0.99), "errors": errors}
+            "concurrent_p99_ms": 1000 * percentile(latencies, 0.99), "errors": errors,
+            **{f"service_{step}_mean_ms": ms for step, ms in steps.items()}}
 
 
 def main() -> None:
@@ -176,6 +190,8 @@ def main() -> None:
           f"directly p50 {figures['library_p50_ms']:.1f} ms (HTTP / library {figures['http_vs_library']:.2f}x)")
     print(f"  16 clients:  {figures['concurrent_queries_per_s']:.1f} queries/s, p50 {figures['concurrent_p50_ms']:.0f} "
           f"ms, p99 {figures['concurrent_p99_ms']:.0f} ms, {figures['errors']} errors")
+    print(f"  in the service, mean over all queries: encode {figures['service_encode_mean_ms']:.1f} ms, "
+          f"search {figures['service_search_mean_ms']:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"figures": figures, "environment": environment("cpu")}, indent=2))
 
