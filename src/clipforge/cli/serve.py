@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
                            f"pip install 'clipforge[serve]'") from None
     if args.token is not None and not args.token.strip():
         raise ValueError("--token is empty: give a non-empty token, or leave it out to serve without one")
+    if args.max_upload_mb <= 0 or args.max_pixels <= 0:
+        raise ValueError(f"--max-upload-mb and --max-pixels must be positive, got {args.max_upload_mb} and "
+                         f"{args.max_pixels}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0 to 65535)")
     options = ServeOptions(token=args.token, max_upload_bytes=int(args.max_upload_mb * 2**20),
