@@ -6,7 +6,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 
 from clipforge.search import Index
@@ -32,19 +31,20 @@ def _start(photos, index_dir):
 
 
 def _kill_at_random_moment(photos, index_dir, rng, while_encoding: bool) -> None:
-    """Start indexing and SIGKILL it after a random delay, counted from its start or, ``while_encoding``,
-    from the moment its progress bar appears (the encoding loop has begun)."""
+    """Start indexing and SIGKILL it at a random moment: during start-up, or (``while_encoding``) once this
+    run has committed a random number of items, so the kill lands inside the encoding loop at a random
+    phase of a batch, however fast the machine."""
+    before = _committed(index_dir)
+    # startup: a random moment before the first commit; encoding: after a random number of items
+    target, delay = (before + rng.randint(1, 30), 120.0) if while_encoding else (before + 1, rng.uniform(0.2, 3.0))
     proc = _start(photos, index_dir)
+    deadline = time.monotonic() + delay
+    while _committed(index_dir) < target and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     if while_encoding:
-        started = threading.Event()
-        threading.Thread(target=lambda: started.set() if "indexing" in proc.stderr.read(10) else None,
-                         daemon=True).start()
-        started.wait(timeout=120)
-        time.sleep(rng.uniform(0.0, 0.6))
-    else:
-        time.sleep(rng.uniform(0.5, 4.0))
+        time.sleep(rng.uniform(0.0, 0.02))
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.communicate(timeout=60)
 
 
 def test_sigkill_at_random_points_never_leaves_a_wrong_vector(tmp_path, one_thread):

@@ -216,7 +216,7 @@ def _png(width, height):
     (b'{}', 400, "empty query"),
     (b'{"query": "red", "cursor": "not-a-cursor"}', 400, "cursor"),
     (b'{"query": "id:999999"}', 404, "999999"),
-    (b'{"query": "/etc/passwd"}', 400, "image path"),
+    (b'{"query": "/etc/passwd.png"}', 400, "image path"),
     (b'{"query": "../../etc/hosts.jpg"}', 400, "image path"),
     (b'{"terms": [{"image": "%%%"}]}', 400, "base64"),
     (b'{"terms": [{"image": "aGVsbG8="}]}', 400, "cannot read image"),
@@ -226,6 +226,14 @@ def test_bad_search_requests_get_a_4xx_with_a_message(client, body, status, says
     response = client.post("/api/search", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == status, response.text
     assert says in response.json()["error"] and response.json()["status"] == status
+
+
+def test_queries_do_not_tell_which_server_files_exist(client, search_index):
+    # a word is an image path by its name alone here, so an existing file and a missing one read alike
+    answers = [client.post("/api/search", json={"query": name, "top_k": 3})
+               for name in ("/etc/passwd", "/etc/no-such-file-here", str(search_index / "config.json"))]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert all(a.json()["results"] for a in answers)
 
 
 def test_upload_limits(client):

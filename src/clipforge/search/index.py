@@ -125,9 +125,9 @@ class Index:
 
     # ----------------------------------------------------------------------------------------- queries
 
-    def parse(self, text: str) -> Query:
+    def parse(self, text: str, look_up_files: bool = True) -> Query:
         """The query syntax of ``clipforge search`` (see :func:`~clipforge.search.query.parse_query`)."""
-        return parse_query(text)
+        return parse_query(text, look_up_files)
 
     def model(self):
         """(model, preprocess), loaded once and checked against the weights checksum in config.json."""

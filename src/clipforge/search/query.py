@@ -56,16 +56,17 @@ def _term(term) -> Term:
     raise ValueError(f"cannot read query term {term!r}: give a Term, a (kind, value, weight) tuple or a dict")
 
 
-def parse_query(text: str) -> Query:
+def parse_query(text: str, look_up_files: bool = True) -> Query:
     """Parse the query syntax. Terms are separated by ``+`` or ``-`` standing alone between spaces (a minus
     negates the next term's weight); ``W:term`` weights a term; ``id:N`` is indexed item N; a word naming
     an existing file, or ending in an image extension, is an image; anything else, or text in double
-    quotes, is text. ``t-shirt`` and ``"rock - paper"`` stay one text term."""
+    quotes, is text. ``t-shirt`` and ``"rock - paper"`` stay one text term. ``look_up_files=False`` decides
+    by the name alone, never asking the file system (a service must not tell clients which files exist)."""
     terms, words, sign, quoted = [], [], 1.0, False
     for token, is_quoted in _tokens(text):
         if not is_quoted and token in ("+", "-"):
             if words:
-                terms.append(_parse_term(words, sign, quoted))
+                terms.append(_parse_term(words, sign, quoted, look_up_files))
             elif terms or token == "+":
                 raise ValueError(f"query {text!r}: {token!r} must stand between two terms")
             words, quoted, sign = [], False, (-1.0 if token == "-" else 1.0)
@@ -74,7 +75,7 @@ def parse_query(text: str) -> Query:
         quoted = quoted or is_quoted
     if not words:
         raise ValueError(f"query {text!r} is empty or ends with an operator: give text, an image path or id:N")
-    terms.append(_parse_term(words, sign, quoted))
+    terms.append(_parse_term(words, sign, quoted, look_up_files))
     return Query(tuple(terms))
 
 
@@ -87,7 +88,7 @@ def _tokens(text: str):
             yield match.group(2), False
 
 
-def _parse_term(words: list[str], sign: float, quoted: bool) -> Term:
+def _parse_term(words: list[str], sign: float, quoted: bool, look_up_files: bool) -> Term:
     body, weight = " ".join(words), 1.0
     found = _WEIGHT.match(words[0])
     if found and not (quoted and len(words) == 1):
@@ -102,6 +103,6 @@ def _parse_term(words: list[str], sign: float, quoted: bool) -> Term:
         return Term("id", int(_ID.match(body).group(1)), weight)
     if len(words) == 1 or found:
         path = os.path.expanduser(body)
-        if os.path.isfile(path) or (is_image_name(os.path.basename(path)) and " " not in body):
+        if (look_up_files and os.path.isfile(path)) or (is_image_name(os.path.basename(path)) and " " not in body):
             return Term("image", path, weight)
     return Term("text", body, weight)

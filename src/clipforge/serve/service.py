@@ -71,7 +71,7 @@ class SearchService:
         return Query.from_terms(terms)
 
     def _parsed_terms(self, text: str) -> list:
-        terms = self.index.parse(text).terms
+        terms = self.index.parse(text, look_up_files=False).terms
         for term in terms:
             if term.kind == "id":
                 self.index.item(term.value)  # KeyError (404) for an unknown id
