@@ -91,15 +91,17 @@ def latest_checkpoint(run_dir: str | Path, require: tuple[str, ...] = MODEL_FILE
 def write_files(folder: Path, writers: dict[str, Callable[[Path], Any]]) -> None:
     """Write ``folder/name`` with ``writers[name](path)`` for each name, atomically, the last one last.
 
-    Each file is written to a hidden temporary, fsynced and renamed into place; the last file marks
-    the folder complete, so an old one is removed first: it must not vouch for new files.
+    Each file is written to a hidden temporary, fsynced and renamed into place. Of several files the last
+    marks the folder complete, so an old one is removed first: it must not vouch for new files. A single
+    file is simply replaced, so there is never a moment without it.
     """
     tag = uuid.uuid4().hex[:8]
     temps = {name: folder / f".{name}.{tag}.tmp" for name in writers}
     try:
         for name, write in writers.items():
             _write_temp(temps[name], write)
-        (folder / list(writers)[-1]).unlink(missing_ok=True)
+        if len(writers) > 1:
+            (folder / list(writers)[-1]).unlink(missing_ok=True)
         for name in writers:
             os.replace(temps[name], folder / name)
         _fsync_dir(folder)

@@ -94,26 +94,9 @@ def load_image(source: ImageSource, max_pixels: int | None = None, draft_size: i
     full decode, so use it for training or opt-in fast indexing (the full size stays in
     ``img.info["full_size"]``). The image keeps its own mode (convert it as needed).
     """
-    if isinstance(source, ImageRef) and source.member is None:
-        source = source.path
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        name = name or str(path)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            kind = "is a directory, not an image file" if path.is_dir() else "does not exist (not found)"
-            raise MissingImage(f"image file {name} {kind}") from None
-        except OSError as e:
-            raise BadSample("unreadable_file", f"cannot open image {name}: {e.strerror or e}") from None
-        return _decode(io.BytesIO(data), len(data), name, max_pixels, draft_size)
-    if isinstance(source, ImageRef):
+    if isinstance(source, (str, os.PathLike, ImageRef)):
         name = name or str(source)
-        try:
-            data = source.read()
-        except OSError as e:
-            raise BadSample("unreadable_file", f"cannot read image {name}: {e.strerror or e}") from None
+        data = read_image_bytes(source, name)
         return _decode(io.BytesIO(data), len(data), name, max_pixels, draft_size)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(io.BytesIO(source), len(source), name or "<bytes>", max_pixels, draft_size)
@@ -173,21 +156,21 @@ class ImageFiles(torch.utils.data.Dataset):
             return i, None, message if name in message else f"{name}: {message}"
 
 
-def read_image_bytes(source: str | os.PathLike | ImageRef) -> bytes:
-    """The encoded bytes of an image file or shard member, as stored; a :class:`BadSample` if unreadable."""
-    if isinstance(source, ImageRef) and source.member is not None:
-        try:
-            return source.read()
-        except OSError as e:
-            raise BadSample("unreadable_file", f"cannot read image {source}: {e.strerror or e}") from None
-    path = source.path if isinstance(source, ImageRef) else source
+def read_image_bytes(source: str | os.PathLike | ImageRef, name: str | None = None) -> bytes:
+    """The encoded bytes of an image file or shard member, as stored; a :class:`BadSample` naming the image
+    (``name``, default the path or member) if it is missing or cannot be read."""
+    name = name or str(source)
     try:
-        with open(path, "rb") as f:
+        if isinstance(source, ImageRef) and source.member is not None:
+            return source.read()
+        with open(source.path if isinstance(source, ImageRef) else source, "rb") as f:
             return f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise MissingImage(f"image file {path} does not exist (not found)") from None
+        path = Path(source.path if isinstance(source, ImageRef) else source)
+        kind = "is a directory, not an image file" if path.is_dir() else "does not exist (not found)"
+        raise MissingImage(f"image file {name} {kind}") from None
     except OSError as e:
-        raise BadSample("unreadable_file", f"cannot open image {path}: {e.strerror or e}") from None
+        raise BadSample("unreadable_file", f"cannot open image {name}: {e.strerror or e}") from None
 
 
 @dataclass(frozen=True)

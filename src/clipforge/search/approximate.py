@@ -3,11 +3,11 @@ with its recall@10 against exact search measured on sampled queries when it is b
 ``pip install 'clipforge[search]'``."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..runs import write_files
 from . import exact, store
 
 AUTO_THRESHOLD = 200_000  # items above which ``approximate="auto"`` builds it
@@ -69,12 +69,11 @@ def build(folder: Path, ids: np.ndarray, vectors: np.ndarray, rows_used: int) ->
         if recall >= TARGET_RECALL or nprobe >= cells:
             break
         nprobe = min(cells, nprobe * 2)
-    tmp = folder / (FILE + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(folder / (IDS + ".tmp"), "wb") as f:
-        np.save(f, ids)
-    os.replace(tmp, folder / FILE)
-    os.replace(folder / (IDS + ".tmp"), folder / IDS)
+    def save_ids(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary's name
+            np.save(f, ids)
+
+    write_files(folder, {FILE: lambda path: faiss.write_index(index, str(path)), IDS: save_ids})
     return {"kind": "faiss IVFFlat (inner product)", "cells": cells, "nprobe": nprobe, "items": int(len(ids)),
             "rows": int(rows_used), "recall@10": round(recall, 4), "recall_queries": SAMPLED_QUERIES}
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runs import write_files
+
 FORMAT_VERSION = 1
 SEGMENT_ROWS = 65536  # rows per .npy segment file
 CONFIG, DATABASE = "config.json", "metadata.sqlite"
@@ -64,12 +66,7 @@ def read_config(folder: Path) -> dict | None:
 def write_config(folder: Path, config: dict) -> None:
     """Replace config.json atomically (write, fsync, rename)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CONFIG + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(config, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / CONFIG)
+    write_files(folder, {CONFIG: lambda path: path.write_text(json.dumps(config, indent=2) + "\n")})
 
 
 def connect(folder: Path, readonly: bool = False) -> sqlite3.Connection:
