@@ -408,10 +408,16 @@ def save(model: CLIP, folder: str | Path, preprocess: Any = None) -> Path:
             "model_cfg": config.to_dict(), "preprocess_cfg": preprocess.to_dict()}
     extra = {}
     (Path(folder) / OPEN_CLIP_CONFIG).unlink(missing_ok=True)  # an interrupted save must not pair it with new weights
-    if model.config.text_cfg.encoder == "transformer":  # OpenCLIP has no bag-of-words text tower
+    if _open_clip_can_build(model.config):
         open_clip = json.dumps(open_clip_config(config, preprocess), indent=2)
         extra[OPEN_CLIP_CONFIG] = lambda p: p.write_text(open_clip)
     return _write_folder(Path(folder), _cpu_tensors(model.state_dict()), meta, extra)
+
+
+def _open_clip_can_build(config: CLIPConfig) -> bool:
+    """OpenCLIP has no bag-of-words text tower, no MLP projection and no text-encoder-free objectives."""
+    return config.text_cfg.encoder == "transformer" and config.objective == "contrastive" \
+        and config.projection == "linear"
 
 
 def open_clip_config(config: CLIPConfig, preprocess: PreprocessConfig) -> dict[str, Any]:
@@ -419,6 +425,7 @@ def open_clip_config(config: CLIPConfig, preprocess: PreprocessConfig) -> dict[s
     (``text_cfg.encoder``) and ``preprocess_cfg`` with OpenCLIP's names (``size``, ``mode``, ``fill_color``)."""
     model_cfg = config.to_dict()
     del model_cfg["text_cfg"]["encoder"]
+    model_cfg.pop("learn_logit_scale", None)  # a training setting: OpenCLIP's model has no such option
     pre = preprocess.to_dict()
     pre["size"] = pre.pop("image_size")
     return {"model_cfg": model_cfg, "preprocess_cfg": {**pre, "mode": "RGB", "fill_color": 0}}
@@ -432,6 +439,10 @@ def export_hf(model: CLIP, folder: str | Path, preprocess: PreprocessConfig | No
     ``pipeline("zero-shot-image-classification", model=folder)`` then work from the folder alone and give
     clipforge's features and ids. ViT models with the Transformer text tower only: HF has no ResNet or CBOW CLIP.
     """
+    if not _open_clip_can_build(model.config):
+        raise ValueError(f"a Hugging Face CLIPModel has two towers with linear projections; this model is "
+                         f"objective={model.config.objective!r}, projection={model.config.projection!r}, "
+                         f"text encoder {model.config.text_cfg.encoder!r}: save it with clipforge.save instead")
     meta = config_to_hf(model.config, model.logit_scale.item())
     preprocess = getattr(preprocess, "config", preprocess) or PreprocessConfig(image_size=model.image_size)
     files = {**hf_tokenizer_files(model.context_length),

@@ -1,4 +1,5 @@
-"""CLIP's symmetric contrastive loss (Radford et al. 2021) and SigLIP's sigmoid loss (Zhai et al. 2023).
+"""CLIP's symmetric contrastive loss (Radford et al. 2021) and SigLIP's sigmoid loss (Zhai et al. 2023), and
+the paper's predictive baselines (sec. 2.3): bag-of-words and caption (language-model) losses.
 
 The contrastive loss has a plain form, a memory-efficient tiled form (log-sum-exp accumulated tile by
 tile and tiles recomputed in backward, as in Inf-CL, Cheng et al. 2024) and a distributed global
@@ -81,6 +82,60 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     signs = torch.full_like(logits, -1.0)
     signs[:, offset:offset + n].fill_diagonal_(1.0)
     return -F.logsigmoid(signs * logits).sum() / n
+
+
+def word_token_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, L) True at a caption's word tokens: after start-of-text (column 0), before end-of-text (the
+    row's largest id, as the tokenizer writes it); padding after end-of-text is never a word."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]  # (1, L)
+    return (positions > 0) & (positions < tokens.argmax(dim=-1, keepdim=True))
+
+
+def bow_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Bag-of-words prediction (CLIP sec. 2.3): ``mean_n -sum_v target[n, v] * log_softmax(logits[n])[v]``.
+
+    ``target[n]`` is the multi-hot vector of the word tokens of caption ``n`` (each distinct word once, see
+    :func:`word_token_mask`) divided by its sum. ``logits`` (N, V); ``tokens`` (N, L). Captions without a
+    word are left out of the mean (a batch of only such captions gives 0 with a zero gradient).
+    """
+    _check_token_logits("bow_loss", logits, tokens, 2)
+    words = word_token_mask(tokens).to(logits.dtype)
+    target = torch.zeros_like(logits).scatter_add_(1, tokens, words).clamp_(max=1.0)  # (N, V) multi-hot
+    counts = target.sum(dim=-1)
+    has_words = counts > 0
+    per_caption = -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1) / counts.clamp(min=1)
+    return (per_caption * has_words).sum() / has_words.sum().clamp(min=1)
+
+
+def caption_log_likelihood(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(N,) log-probability of each caption's tokens 1..end-of-text (inclusive) under next-token ``logits``
+    (N, L, V), where position t predicts token t + 1; padding after end-of-text is not counted."""
+    _check_token_logits("caption_log_likelihood", logits, tokens, 3)
+    targets = tokens[:, 1:]  # (N, L - 1): token t + 1 predicted at position t
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (log_probs * _predicted_mask(tokens)).sum(dim=-1)
+
+
+def caption_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced language-model loss (CLIP sec. 2.3, VirTex): the next-token cross-entropy of
+    positions 1..end-of-text (inclusive), averaged over all predicted tokens of the batch."""
+    return -caption_log_likelihood(logits, tokens).sum() / _predicted_mask(tokens).sum().clamp(min=1)
+
+
+def _predicted_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, L - 1) True where target token t + 1 lies at or before the row's end-of-text."""
+    positions = torch.arange(1, tokens.shape[1], device=tokens.device)[None, :]
+    return positions <= tokens.argmax(dim=-1, keepdim=True)
+
+
+def _check_token_logits(caller: str, logits: torch.Tensor, tokens: torch.Tensor, logits_ndim: int) -> None:
+    expected = "(N, V)" if logits_ndim == 2 else "(N, L, V)"
+    if logits.ndim != logits_ndim or tokens.ndim != 2 or len(tokens) == 0 or len(logits) != len(tokens) \
+            or (logits_ndim == 3 and logits.shape[1] != tokens.shape[1]):
+        raise ValueError(f"{caller}: logits must be {expected} and tokens (N, L) with the same N"
+                         f"{' and L' if logits_ndim == 3 else ''}, got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+    if tokens.dtype != torch.long:
+        raise ValueError(f"{caller}: tokens must be int64 token ids, got {tokens.dtype}")
 
 
 def clamp_logit_scale_(param: torch.Tensor, max_value: float = math.log(100)) -> torch.Tensor:

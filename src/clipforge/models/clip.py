@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig
+from .heads import CaptionDecoder, ProjectionMLP
 from .hf_text import HFTextTower
 from .layers import activation
 from .resnet import ModifiedResNet
@@ -20,10 +21,18 @@ from .timm_vision import TimmVisionTower
 from .vit import VisionTransformer
 
 
+# Parameters that are not the text tower's: the image side, the temperature, the objectives' heads.
+_NOT_TEXT = ("visual.", "image_mlp.", "logit_scale", "bow_head.", "class_head.", "decoder.")
+
+
 class CLIP(TextTower):
     def __init__(self, cfg: CLIPConfig):
         act = activation(cfg.quick_gelu)
-        if cfg.text_cfg.hf_model_name:  # a child module ``text``, OpenCLIP's key layout for such towers
+        if cfg.objective != "contrastive":  # the baselines of sec. 2.3 have no text encoder
+            nn.Module.__init__(self)
+            self.text, self.transformer = None, None
+            self.context_length, self.vocab_size = cfg.text_cfg.context_length, cfg.text_cfg.vocab_size
+        elif cfg.text_cfg.hf_model_name:  # a child module ``text``, OpenCLIP's key layout for such towers
             nn.Module.__init__(self)
             self.text = HFTextTower(cfg.text_cfg, cfg.embed_dim)
             self.context_length, self.transformer = cfg.text_cfg.context_length, None
@@ -38,8 +47,26 @@ class CLIP(TextTower):
         else:
             self.visual = VisionTransformer(cfg.vision_cfg, cfg.embed_dim, act)
         self.visual.input_resolution = cfg.vision_cfg.image_size  # OpenAI's name on either image tower
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)), requires_grad=cfg.learn_logit_scale)
         self._frozen: set[str] = set()
+        self._add_heads(cfg, act)
+
+    def _add_heads(self, cfg: CLIPConfig, act: type[nn.Module]) -> None:
+        if cfg.projection == "mlp":
+            self.image_mlp = ProjectionMLP(cfg.embed_dim)
+            if cfg.objective == "contrastive":
+                self.text_mlp = ProjectionMLP(cfg.embed_dim)
+        if cfg.objective == "bow":
+            self.bow_head = nn.Linear(cfg.embed_dim, cfg.text_cfg.vocab_size)
+        elif cfg.objective == "caption":
+            self.decoder = CaptionDecoder(cfg.text_cfg, self.visual.token_width, act)
+        elif cfg.objective == "classify":
+            self.class_head = nn.Linear(cfg.embed_dim, len(cfg.classnames))
+
+    @property
+    def objective(self) -> str:
+        """"contrastive" (CLIP), or a text-encoder-free baseline: "bow", "caption" or "classify"."""
+        return self.config.objective
 
     @property
     def dtype(self) -> torch.dtype:
@@ -52,7 +79,30 @@ class CLIP(TextTower):
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Preprocessed images (N, 3, H, W) -> features (N, embed_dim)."""
         x = self.visual(images.to(self.dtype))
+        if self.config.projection == "mlp":
+            x = self.image_mlp(x)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def bow_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """A "bow" model's vocabulary logits (N, vocab_size) of the words in each image's caption."""
+        return self._head("bow", "bow_head")(self.encode_image(images))
+
+    def class_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """A "classify" model's logits (N, len(config.classnames)), columns in label order."""
+        return self._head("classify", "class_head")(self.encode_image(images))
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's token sequence (N, S, token_width) a caption decoder attends to."""
+        return self.visual.forward_tokens(images.to(self.dtype))
+
+    def caption_logits(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """A "caption" model's teacher-forced logits (N, L, vocab_size): position t predicts token t + 1."""
+        return self._head("caption", "decoder")(self.image_tokens(images), tokens)
+
+    def _head(self, objective: str, name: str) -> nn.Module:
+        if self.objective != objective:
+            raise ValueError(f"{name} needs a {objective!r} model; this one is a {self.objective!r} model")
+        return getattr(self, name)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
                 output_dict: bool = False) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
@@ -73,21 +123,26 @@ class CLIP(TextTower):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Token ids (N, L) of the model's tokenizer (``clipforge.model_tokenizer``) -> features (N, embed_dim)."""
-        if self.text is None:
-            return super().encode_text(tokens, normalize)
-        x = self.text(tokens)
+        if self.objective != "contrastive":
+            raise ValueError(f"this is a {self.objective!r} model: it has no text encoder; for zero-shot "
+                             "classification use clipforge.zeroshot.ZeroShotClassifier(model, classnames).scores")
+        x = super().encode_text(tokens) if self.text is None else self.text(tokens)
+        if self.config.projection == "mlp":
+            x = self.text_mlp(x)
         return F.normalize(x, dim=-1) if normalize else x
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass: less memory for more compute."""
         self.visual.set_grad_checkpointing(enable)
+        if self.objective == "caption":
+            self.decoder.grad_checkpointing = enable
         if self.text is not None:
             self.text.set_grad_checkpointing(enable)
         elif self.transformer is not None:
             self.transformer.grad_checkpointing = enable
 
     def text_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if not name.startswith(("visual.", "logit_scale"))]
+        return [p for name, p in self.named_parameters() if not name.startswith(_NOT_TEXT)]
 
     def freeze(self, image: bool = False, text: bool = False, text_unlocked_layers: int = 0) -> None:
         """Freeze a tower (LiT: a locked image tower with a trained text tower); BatchNorm stays in eval.
@@ -99,6 +154,8 @@ class CLIP(TextTower):
         self._frozen = {name for name, on in (("image", image), ("text", text)) if on}
         for p in self.visual.parameters():
             p.requires_grad_(not image)
+        if self.config.projection == "mlp":
+            self.image_mlp.requires_grad_(not image)
         for p in self.text_parameters():
             p.requires_grad_(not text)
         if text and self.text is not None:

@@ -76,18 +76,45 @@ class TextConfig:
     hf_proj_type: str | None = "mlp"
 
 
+OBJECTIVES = ("contrastive", "bow", "caption", "classify")
+PROJECTIONS = ("linear", "mlp")
+# Top-level fields left out of ``to_dict`` at their defaults, so configs of CLIP models stay as they were.
+_OMITTED_AT_DEFAULT = {"objective": "contrastive", "projection": "linear", "learn_logit_scale": True,
+                       "classnames": None}
+
+
 @dataclass(frozen=True)
 class CLIPConfig:
-    """A whole CLIP architecture: two towers projected into an ``embed_dim`` joint space."""
+    """A whole CLIP architecture: two towers projected into an ``embed_dim`` joint space.
+
+    ``objective`` other than "contrastive" builds the paper's sec. 2.3 baselines, an image tower without a
+    text encoder: "bow" (bag-of-words head), "caption" (a causal decoder attending to the image tokens) or
+    "classify" (a head over ``classnames``). ``projection="mlp"`` adds ReLU + Linear after each tower's
+    projection (SimCLR's head, sec. 2.4); ``learn_logit_scale=False`` fixes the temperature (sec. 2.5).
+    """
 
     embed_dim: int = 512
     vision_cfg: VisionConfig = field(default_factory=VisionConfig)
     text_cfg: TextConfig = field(default_factory=TextConfig)
     quick_gelu: bool = False
     init_logit_scale: float = math.log(1 / 0.07)
+    objective: str = "contrastive"
+    projection: str = "linear"
+    learn_logit_scale: bool = True
+    classnames: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.classnames is not None:
+            object.__setattr__(self, "classnames", tuple(self.classnames))
+        _check_objective(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for key, default in _OMITTED_AT_DEFAULT.items():
+            if d[key] == default:
+                del d[key]
+        if "classnames" in d:
+            d["classnames"] = list(d["classnames"])
         for section, switch, prefix in (("vision_cfg", "timm_model_name", "timm_"), ("text_cfg", "hf_model_name", "hf_")):
             if d[section][switch] is None:  # configs of the built-in towers stay as they were
                 d[section] = {k: v for k, v in d[section].items() if not k.startswith(prefix)}
@@ -133,7 +160,10 @@ class CLIPConfig:
         _check_foreign_towers(vision, text, source)
         if text.get("encoder", "transformer") not in ("transformer", "cbow"):
             raise ValueError(f"{source}: text_cfg.encoder must be 'transformer' or 'cbow', got {text['encoder']!r}")
-        return cls(vision_cfg=VisionConfig(**vision), text_cfg=TextConfig(**text), **top)
+        try:
+            return cls(vision_cfg=VisionConfig(**vision), text_cfg=TextConfig(**text), **top)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPConfig":
@@ -145,6 +175,23 @@ class CLIPConfig:
         if not isinstance(data, dict):
             raise ValueError(f"model config {path} must hold a JSON object")
         return cls.from_dict(data, source=str(path))
+
+
+def _check_objective(cfg: CLIPConfig) -> None:
+    """ValueError for an unknown objective or projection, or a classify model without its class names."""
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.projection not in PROJECTIONS:
+        raise ValueError(f"projection must be 'linear' or 'mlp', got {cfg.projection!r}")
+    if (cfg.objective == "classify") != (cfg.classnames is not None):
+        raise ValueError("a 'classify' model needs classnames (its classes in label order) and only it takes "
+                         f"them; got objective {cfg.objective!r} with classnames {cfg.classnames!r}")
+    if cfg.classnames is not None and (not cfg.classnames or len(set(cfg.classnames)) != len(cfg.classnames)
+                                       or not all(isinstance(c, str) for c in cfg.classnames)):
+        raise ValueError(f"classnames must be distinct strings, at least one; got {list(cfg.classnames)[:10]}")
+    if cfg.objective != "contrastive" and (cfg.vision_cfg.timm_model_name or cfg.text_cfg.hf_model_name):
+        raise ValueError(f"objective {cfg.objective!r} is built on clipforge's own towers only; remove "
+                         "vision_cfg.timm_model_name / text_cfg.hf_model_name or use objective 'contrastive'")
 
 
 def _hf_aliases(text: Any) -> Any:

@@ -92,7 +92,7 @@ class ModifiedResNet(nn.Module):
         self.layer2 = self._make_layer(width * 2, cfg.layers[1], stride=2)
         self.layer3 = self._make_layer(width * 4, cfg.layers[2], stride=2)
         self.layer4 = self._make_layer(width * 8, cfg.layers[3], stride=2)
-        embed_dim = width * 32  # the ResNet feature dimension
+        embed_dim = self.token_width = width * 32  # the ResNet feature dimension
         self.attnpool = AttentionPool2d(cfg.image_size // 32, embed_dim, cfg.heads, output_dim)
         self.init_weights()
         # Convolution weights and activations in channels-last (NHWC) order, oneDNN's and cuDNN's native
@@ -118,6 +118,13 @@ class ModifiedResNet(nn.Module):
         self.grad_checkpointing = enable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attnpool(self._feature_map(x))
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the final feature map's positions before the attention pool: (N, H*W, token_width)."""
+        return self._feature_map(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, HW, C)
+
+    def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
@@ -127,4 +134,4 @@ class ModifiedResNet(nn.Module):
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
-        return self.attnpool(x)
+        return x

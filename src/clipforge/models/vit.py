@@ -18,6 +18,7 @@ class VisionTransformer(nn.Module):
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         self.image_size, self.patch_size, self.output_dim = cfg.image_size, cfg.patch_size, output_dim
+        self.token_width = cfg.width
         grid = cfg.image_size // cfg.patch_size
         scale = cfg.width ** -0.5
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
@@ -31,10 +32,16 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # (N, D, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (N, grid*grid, D)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, D)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, 1 + grid*grid, D)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj  # (N, output_dim)
+        return self.transformer(self.ln_pre(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(self._blocks(x)[:, 0]) @ self.proj  # (N, output_dim)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> every token after the last block through ``ln_post``: (N, 1 + grid*grid, token_width)."""
+        return self.ln_post(self._blocks(x))
