@@ -1,11 +1,22 @@
 """Exact scoring over float16 segments in float32 chunks, and top-k, against a float64 computation."""
 import numpy as np
+import pytest
+import torch
 
 from clipforge.search import exact
 
 
-def test_chunked_scores_and_top_k_equal_a_float64_computation(monkeypatch):
-    monkeypatch.setattr(exact, "CHUNK_ROWS", 7)  # chunks that straddle nothing and segments of odd sizes
+@pytest.fixture(params=[1, 2, 5], ids=lambda n: f"{n}-threads")
+def torch_threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_chunked_scores_and_top_k_equal_a_float64_computation(monkeypatch, torch_threads):
+    # chunks that straddle nothing, segments of odd sizes, and worker ranges that cut segments
+    monkeypatch.setattr(exact, "CHUNK_ROWS", 7)
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((53, 24))
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
@@ -14,8 +25,20 @@ def test_chunked_scores_and_top_k_equal_a_float64_computation(monkeypatch):
     expected = vectors.astype(np.float64) @ queries.T.astype(np.float64)
     found = exact.scores(segments, queries)
     assert found.dtype == np.float32 and found.shape == (53, 3)
+    assert torch.get_num_threads() == torch_threads  # the scan's single-thread setting is undone
     np.testing.assert_allclose(found, expected, atol=1e-5)
     positions, best = exact.top_k(found[:, 1], 10)
     assert positions.tolist() == np.argsort(-expected[:, 1], kind="stable")[:10].tolist()
     np.testing.assert_allclose(best, expected[positions, 1], atol=1e-5)
     assert exact.top_k(found[:, 0], 100)[0].tolist() == np.argsort(-found[:, 0], kind="stable").tolist()
+
+
+def test_worker_ranges_cover_every_row_once():
+    segments = [np.zeros((n, 2)) for n in (5, 0, 1, 12)]
+    for workers in (1, 2, 3, 7):
+        parts = exact._split(segments, 18, workers)
+        starts = sorted((first, first + len(rows)) for part in parts for rows, first in part)
+        assert starts[0][0] == 0 and starts[-1][1] == 18
+        assert all(a[1] == b[0] for a, b in zip(starts, starts[1:]))
+        lengths = [sum(len(rows) for rows, _ in part) for part in parts]
+        assert max(lengths) - min(lengths) <= 1

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..threads import single_intraop_thread
 from .base import Evaluator
 from ..data.classification import ClassificationData, read_classification
 from .metrics import classification_metrics
@@ -46,17 +47,10 @@ def logistic_objective(weight: torch.Tensor, bias: torch.Tensor, features: torch
     return loss, (features.t() @ residual + l2 * weight) / n, residual.sum(dim=0) / n
 
 
-@contextmanager
 def _single_thread_if_small(numel: int):
     """Run small problems on one CPU thread: L-BFGS makes thousands of tiny tensor calls, and synchronising
     intra-op threads for each costs far more than the arithmetic, worst when other processes hold cores."""
-    threads = torch.get_num_threads()
-    if numel < SMALL_PROBLEM:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return single_intraop_thread() if numel < SMALL_PROBLEM else nullcontext()
 
 
 @torch.no_grad()

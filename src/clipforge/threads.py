@@ -1,0 +1,34 @@
+"""One intra-op thread for code that runs many small tensor operations, or its own worker threads.
+
+Torch's thread count is global to the process, so the change is counted: it is made when the first caller
+enters and undone when the last one leaves, whichever threads they run on.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+
+_lock = threading.Lock()
+_holders = 0
+_saved = 1
+
+
+@contextmanager
+def single_intraop_thread():
+    """Run the block with ``torch.get_num_threads() == 1``; yields the thread count that was set before."""
+    global _holders, _saved
+    with _lock:
+        if _holders == 0:
+            _saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _holders += 1
+        before = _saved
+    try:
+        yield before
+    finally:
+        with _lock:
+            _holders -= 1
+            if _holders == 0:
+                torch.set_num_threads(_saved)
