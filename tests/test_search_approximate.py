@@ -51,3 +51,18 @@ def test_index_uses_a_current_approximate_index_only(tmp_path, one_thread):
     with pytest.raises(ValueError, match="no current approximate index"):
         updated.search("a blue photo", approximate=True)
     assert len(updated.search("a blue photo", top_k=20)) == 12
+
+
+def test_auto_builds_the_approximate_index_once_the_index_passes_the_threshold(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(approximate, "AUTO_THRESHOLD", 12)
+    photos = tmp_path / "photos"
+    write_folder(photos, 10)
+    small = Index.build(tmp_path / "idx", [photos], model="tiny-vit", workers=0, progress=False)  # "auto"
+    assert small.config.get("approximate") is None and not (tmp_path / "idx" / approximate.FILE).exists()
+    small.close()
+    write_folder(photos / "more", 2, start=30)
+    grown = Index.build(tmp_path / "idx", [photos], model="tiny-vit", workers=0, progress=False)
+    info = json.loads((tmp_path / "idx" / "config.json").read_text())["approximate"]
+    assert info["items"] == 12 and (tmp_path / "idx" / approximate.FILE).exists()
+    exact = grown.search("a blue photo", top_k=12, approximate=False)
+    assert [r.id for r in grown.search("a blue photo", top_k=12, approximate=True)] == [r.id for r in exact]
