@@ -25,6 +25,8 @@ _API = {
     "CaptionData": "captions", "read_captions": "captions",
     "ShapesConfig": "shapes", "ShapesDataset": "shapes", "class_names": "shapes", "heldout_pairs": "shapes",
     "templates": "shapes", "write_classification": "shapes", "write_shapes": "shapes",
+    "STYLES": "shapes", "WORLDS": "shapes", "BuiltinSpec": "shapes", "parse_builtin_spec": "shapes",
+    "is_builtin_spec": "shapes", "check_styles": "shapes", "world": "shapes",
     "BuiltinSource": "sources", "CsvSource": "sources", "FolderSource": "sources", "MapSource": "sources",
     "ShardSource": "sources", "iter_pairs": "sources", "open_sources": "sources",
 }

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .images import IMAGE_EXTENSIONS, list_images, load_image
 from .samples import BadSample, SkipCounter, check_caption, decode_caption
-from .shapes import ShapesDataset
+from .shapes import BuiltinSpec, is_builtin_spec, parse_builtin_spec
 from .shards import REMOTE, SHARD_IMAGE_KEYS, expand_shards, missing_shards, shard_size
 from .tables import read_table
 
@@ -178,11 +178,14 @@ class FolderSource(MapSource):
 
 
 class BuiltinSource(MapSource):
-    """The generated shapes data (training split), ``num_samples`` samples rendered at ``image_size``."""
+    """The generated shapes data (training split), ``num_samples`` samples rendered at ``image_size`` in
+    ``style`` (one of :data:`~clipforge.data.shapes.STYLES` or several) from ``world`` ("default" or "hard")."""
 
-    def __init__(self, num_samples: int = DEFAULT_BUILTIN_SAMPLES, image_size: int = 64, seed: int = 0):
-        self.name = f"builtin:{num_samples}"
-        self.dataset = ShapesDataset(num_samples, "train", seed=seed, image_size=image_size)
+    def __init__(self, num_samples: int = DEFAULT_BUILTIN_SAMPLES, image_size: int = 64, seed: int = 0,
+                 style: str | tuple = "filled", world: str = "default"):
+        spec = BuiltinSpec(num_samples, style, world)
+        self.name = str(spec)
+        self.dataset = spec.dataset(num_samples, "train", seed=seed, image_size=image_size)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -270,7 +273,7 @@ def _shard_captions(raw: dict, name: str) -> str | list[str]:
 def source_kind(part: str) -> str:
     """Which kind of source a spec part names: "builtin", "csv", "folder" or "shards"."""
     lower = part.lower()
-    if lower == "builtin" or lower.startswith("builtin:"):
+    if is_builtin_spec(part):
         return "builtin"
     if lower.endswith((".tar", ".tar.gz", ".tgz")) or (".tar" in lower and ("{" in lower or REMOTE.match(part))):
         return "shards"
@@ -280,7 +283,7 @@ def source_kind(part: str) -> str:
         has_tars = any(Path(part).glob("*.tar"))
         return "shards" if has_tars and not list_images(part) else "folder"
     raise FileNotFoundError(f"training data {part!r} is not a CSV/TSV file, a folder, WebDataset shards "
-                            "(*.tar, brace ranges allowed) or 'builtin[:N]'" +
+                            "(*.tar, brace ranges allowed) or 'builtin[:N][:STYLE]'" +
                             ("" if os.path.exists(part) else " (no such file or folder)"))
 
 
@@ -289,8 +292,9 @@ def open_sources(spec: str, *, counter: SkipCounter | None = None, max_pixels: i
                  builtin_samples: int | None = None, builtin_image_size: int = 64) -> list:
     """Open each ``::``-separated part of ``spec`` as a :class:`MapSource` or :class:`ShardSource`.
 
-    ``builtin`` uses ``builtin_samples`` (default 10,000) unless written ``builtin:N``. Problems found
-    while indexing (e.g. CSV rows with empty captions) are recorded in ``counter``.
+    ``builtin[:N][:STYLE[+STYLE...]]`` and ``builtin-hard[...]`` (see
+    :func:`~clipforge.data.shapes.parse_builtin_spec`) use ``builtin_samples`` (default 10,000) unless N is
+    written. Problems found while indexing (e.g. CSV rows with empty captions) are recorded in ``counter``.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"training data spec must be a non-empty string, got {spec!r}")
@@ -299,11 +303,9 @@ def open_sources(spec: str, *, counter: SkipCounter | None = None, max_pixels: i
     for part in (p.strip() for p in spec.split("::")):
         kind = source_kind(part)
         if kind == "builtin":
-            count = part.partition(":")[2]
-            if count and not count.isdigit():
-                raise ValueError(f"{part!r}: expected 'builtin' or 'builtin:N' with N a number of samples")
-            n = int(count) if count else builtin_samples or DEFAULT_BUILTIN_SAMPLES
-            sources.append(BuiltinSource(n, builtin_image_size))
+            builtin = parse_builtin_spec(part)
+            n = builtin.num_samples or builtin_samples or DEFAULT_BUILTIN_SAMPLES
+            sources.append(BuiltinSource(n, builtin_image_size, style=builtin.styles, world=builtin.world))
         elif kind == "csv":
             sources.append(CsvSource(part, csv_img_key, csv_caption_key, csv_separator, max_pixels, counter))
         elif kind == "folder":

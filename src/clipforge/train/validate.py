@@ -61,13 +61,15 @@ def load_val_pairs(spec: str, preprocess: Callable, tokenizer: Callable, max_sam
 
 
 def _pairs(spec: str, **source_options):
-    """(image, caption) pairs of ``spec``; for ``builtin[:N]``, new samples of the training pairs."""
-    name, _, count = spec.strip().partition(":")
-    if name.lower() != "builtin":
+    """(image, caption) pairs of ``spec``; for ``builtin[:N][:STYLE]`` (or ``builtin-hard...``), new samples
+    of the training pairs."""
+    if not shapes.is_builtin_spec(spec):
         return iter_pairs(spec, counter=SkipCounter(), **source_options)
-    if count and not count.isdigit():
-        raise ValueError(f"--val-data {spec!r}: expected 'builtin' or 'builtin:N' with N a number of samples")
-    data = shapes.ShapesDataset(int(count) if count else BUILTIN_VAL_SAMPLES, "train", seed=BUILTIN_VAL_SEED)
+    try:
+        builtin = shapes.parse_builtin_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"--val-data {e}") from None
+    data = builtin.dataset(BUILTIN_VAL_SAMPLES, "train", seed=BUILTIN_VAL_SEED)
     return (data[i] for i in range(len(data)))
 
 
