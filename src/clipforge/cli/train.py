@@ -1,4 +1,5 @@
-"""``clipforge train``: contrastive pre-training or fine-tuning; also runs under torchrun and SLURM srun."""
+"""``clipforge train``: contrastive pre-training or fine-tuning, or the paper's image-only baselines; also runs
+under torchrun and SLURM srun."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,8 @@ import json
 import sys
 import warnings
 
-HELP = """Train or fine-tune a CLIP model on image-caption pairs.
+HELP = """Train or fine-tune a CLIP model on image-caption pairs, or an image-only model: --loss bow (predict the
+caption's words), caption (generate it), classify (class labels of a labelled set).
 
 Without --lr and --warmup they are fitted to the run: lr = 5e-4 from scratch, 3e-5 with --pretrained (each
 times sqrt(global batch / 32768, resp. 512) for larger batches); warm-up = min(2 / (1 - beta2), a tenth of
@@ -20,6 +22,9 @@ examples:
       --batch-size 256 --epochs 32 --precision bf16 --output runs/b32
   clipforge train --model tiny-vit --train-data my.csv --csv-caption-key caption_1,caption_2 \\
       --time-budget 10m --val-data val.csv --keep-best loss --output runs/mine
+  clipforge train --model tiny-vit --loss bow --train-data builtin:20000 --steps 500 \
+      --zeroshot-classes builtin-heldout --output runs/bow
+  clipforge train --model tiny-vit --loss classify --train-data my_classes/ --steps 500 --output runs/sup
   clipforge train --config run.json --resume latest"""
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .labelled import LabelledSource
 from .samples import BadSample, DataSourceError, SkipCounter
 from .sources import MapSource, ShardSource, open_sources
 
@@ -28,11 +29,15 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def _one_caption_each(captions: list, seed: int) -> list[str]:
     """One caption per sample: a sample with several (a list) gets one drawn from ``seed``, the batch's own
-    stream, so a resumed run draws the same; single captions draw nothing."""
-    if all(isinstance(c, str) for c in captions):
+    stream, so a resumed run draws the same; single captions (and class labels) draw nothing."""
+    if not any(isinstance(c, list) for c in captions):
         return captions
     rng = random.Random(seed)
-    return [c if isinstance(c, str) else c[rng.randrange(len(c))] for c in captions]
+    return [c[rng.randrange(len(c))] if isinstance(c, list) else c for c in captions]
+
+
+def _label_tensor(labels: list[int]) -> torch.Tensor:
+    return torch.tensor(labels, dtype=torch.long)  # (B,)
 
 
 class _RngStream(IntEnum):
@@ -385,13 +390,17 @@ class _BatchStream(IterableDataset):
 class TrainData:
     """The training batches of one rank: ``batches(epoch, start_batch)`` and the skip counts.
 
+    ``classnames`` are the classes of a labelled set (whose batches hold labels instead of tokens), else None.
+
     ``steps_per_epoch`` is the number of batches per epoch on each rank (None for an endless stream);
     ``num_samples`` the samples per epoch over all ranks; ``split_by`` how data is split over ranks and
     workers ("index", "shards", "samples" or "resampled"; a training run records it in run_config.json).
     """
 
-    def __init__(self, producer: _Producer, workers: int, pin_memory: bool, counter: SkipCounter, split_by: str):
+    def __init__(self, producer: _Producer, workers: int, pin_memory: bool, counter: SkipCounter, split_by: str,
+                 classnames: list[str] | None = None):
         self._producer, self._workers, self._pin_memory, self._counter = producer, workers, pin_memory, counter
+        self.classnames = classnames
         self.steps_per_epoch: int | None = producer.steps()
         self.num_samples: int | None = producer.num_samples
         self.batch_size, self.split_by = producer.batch_size, split_by
@@ -445,9 +454,14 @@ def build_train_data(spec: str, preprocess, tokenize, batch_size: int, *, seed: 
                      rank: int = 0, world_size: int = 1, resampled: bool = False, weights=None,
                      csv_img_key: str = "filepath", csv_caption_key: str = "caption", csv_separator: str | None = None,
                      max_pixels: int | None = None, num_samples: int | None = None, shuffle_buffer: int = 1000,
-                     pin_memory: bool = False, max_bad_fraction: float = 0.5) -> TrainData:
+                     pin_memory: bool = False, max_bad_fraction: float = 0.5,
+                     labelled: LabelledSource | None = None) -> TrainData:
     """Open ``spec`` (CSV/TSV, caption folder, WebDataset shards, ``builtin[:N]``; ``::`` mixes sources,
     ``weights`` are per-source upsampling factors) as this rank's training batches.
+
+    ``labelled``: ``spec`` opened as a labelled set by :func:`~clipforge.data.labelled.open_labelled_source`
+    (class folders, a CSV with labels, ``.cls`` shards or ``builtin``); batches are then (images, labels
+    LongTensor[B]), ``tokenize`` is not used, and ``TrainData.classnames`` names the labels.
 
     ``preprocess`` maps a PIL image to FloatTensor[3, H, W]; ``tokenize`` a list of captions to
     LongTensor[B, L]. ``num_samples`` sets the samples per epoch (all ranks); resampled without it is an
@@ -459,8 +473,12 @@ def build_train_data(spec: str, preprocess, tokenize, batch_size: int, *, seed: 
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     counter = SkipCounter(max_bad_fraction)
-    sources = open_sources(spec, counter=counter, max_pixels=max_pixels, csv_img_key=csv_img_key,
-                           csv_caption_key=csv_caption_key, csv_separator=csv_separator, builtin_samples=num_samples)
+    if labelled is not None:
+        sources, tokenize = [labelled], _label_tensor
+    else:
+        sources = open_sources(spec, counter=counter, max_pixels=max_pixels, csv_img_key=csv_img_key,
+                               csv_caption_key=csv_caption_key, csv_separator=csv_separator,
+                               builtin_samples=num_samples)
     kinds = {isinstance(source, ShardSource) for source in sources}
     if len(kinds) > 1:
         raise ValueError(f"{spec!r} mixes WebDataset shards with CSV/folder/builtin sources; "
@@ -476,7 +494,8 @@ def build_train_data(spec: str, preprocess, tokenize, batch_size: int, *, seed: 
                            "keeps every %d-th sample", spec, world_size, max(1, workers), world_size * max(1, workers))
     else:
         producer, split_by = _MapProducer(sources, num_samples, **common), "resampled" if resampled else "index"
-    data = TrainData(producer, workers, pin_memory, counter, split_by)
+    classnames = sources[0].classnames if isinstance(sources[0], LabelledSource) else None
+    data = TrainData(producer, workers, pin_memory, counter, split_by, classnames)
     if data.steps_per_epoch == 0:
         raise ValueError(f"{spec!r} gives {data.num_samples} samples per epoch, fewer than batch_size x world_size "
                          f"= {batch_size * world_size}; use a smaller batch or more data")

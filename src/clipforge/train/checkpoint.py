@@ -8,6 +8,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,10 +39,12 @@ def save_checkpoint(output: str | Path, step: int, model: CLIP, state: dict, kee
     return final
 
 
-def load_checkpoint(folder: str | Path, model: CLIP) -> dict:
+def load_checkpoint(folder: str | Path, model: CLIP, check: Callable[[dict], None] | None = None) -> dict:
     """Load the checkpoint's weights into ``model`` and return its train state (tensors on the CPU).
 
-    A damaged or refused file (truncated, corrupt, a pickle holding objects) raises CheckpointError naming it.
+    ``check(state)`` runs before the weights are loaded (e.g. to refuse changed run settings, which may
+    also change the architecture). A damaged or refused file (truncated, corrupt, a pickle holding
+    objects) raises CheckpointError naming it.
     """
     folder = Path(folder)
     if not is_complete(folder, TRAIN_FILES):
@@ -51,6 +54,8 @@ def load_checkpoint(folder: str | Path, model: CLIP) -> dict:
     if not isinstance(state, dict) or not _STATE_KEYS <= set(state):
         raise CheckpointError(f"{folder / STATE_NAME}: not a clipforge training state (it needs the keys "
                               f"{sorted(_STATE_KEYS)}); the file is damaged or from another program")
+    if check is not None:
+        check(state)
     load_weights(model, read_checkpoint(folder).state_dict, str(folder))
     return state
 

@@ -15,7 +15,9 @@ from typing import Any
 from .optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LOSSES = ("contrastive", "sigmoid")
+LOSSES = ("contrastive", "sigmoid", "bow", "caption", "classify")
+CONTRASTIVE_LOSSES = ("contrastive", "sigmoid")  # two-tower objectives; the others have no text tower
+PROJECTIONS = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -41,8 +43,9 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model")
     # data
     train_data: str = _opt(None, "'builtin[:N]' (coloured shapes), a CSV file, an image folder or WebDataset "
-                           "shards ('shards/{000..009}.tar'); several sources joined with '::'", str,
-                           metavar="SPEC")
+                           "shards ('shards/{000..009}.tar'); several sources joined with '::'. --loss classify: a "
+                           "labelled set (class folders, a CSV with a label column, .cls shards) or 'builtin[:N]' "
+                           "labelled by colour-shape pair", str, metavar="SPEC")
     val_data: str | None = _opt(None, "validation data, same forms as --train-data", str, metavar="SPEC")
     zeroshot_classes: str | None = _opt(None, "class names for zero-shot validation: a file (one name per line) "
                                         "or 'builtin-heldout' (the built-in data's held-out colour-shape pairs)",
@@ -80,12 +83,20 @@ class TrainConfig:
     eps: float = _opt(ADAMW_EPS, "AdamW epsilon", float)
     grad_clip_norm: float | None = _opt(None, "clip the global gradient norm to this value", float)
     accum_freq: int = _opt(1, "accumulate K micro-batches per step, exactly (features cached, negatives "
-                           "from the whole accumulated batch)", int, metavar="K")
+                           "from the whole accumulated batch; bow/caption/classify: their per-sample means "
+                           "weighted by each micro-batch's share)", int, metavar="K")
     precision: str = _opt("auto", "fp32; bf16 autocast; fp16 autocast with loss scaling (GPU); "
                           "auto = bf16 on a GPU that has it, else fp32", str, PRECISIONS)
     device: str = _opt("auto", "auto = a GPU per process when CUDA is available, else the CPU", str, DEVICES)
     # loss
-    loss: str = _opt("contrastive", "CLIP's softmax contrastive loss or SigLIP's sigmoid loss", str, LOSSES)
+    loss: str = _opt("contrastive", "CLIP's softmax contrastive loss, SigLIP's sigmoid loss, or an image-only "
+                     "model: bow (predict the caption's bag of words), caption (a text decoder generating the "
+                     "caption), classify (cross-entropy on class labels: --train-data is a labelled set)",
+                     str, LOSSES)
+    projection: str | None = _opt(None, "the towers' projection head: linear (CLIP) or mlp (linear, ReLU, "
+                                  "linear; SimCLR's); default: the model config's", str, PROJECTIONS)
+    fixed_temperature: float | None = _opt(None, "fix the softmax temperature at T (logit_scale = log(1/T), not "
+                                           "learned); contrastive and sigmoid losses only", float, metavar="T")
     gather: bool = _opt(True, "with several processes, use the negatives of all ranks (all-gather with "
                         "gradients); --no-gather keeps each rank's batch separate")
     local_loss: bool = _opt(False, "with --gather: each rank computes only its own rows and columns "
@@ -137,18 +148,37 @@ class TrainConfig:
             raise ValueError(f"--grad-clip-norm must be positive, got {self.grad_clip_norm}")
         if self.lock_image and self.lock_text:
             raise ValueError("--lock-image and --lock-text together leave nothing to train; drop one")
-        if self.loss == "sigmoid" and (self.local_loss or self.loss_tile_size):
-            raise ValueError("--local-loss and --loss-tile-size apply to the contrastive loss, not --loss sigmoid")
+        if self.loss != "contrastive" and (self.local_loss or self.loss_tile_size):
+            raise ValueError(f"--local-loss and --loss-tile-size apply to the contrastive loss, not --loss {self.loss}")
+        self._validate_objective()
         if self.local_loss and not self.gather:
             raise ValueError("--local-loss needs --gather (it splits the gathered global batch over ranks)")
         if self.keep_best and not (self.val_data or self.zeroshot_classes):
             raise ValueError(f"--keep-best {self.keep_best} needs validation: give --val-data or --zeroshot-classes")
         if self.data_weights and not self.resampled:
             raise ValueError("--data-weights needs --resampled (weights are sampling probabilities)")
-        for name, choices in (("precision", PRECISIONS), ("loss", LOSSES), ("device", DEVICES)):
+        for name, choices in (("precision", PRECISIONS), ("loss", LOSSES), ("device", DEVICES),
+                              ("projection", (None, *PROJECTIONS))):
             if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise ValueError(f"--{name} must be one of {', '.join(c for c in choices if c)}, "
+                                 f"got {getattr(self, name)!r}")
         return self
+
+    def _validate_objective(self) -> None:
+        """The options that only some objectives have: a temperature, a text tower, pair-wise zero-shot."""
+        if self.fixed_temperature is not None and not self.fixed_temperature > 0:
+            raise ValueError(f"--fixed-temperature must be positive, got {self.fixed_temperature}")
+        if self.loss in CONTRASTIVE_LOSSES:
+            return
+        if self.fixed_temperature is not None:
+            raise ValueError(f"--fixed-temperature applies to --loss contrastive and sigmoid; a --loss {self.loss} "
+                             "model has no temperature (its logits are not scaled similarities)")
+        if self.lock_text:
+            raise ValueError(f"--lock-text: a --loss {self.loss} model has no text tower to lock")
+        if self.loss == "classify" and self.zeroshot_classes:
+            raise ValueError(f"--loss classify with --zeroshot-classes {self.zeroshot_classes}: a classifier scores "
+                             "only its own classes (never held-out pairs); validate with --val-data, whose images "
+                             "are labelled by the class their caption names")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smh])")

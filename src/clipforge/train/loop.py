@@ -7,6 +7,7 @@ import functools
 import gc
 import json
 import logging
+import math
 import random
 import time
 import warnings
@@ -21,6 +22,7 @@ import clipforge
 from clipforge.allocator import retain_freed_memory
 from clipforge.checkpoints import CheckpointError
 from clipforge.data import REASONS, build_train_data
+from clipforge.data.labelled import open_labelled_source
 from clipforge.factory import create_model_and_transforms
 from clipforge.runs import (CHECKPOINTS_DIR, METRICS_NAME, RUN_CONFIG_NAME, TRAIN_FILES, checkpoints_dir, is_complete,
                             is_run_dir, latest_checkpoint, read_best, step_folders)
@@ -32,11 +34,13 @@ from .distributed import DistEnv, all_reduce_sum, barrier, cleanup, gather_objec
 from .logger import RunLogger, truncate_metrics
 from .budget import measure_costs, planned_steps
 from .optim import CosineSchedule, build_optimizer, fitted_lr, fitted_warmup
-from .step import Stepper, TrainingLoss, TrainModule
-from .validate import HELDOUT, heldout_zeroshot_set, load_val_pairs, validate, zeroshot_from_val
+from .step import PAIRWISE_LOSSES, Stepper, TrainingLoss, TrainModule, objective_of
+from .validate import (HELDOUT, heldout_zeroshot_set, label_by_classnames, load_val_pairs, validate,
+                       zeroshot_from_val)
 
 _log = logging.getLogger(__name__)
-_RUN_IDENTITY_KEYS = ("model", "train_data", "seed", "loss", "lr", "warmup", "accum_freq")
+_RUN_IDENTITY_KEYS = ("model", "train_data", "seed", "loss", "projection", "fixed_temperature", "lr", "warmup",
+                      "accum_freq")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -152,17 +156,41 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- set-up
     def _build_model(self) -> None:
         cfg = self.cfg
+        # a classifier's classes are its data's: opened before the model, which needs them for its head
+        self.labelled = (open_labelled_source(cfg.train_data, builtin_samples=cfg.train_num_samples)
+                         if cfg.loss == "classify" else None)
         _seed_all(cfg.seed)  # the same initial weights on every rank
-        clip, train_tf, eval_tf = create_model_and_transforms(cfg.model, pretrained=cfg.pretrained)
+        clip, train_tf, eval_tf = create_model_and_transforms(cfg.model, pretrained=cfg.pretrained,
+                                                              **self._model_overrides())
+        if clip.objective != objective_of(cfg.loss):
+            raise ValueError(f"--model {cfg.model} is a {clip.objective!r} model; --loss {cfg.loss} trains a "
+                             f"{objective_of(cfg.loss)!r} one: give a model config without 'objective'")
         if cfg.lock_image or cfg.lock_text:
             clip.freeze(image=cfg.lock_image, text=cfg.lock_text, text_unlocked_layers=cfg.lock_text_unlocked_layers)
+        if cfg.loss not in PAIRWISE_LOSSES:
+            clip.logit_scale.requires_grad_(False)  # an image-only loss has no temperature: nothing to learn
         clip.set_grad_checkpointing(cfg.grad_checkpointing)
         self.clip, self.train_transform, self.eval_transform = clip, train_tf, eval_tf
-        self.module = TrainModule(clip, cfg.loss, init_siglip_scale=cfg.pretrained is None).to(self.env.device)
+        init_siglip_scale = cfg.pretrained is None and cfg.fixed_temperature is None
+        self.module = TrainModule(clip, cfg.loss, init_siglip_scale=init_siglip_scale).to(self.env.device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.autocast = functools.partial(torch.autocast, self.env.device.type, dtype=dtype,
                                           enabled=dtype is not None)
         self.tokenizer = model_tokenizer(clip)
+
+    def _model_overrides(self) -> dict:
+        """What the run sets in the model config: the loss's objective, the projection head, a fixed
+        temperature (``init_logit_scale = log(1 / T)``, not learned) and a classifier's classes."""
+        cfg, overrides = self.cfg, {}
+        if cfg.loss not in PAIRWISE_LOSSES:
+            overrides["objective"] = objective_of(cfg.loss)
+        if cfg.projection is not None:
+            overrides["projection"] = cfg.projection
+        if cfg.fixed_temperature is not None:
+            overrides.update(learn_logit_scale=False, init_logit_scale=math.log(1 / cfg.fixed_temperature))
+        if self.labelled is not None:
+            overrides["classnames"] = tuple(self.labelled.classnames)
+        return overrides
 
     def _build_data(self) -> None:
         cfg, env = self.cfg, self.env
@@ -171,7 +199,7 @@ class Trainer:
             cfg.batch_size, seed=cfg.seed, workers=cfg.workers, rank=env.rank, world_size=env.world_size,
             resampled=cfg.resampled, weights=cfg.data_weights, csv_img_key=cfg.csv_img_key,
             csv_caption_key=cfg.csv_caption_key, csv_separator=cfg.csv_separator,
-            num_samples=cfg.train_num_samples, pin_memory=env.device.type == "cuda")
+            num_samples=cfg.train_num_samples, pin_memory=env.device.type == "cuda", labelled=self.labelled)
         if self.data.steps_per_epoch is None:
             raise ValueError("--resampled without --train-num-samples is an endless stream; give "
                              "--train-num-samples to define the length of an epoch")
@@ -237,6 +265,9 @@ class Trainer:
             self.zeroshot_set = heldout_zeroshot_set(self.eval_transform, self.clip.image_size)
         elif cfg.zeroshot_classes:
             self.zeroshot_set = zeroshot_from_val(self.val_set, cfg.zeroshot_classes)
+        elif self.labelled is not None and self.val_set is not None:
+            self.zeroshot_set = label_by_classnames(self.val_set, self.labelled.classnames,
+                                                    f"--val-data {cfg.val_data}")
 
     def _run_identity(self) -> dict:
         """Settings a resumed run must share with the checkpoint, or its data position means nothing."""
@@ -268,7 +299,7 @@ class Trainer:
         errors = []
         for candidate in [folder, *older]:
             try:
-                state = load_checkpoint(candidate, self.clip)
+                state = load_checkpoint(candidate, self.clip, functools.partial(self._check_identity, candidate))
             except CheckpointError as error:
                 errors.append(str(error))
                 continue
@@ -279,7 +310,8 @@ class Trainer:
             return candidate
         raise CheckpointError("cannot resume: " + "; ".join(errors))
 
-    def _restore(self, folder: Path, state: dict) -> None:
+    def _check_identity(self, folder: Path, state: dict) -> None:
+        """Refuse a checkpoint of other run settings (before its weights, whose architecture they may set)."""
         if self.cfg.time_budget and "total_steps" in state["run"]:
             self._fit_schedule(state["run"]["total_steps"])  # the plan made when the run started
         saved, now = state["run"], self._run_identity()
@@ -288,6 +320,8 @@ class Trainer:
             raise ValueError(f"cannot resume from {folder}: these settings differ from the checkpoint's "
                              f"({'; '.join(changed)}). Resume with the same settings, or start a new run "
                              f"with --pretrained {folder}")
+
+    def _restore(self, folder: Path, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
@@ -377,8 +411,8 @@ class Trainer:
         world = self.env.world_size
         loss, grad_norm = (v / world for v in all_reduce_sum([out["loss"].item(), out["grad_norm"].item()], self.env))
         elapsed = time.perf_counter() - self._interval.start
-        record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr,
-                  "logit_scale": self.clip.logit_scale.exp().item(), "grad_norm": grad_norm,
+        temperature = {"logit_scale": self.clip.logit_scale.exp().item()} if self.cfg.loss in PAIRWISE_LOSSES else {}
+        record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, **temperature, "grad_norm": grad_norm,
                   "samples_per_s": self._interval.steps * self.global_batch / max(elapsed, 1e-9),
                   "data_s": self._interval.data_s / self._interval.steps, "samples": self.step * self.global_batch}
         if self.module.logit_bias is not None:

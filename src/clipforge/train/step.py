@@ -1,10 +1,13 @@
-"""One optimisation step of CLIP's contrastive pre-training (Radford et al. 2021) or SigLIP (Zhai et al.
-2023): features, loss, backward (optionally accumulated exactly over micro-batches), clipping, update.
+"""One optimisation step of CLIP's contrastive pre-training (Radford et al. 2021), SigLIP (Zhai et al.
+2023) or an image-only objective (bag-of-words or caption prediction, classification): forward, loss,
+backward (optionally accumulated exactly over micro-batches), clipping, update.
 
 Exact accumulation follows GradCache (Gao et al. 2021), as OpenCLIP's ``--accum-freq``: the features of
 all micro-batches are first computed without gradients; then each micro-batch is recomputed with
 gradients and substituted into the cached features, so every backward sees the loss of the whole
 accumulated batch (its negatives included) and the summed gradients equal those of one big batch.
+The image-only losses are means of per-sample (or per-token) terms: each micro-batch's mean, weighted by
+its share of the samples (tokens), sums to the whole batch's mean, so plain accumulation is exact.
 """
 from __future__ import annotations
 
@@ -13,24 +16,60 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from clipforge.loss import (SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, clamp_logit_scale_,
-                            contrastive_loss, sigmoid_loss)
+from clipforge import loss as losses
+from clipforge.loss import (SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, clamp_logit_scale_, contrastive_loss,
+                            sigmoid_loss)
 from clipforge.models import CLIP
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W), tokens (B, L)
+Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W), tokens (B, L) or class labels (B,)
+PAIRWISE_LOSSES = ("contrastive", "sigmoid")  # losses of the two towers' features; the others are image-only
+
+
+def objective_of(loss: str) -> str:
+    """The model objective a training loss trains: "contrastive" for both two-tower losses, else the loss."""
+    return "contrastive" if loss in PAIRWISE_LOSSES else loss
+
+
+def predictions(clip: CLIP, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The logits an image-only model's loss scores: (N, V) words, (N, L, V) next tokens or (N, C) classes."""
+    if clip.objective == "bow":
+        return clip.bow_logits(images)
+    if clip.objective == "caption":
+        return clip.caption_logits(images, targets)  # teacher-forced on the caption's own tokens
+    if clip.objective == "classify":
+        return clip.class_logits(images)
+    raise ValueError(f"a {clip.objective!r} model gives features, not predictions; use its two towers")
+
+
+def prediction_loss(objective: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean loss of an image-only objective: bag-of-words or next-token cross-entropy, or classification."""
+    logits = logits.float()
+    if objective == "bow":
+        return losses.bow_loss(logits, targets)
+    if objective == "caption":
+        return losses.caption_loss(logits, targets)
+    return F.cross_entropy(logits, targets)
+
+
+def predicted_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """How many tokens ``caption_loss`` predicts in (N, L) captions: positions 1 to end-of-text (the highest
+    id, so its index is the row's argmax) inclusive."""
+    return tokens.argmax(dim=-1).sum()
 
 
 class TrainModule(nn.Module):
-    """The CLIP model plus what only the loss learns (SigLIP's bias); ``forward`` gives normalised features.
+    """The CLIP model plus what only the loss learns (SigLIP's bias); ``forward`` gives normalised features
+    (two-tower losses) or the image-only objective's logits.
 
     Distributed data parallelism wraps this module: its ``forward`` is the part that runs per micro-batch.
     """
 
     def __init__(self, clip: CLIP, loss: str = "contrastive", init_siglip_scale: bool = True):
         super().__init__()
-        self.clip = clip
+        self.clip, self.objective = clip, objective_of(loss)
         self.logit_bias = None
         if loss == "sigmoid":
             self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS))
@@ -38,8 +77,10 @@ class TrainModule(nn.Module):
                 with torch.no_grad():
                     clip.logit_scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.clip.encode_image(images, normalize=True), self.clip.encode_text(tokens, normalize=True)
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        if self.objective != "contrastive":
+            return predictions(self.clip, images, targets)
+        return self.clip.encode_image(images, normalize=True), self.clip.encode_text(targets, normalize=True)
 
 
 @dataclass(frozen=True)
@@ -62,6 +103,23 @@ class TrainingLoss:
             return sigmoid_loss(images, texts, scale, bias, gather=self.gather)
         return contrastive_loss(images, texts, scale, self.tile_size, gather=self.gather,
                                 local_loss=self.local_loss)
+
+    @property
+    def pairwise(self) -> bool:
+        """Whether the loss pairs image and text features of the whole batch (so needs cached accumulation)."""
+        return self.kind in PAIRWISE_LOSSES
+
+    def shares(self, micro_batches: list[Batch]) -> list[float]:
+        """Each micro-batch's share of the batch's mean loss: the share of the terms the mean is over
+        (predicted tokens for caption, captions with a word for bow, samples for classify)."""
+        if self.kind == "caption":
+            counts = [float(predicted_tokens(targets)) for _, targets in micro_batches]
+        elif self.kind == "bow":
+            counts = [float(losses.word_token_mask(targets).any(dim=-1).sum()) for _, targets in micro_batches]
+        else:
+            counts = [float(len(targets)) for _, targets in micro_batches]
+        total = sum(counts) or 1.0  # no term at all: every micro-batch's loss is 0
+        return [count / total for count in counts]
 
 
 def accumulated_backward(forward: Callable[[torch.Tensor, torch.Tensor], Batch], micro_batches: list[Batch],
@@ -117,6 +175,8 @@ class Stepper:
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Gradients of the loss of the whole (accumulated) batch, in ``.grad``; returns the loss."""
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.loss_fn.pairwise:
+            return self._prediction_backward(micro_batches)
         if len(micro_batches) > 1:
             return accumulated_backward(self.wrapped, micro_batches, self._loss, self._backward, self.autocast,
                                         self._no_sync)
@@ -126,6 +186,18 @@ class Stepper:
         loss = self._loss(image_features, text_features)
         self._backward(loss)
         return loss.detach()
+
+    def _prediction_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """An image-only loss: one backward per micro-batch of its mean loss times its share of the batch."""
+        total = torch.zeros(())
+        for j, ((images, targets), share) in enumerate(zip(micro_batches, self.loss_fn.shares(micro_batches))):
+            with nullcontext() if j == len(micro_batches) - 1 else self._no_sync():
+                with self.autocast():
+                    logits = self.wrapped(images, targets)
+                loss = prediction_loss(self.loss_fn.kind, logits, targets) * share
+                self._backward(loss)
+            total = total.to(loss.device) + loss.detach()
+        return total
 
     def step(self, micro_batches: list[Batch]) -> dict[str, torch.Tensor]:
         """One optimiser step; returns the loss and the gradient norm before clipping (as tensors)."""
@@ -137,5 +209,6 @@ class Stepper:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip_norm, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        clamp_logit_scale_(self.module.clip.logit_scale)
+        if self.module.clip.logit_scale.requires_grad:  # a fixed temperature stays exactly as set
+            clamp_logit_scale_(self.module.clip.logit_scale)
         return {"loss": loss, "grad_norm": grad_norm}

@@ -1,6 +1,6 @@
-"""Validation during training: the contrastive loss and image<->text recall@1/5/10 on held-out pairs
-(the retrieval protocol of Radford et al. 2021, sec. 3.1.5), and zero-shot accuracy from class names
-(sec. 3.1.4) -- on the built-in data, the colour-shape pairs never shown in training.
+"""Validation during training: the objective's own loss on held-out pairs and, for two-tower models,
+image<->text recall@1/5/10 (the retrieval protocol of Radford et al. 2021, sec. 3.1.5), and zero-shot
+accuracy from class names (sec. 3.1.4) -- on the built-in data, the colour-shape pairs never shown in training.
 """
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 
 from clipforge.data import shapes
 from clipforge.data.sources import SkipCounter, iter_pairs
-from clipforge.encode import encode_images, encode_texts
+from clipforge.encode import encode_images, encode_texts, model_device
 from clipforge.evaluate.metrics import retrieval_metrics, topk_accuracy
 from clipforge.loss import contrastive_loss
 from clipforge.models import CLIP
 from clipforge.data.classnames import load_classnames
-from clipforge.zeroshot import build_zeroshot_classifier
+from clipforge.zeroshot import ZeroShotClassifier, build_zeroshot_classifier
+
+from .step import prediction_loss, predictions
 
 HELDOUT = "builtin-heldout"
 HELDOUT_SAMPLES = 512  # images of the held-out pairs scored for "builtin-heldout"
@@ -97,35 +100,69 @@ def label_by_caption(captions: list[str], classnames: list[str]) -> list[int | N
 
 def zeroshot_from_val(val: ValSet, classes_file: str) -> ZeroShotSet:
     """Zero-shot set from validation pairs: each image labelled with the class its caption names."""
-    classnames = load_classnames(classes_file)
+    return label_by_classnames(val, load_classnames(classes_file), f"--zeroshot-classes {classes_file}")
+
+
+def label_by_classnames(val: ValSet, classnames: list[str], where: str) -> ZeroShotSet:
+    """The validation images whose caption names exactly one of ``classnames``, labelled with it."""
     labels = label_by_caption(val.captions, classnames)
     keep = [i for i, label in enumerate(labels) if label is not None]
     if not keep:
-        raise ValueError(f"--zeroshot-classes {classes_file}: no validation caption names exactly one of its "
-                         f"{len(classnames)} classes, so no image has a label")
-    return ZeroShotSet(val.images[keep], torch.tensor([labels[i] for i in keep]), classnames)
+        raise ValueError(f"{where}: no validation caption names exactly one of its {len(classnames)} classes, "
+                         "so no image has a label")
+    return ZeroShotSet(val.images[keep], torch.tensor([labels[i] for i in keep]), list(classnames))
 
 
 @torch.no_grad()
 def validate(model: CLIP, val: ValSet | None, zeroshot: ZeroShotSet | None, batch_size: int,
              autocast: Callable[[], ContextManager] = nullcontext) -> dict[str, float]:
-    """``loss`` (the contrastive loss averaged over batches of ``batch_size``), ``image_to_text_recall@K``
-    and ``text_to_image_recall@K`` (K = 1, 5, 10) on ``val``; ``zeroshot_top1``/``zeroshot_top5`` on ``zeroshot``."""
+    """``loss`` on ``val``, the model's own objective's averaged over batches of ``batch_size`` (for a two-tower
+    model the contrastive loss, with ``image_to_text_recall@K`` and ``text_to_image_recall@K``, K = 1, 5, 10;
+    for a classifier its cross-entropy on ``zeroshot``); ``zeroshot_top1``/``zeroshot_top5`` on ``zeroshot``."""
     metrics: dict[str, float] = {}
-    if val is not None:
-        images = encode_images(model, val.images, batch_size, autocast)
-        texts = encode_texts(model, val.tokens, batch_size=batch_size, autocast=autocast)
-        scale = model.logit_scale.exp().float()
-        losses = [contrastive_loss(images[i:i + batch_size], texts[i:i + batch_size], scale).item()
-                  for i in range(0, len(images), batch_size)]
-        metrics["loss"] = sum(losses) / len(losses)
-        metrics.update(retrieval_metrics(images @ texts.T, torch.arange(len(texts))))
-        metrics["val_samples"] = len(images)
+    if val is not None and model.objective == "contrastive":
+        metrics.update(_pair_metrics(model, val, batch_size, autocast))
+    elif val is not None and model.objective != "classify":
+        metrics.update(_prediction_metrics(model, val, batch_size, autocast))
     if zeroshot is not None:
+        metrics.update(_zeroshot_metrics(model, zeroshot, batch_size, autocast))
+    return metrics
+
+
+def _pair_metrics(model: CLIP, val: ValSet, batch_size: int, autocast) -> dict[str, float]:
+    images = encode_images(model, val.images, batch_size, autocast)
+    texts = encode_texts(model, val.tokens, batch_size=batch_size, autocast=autocast)
+    scale = model.logit_scale.exp().float()
+    losses = [contrastive_loss(images[i:i + batch_size], texts[i:i + batch_size], scale).item()
+              for i in range(0, len(images), batch_size)]
+    metrics = {"loss": sum(losses) / len(losses)}
+    metrics.update(retrieval_metrics(images @ texts.T, torch.arange(len(texts))))
+    metrics["val_samples"] = len(images)
+    return metrics
+
+
+def _prediction_metrics(model: CLIP, val: ValSet, batch_size: int, autocast) -> dict[str, float]:
+    """The bag-of-words or captioning loss of the validation captions, teacher-forced."""
+    device, losses = model_device(model), []
+    for i in range(0, len(val.images), batch_size):
+        images, tokens = val.images[i:i + batch_size].to(device), val.tokens[i:i + batch_size].to(device)
+        with autocast():
+            logits = predictions(model, images, tokens)
+        losses.append(prediction_loss(model.objective, logits, tokens).item())
+    return {"loss": sum(losses) / len(losses), "val_samples": len(val.images)}
+
+
+def _zeroshot_metrics(model: CLIP, zeroshot: ZeroShotSet, batch_size: int, autocast) -> dict[str, float]:
+    if model.objective == "contrastive":
         images = encode_images(model, zeroshot.images, batch_size, autocast)
-        weights = build_zeroshot_classifier(model, zeroshot.classnames, zeroshot.templates)
-        accuracy = topk_accuracy(images @ weights, zeroshot.labels, (1, 5))
-        metrics.update({f"zeroshot_{k}": v for k, v in accuracy.items()})
-        metrics["zeroshot_samples"] = len(images)
-        metrics["zeroshot_classes"] = len(zeroshot.classnames)
+        scores = images @ build_zeroshot_classifier(model, zeroshot.classnames, zeroshot.templates)
+    else:
+        classifier = ZeroShotClassifier(model, zeroshot.classnames, zeroshot.templates, batch_size=batch_size)
+        with autocast():
+            scores = classifier.scores(zeroshot.images).float().cpu()
+    metrics = {f"zeroshot_{k}": v for k, v in topk_accuracy(scores, zeroshot.labels, (1, 5)).items()}
+    if model.objective == "classify":
+        metrics["loss"] = F.cross_entropy(scores, zeroshot.labels).item()
+    metrics["zeroshot_samples"] = len(zeroshot.images)
+    metrics["zeroshot_classes"] = len(zeroshot.classnames)
     return metrics
