@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ from common import environment  # noqa: E402
 from clipforge.data import ShapesDataset  # noqa: E402
 from clipforge.factory import create_model, save  # noqa: E402
 from clipforge.search import Index, store  # noqa: E402
+from clipforge.serve.server import start_child  # noqa: E402
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
@@ -79,18 +78,6 @@ def _grow(index_dir: Path, items: int, rng: np.random.Generator, batch: int = 20
             db.execute("INSERT OR REPLACE INTO rows VALUES ('images', ?)", (first + count,))
     writer.close()
     db.close()
-
-
-def start_service(index_dir: Path):
-    """``clipforge serve`` on 127.0.0.1 (a free port) in its own process: (process, base URL)."""
-    env = {k: v for k, v in os.environ.items() if k != "CLIPFORGE_TOKEN"}
-    process = subprocess.Popen([sys.executable, "-m", "clipforge", "serve", str(index_dir), "--port", "0"],
-                               stdout=subprocess.PIPE, text=True, env=env)
-    line = process.stdout.readline()
-    if " at http://" not in line:
-        process.kill()
-        raise RuntimeError(f"clipforge serve did not start: {line}")
-    return process, line.rsplit(" at ", 1)[1].strip().rstrip("/")
 
 
 def client(base: str):
@@ -154,7 +141,7 @@ def run(items: int = 100_000, n_queries: int = 100, concurrent_requests: int = 4
         start = time.perf_counter()
         index_dir = build_index(Path(tmp), items)
         print(f"built a {items:,}-item ViT-B/32 index in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        process, base = start_service(index_dir)
+        process, base = start_child(index_dir)
         try:
             index = Index.open(index_dir, device="cpu")
             with client(base) as http:

@@ -72,20 +72,11 @@ def search_index(tmp_path_factory, search_photos, trained_tiny_model):
 def search_server(search_index, tmp_path_factory):
     """``clipforge serve`` over ``search_index`` in its own process on 127.0.0.1 (a free port), with small
     upload limits (1 MiB, 4 megapixels) so that the tests can exceed them; yields the base URL."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "CLIPFORGE_TOKEN"}
+    from clipforge.serve.server import start_child
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
     with open(log, "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "clipforge", "serve", str(search_index), "--port", "0",
-                                    "--max-upload-mb", "1", "--max-pixels", "4000000"],
-                                   stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-    line = process.stdout.readline()
-    if " at http://" not in line:
-        process.kill()
-        raise RuntimeError(f"clipforge serve did not start: {line}{log.read_text()}")
-    yield line.rsplit(" at ", 1)[1].strip().rstrip("/")
+        process, base = start_child(search_index, "--max-upload-mb", "1", "--max-pixels", "4000000", stderr=stderr)
+    yield base
     process.terminate()
     process.wait(timeout=30)
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -52,3 +54,18 @@ def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: Se
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
+
+
+def start_child(index_dir, *options: str, stderr=None) -> tuple[subprocess.Popen, str]:
+    """``clipforge serve INDEX --port 0 OPTIONS...`` in a child process, without ``CLIPFORGE_TOKEN`` from this
+    environment; returns (the process, its base URL without the trailing slash) once it listens, or kills it
+    and raises RuntimeError with what it printed."""
+    env = {k: v for k, v in os.environ.items() if k != "CLIPFORGE_TOKEN"}
+    process = subprocess.Popen([sys.executable, "-m", "clipforge", "serve", str(index_dir), "--port", "0", *options],
+                               stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    line = process.stdout.readline()
+    if " at http://" not in line:
+        process.kill()
+        detail = f"\n{open(stderr.name).read()}" if getattr(stderr, "name", None) else ""
+        raise RuntimeError(f"clipforge serve did not start: {line!r}{detail}")
+    return process, line.rsplit(" at ", 1)[1].strip().rstrip("/")
