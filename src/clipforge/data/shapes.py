@@ -339,7 +339,8 @@ class ShapesDataset:
         i = self._index(i)
         a, rng = self.attributes(i), self._rng(i)
         scene = self._scene(a, rng)
-        canvas, ink = _PAINTERS[a["style"]](scene, self._rng(i, _STYLE_STREAM))
+        style_rng = self._rng(i, _STYLE_STREAM) if a["style"] != "filled" else None  # filled draws nothing more
+        canvas, ink = _PAINTERS[a["style"]](scene, style_rng)
         canvas = canvas.resize((self.image_size, self.image_size), Image.Resampling.BOX)
         noise = rng.normal(0.0, self.config.noise_std, (self.image_size,) * 2 + (3,))
         noisy = np.asarray(canvas, dtype=np.float32) + noise
@@ -440,17 +441,28 @@ _PAINTED_RING_WIDTH = 4
 
 
 def _ink_on(scene: _Scene, ink: Image.Image, paint, base: Image.Image | None = None) -> Image.Image:
-    """``paint`` (an RGB colour or a (side, side, 3) array) through ``ink`` over ``base`` (default: the background)."""
+    """``paint`` (an RGB colour, or an (h, w, 3) array covering :func:`_shape_grid`'s box) through ``ink``
+    over ``base`` (default: the background)."""
     base = base if base is not None else _blank(scene, "RGB", scene.background)
-    layer = _blank(scene, "RGB", paint) if isinstance(paint, tuple) else \
-        Image.fromarray(np.clip(paint, 0, 255).astype(np.uint8), "RGB")
+    layer = _blank(scene, "RGB", scene.fill if isinstance(paint, np.ndarray) else paint)
+    if isinstance(paint, np.ndarray):
+        layer.paste(Image.fromarray(np.clip(paint, 0, 255).astype(np.uint8), "RGB"), _shape_box(scene)[:2])
     return Image.composite(layer, base, ink)
 
 
-def _pixel_grid(side: int) -> tuple[np.ndarray, np.ndarray]:
-    """(y, x) coordinates of the pixel centres, each (side, side)."""
-    y, x = np.mgrid[0:side, 0:side].astype(np.float64) + 0.5
-    return y, x
+def _shape_box(scene: _Scene) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of a box that holds every shape's ink, within the canvas."""
+    reach = 1.3 * scene.radius + 2
+    x0, y0 = (max(0, math.floor(c - reach)) for c in (scene.cx, scene.cy))
+    x1, y1 = (min(scene.side, math.ceil(c + reach)) for c in (scene.cx, scene.cy))
+    return x0, y0, x1, y1
+
+
+def _shape_grid(scene: _Scene) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) coordinates of the pixel centres in :func:`_shape_box`, relative to the shape's centre."""
+    x0, y0, x1, y1 = _shape_box(scene)
+    y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
+    return y - scene.cy, x - scene.cx
 
 
 def _paint_filled(scene: _Scene, rng: np.random.Generator) -> tuple[Image.Image, None]:
@@ -506,12 +518,12 @@ def _wobbly(points: list, rng: np.random.Generator, amount: float, step: float) 
 
 def _paint_textured(scene: _Scene, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
     """The shape filled with stripes or checks of its colour and a lighter tint of it."""
-    y, x = _pixel_grid(scene.side)
+    y, x = _shape_grid(scene)
     theta, half = rng.uniform(0.0, math.pi), max(4.0, 0.3 * scene.radius)
-    u = ((x - scene.cx) * math.cos(theta) + (y - scene.cy) * math.sin(theta)) / half
-    v = ((y - scene.cy) * math.cos(theta) - (x - scene.cx) * math.sin(theta)) / half
+    u = (x * math.cos(theta) + y * math.sin(theta)) / half
+    v = (y * math.cos(theta) - x * math.sin(theta)) / half
     on = np.floor(u) % 2 == 0 if rng.random() < 0.5 else (np.floor(u) + np.floor(v)) % 2 == 0
-    colour = np.asarray(scene.fill, dtype=np.float64)
+    colour = np.asarray(scene.fill, dtype=np.float32)
     paint = np.where(on[..., None], colour, colour + (255 - colour) * _TINT)
     ink = _solid_ink(scene, _PAINTED_RING_WIDTH)
     return _ink_on(scene, ink, paint), ink
@@ -522,10 +534,10 @@ def _paint_shaded(scene: _Scene, rng: np.random.Generator) -> tuple[Image.Image,
     base = _blank(scene, "RGB", scene.background)
     _draw_clutter(ImageDraw.Draw(base), scene.side, rng)
     light, r = rng.uniform(0.0, 2 * math.pi), scene.radius
-    y, x = _pixel_grid(scene.side)
-    t = np.clip(np.hypot(x - scene.cx - 0.5 * r * math.cos(light), y - scene.cy - 0.5 * r * math.sin(light))
-                / (1.6 * r), 0.0, 1.0)[..., None]  # 0 at the highlight, about 1 at the far edge
-    colour = np.asarray(scene.fill, dtype=np.float64)
+    y, x = _shape_grid(scene)
+    t = np.clip(np.hypot(x - 0.5 * r * math.cos(light), y - 0.5 * r * math.sin(light)) / (1.6 * r),
+                0.0, 1.0)[..., None]  # 0 at the highlight, about 1 at the far edge
+    colour = np.asarray(scene.fill, dtype=np.float32)
     lit = colour + (255 - colour) * 0.35 * np.clip(1 - 2 * t, 0.0, 1.0)
     ink = _solid_ink(scene, _PAINTED_RING_WIDTH)
     return _ink_on(scene, ink, lit * (1 - 0.3 * np.clip(2 * t - 1, 0.0, 1.0)), base), ink
