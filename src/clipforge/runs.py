@@ -155,3 +155,18 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def claim_output(out: Path, marker: str, program: str) -> None:
+    """Mark ``out`` as a folder of ``program`` (its ``marker`` file); ValueError if ``out`` is a file or holds
+    files that program did not write, so a command's ``--output`` never replaces someone else's files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; the {program} writes a folder (its data, runs and report)")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        found = sorted(p.name for p in out.iterdir())
+        raise ValueError(f"--output {out} is not empty and is not a previous {program} folder (it has no {marker}; "
+                         f"it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}); the {program} would "
+                         "replace files there: choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / marker).write_text(f"written by clipforge {program}; it may replace the files of this folder\n")

@@ -4,6 +4,7 @@ the gain from prompt ensembling — and write a short report with figures.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,14 @@ from ..evaluate import evaluate
 from ..evaluate.explain import plot_report, similarity_report
 from ..factory import load
 from ..models import get_model_config
+from ..runs import claim_output
 from ..train import TrainConfig, train
 from ..train.logger import read_metrics
 from ..zeroshot import ZeroShotClassifier
 
 SINGLE_TEMPLATE = ["a photo of a {}."]
 DEMO_MARKER = ".clipforge-demo"  # marks a folder the demo wrote, which a later demo run may overwrite
+_claim_output = functools.partial(claim_output, marker=DEMO_MARKER, program="demo")
 EVAL_BATCH = 256
 
 
@@ -78,19 +81,6 @@ def _train_config(cfg: DemoConfig, run_dir: Path) -> TrainConfig:
                        workers=cfg.workers, seed=cfg.seed, save_every=max(1, cfg.steps // 4), log_every=10,
                        resume="auto", zeroshot_classes="builtin-heldout",
                        val_every=max(1, cfg.steps // 4)).validate()
-
-
-def _claim_output(out: Path) -> None:
-    """Mark ``out`` as a demo folder; ValueError if it is a file or holds files the demo did not write."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {out} is a file; the demo writes a folder of data, run and report")
-    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
-        found = sorted(p.name for p in out.iterdir())
-        raise ValueError(f"--output {out} is not empty and is not a previous demo folder (it has no {DEMO_MARKER}; "
-                         f"it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}); the demo would "
-                         "replace files there: choose a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by clipforge demo; it may replace the files of this folder\n")
 
 
 def _write_eval_data(root: Path, n: int) -> dict[str, str]:
