@@ -439,10 +439,10 @@ def export_hf(model: CLIP, folder: str | Path, preprocess: PreprocessConfig | No
     ``pipeline("zero-shot-image-classification", model=folder)`` then work from the folder alone and give
     clipforge's features and ids. ViT models with the Transformer text tower only: HF has no ResNet or CBOW CLIP.
     """
-    if not _open_clip_can_build(model.config):
+    if model.config.objective != "contrastive" or model.config.projection != "linear":
         raise ValueError(f"a Hugging Face CLIPModel has two towers with linear projections; this model is "
-                         f"objective={model.config.objective!r}, projection={model.config.projection!r}, "
-                         f"text encoder {model.config.text_cfg.encoder!r}: save it with clipforge.save instead")
+                         f"objective={model.config.objective!r}, projection={model.config.projection!r}: "
+                         f"save it with clipforge.save instead")
     meta = config_to_hf(model.config, model.logit_scale.item())
     preprocess = getattr(preprocess, "config", preprocess) or PreprocessConfig(image_size=model.image_size)
     files = {**hf_tokenizer_files(model.context_length),

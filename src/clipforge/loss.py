@@ -99,11 +99,12 @@ def bow_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     word are left out of the mean (a batch of only such captions gives 0 with a zero gradient).
     """
     _check_token_logits("bow_loss", logits, tokens, 2)
-    words = word_token_mask(tokens).to(logits.dtype)
-    target = torch.zeros_like(logits).scatter_add_(1, tokens, words).clamp_(max=1.0)  # (N, V) multi-hot
+    log_probs = _log_softmax(logits)
+    words = word_token_mask(tokens).to(log_probs.dtype)
+    target = torch.zeros_like(log_probs).scatter_add_(1, tokens, words).clamp_(max=1.0)  # (N, V) multi-hot
     counts = target.sum(dim=-1)
     has_words = counts > 0
-    per_caption = -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1) / counts.clamp(min=1)
+    per_caption = -(target * log_probs).sum(dim=-1) / counts.clamp(min=1)
     return (per_caption * has_words).sum() / has_words.sum().clamp(min=1)
 
 
@@ -112,7 +113,7 @@ def caption_log_likelihood(logits: torch.Tensor, tokens: torch.Tensor) -> torch.
     (N, L, V), where position t predicts token t + 1; padding after end-of-text is not counted."""
     _check_token_logits("caption_log_likelihood", logits, tokens, 3)
     targets = tokens[:, 1:]  # (N, L - 1): token t + 1 predicted at position t
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    log_probs = _log_softmax(logits[:, :-1]).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (log_probs * _predicted_mask(tokens)).sum(dim=-1)
 
 
@@ -120,6 +121,11 @@ def caption_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Teacher-forced language-model loss (CLIP sec. 2.3, VirTex): the next-token cross-entropy of
     positions 1..end-of-text (inclusive), averaged over all predicted tokens of the batch."""
     return -caption_log_likelihood(logits, tokens).sum() / _predicted_mask(tokens).sum().clamp(min=1)
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Over the vocabulary, in at least float32 (half-precision logits are upcast)."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def _predicted_mask(tokens: torch.Tensor) -> torch.Tensor:

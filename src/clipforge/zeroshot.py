@@ -2,11 +2,13 @@
 
 Each class embedding is the renormalised mean of its L2-normalised prompt embeddings (prompt ensembling);
 templates use ``{}`` or ``{c}`` for the class name, as in OpenAI's notebook and CLIP_benchmark's JSON.
+Models of the predictive objectives (sec. 2.3) score each prompt instead: summed word log-probabilities
+(bag of words) or the prompt's log-likelihood (caption); a classify model reads its own head.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +16,16 @@ import torch.nn.functional as F
 from .assets import read_json
 from .data.classnames import check_classnames, read_text_lines
 from .encode import encode_images, encode_texts
+from .loss import caption_log_likelihood, word_token_mask
+from .models.text import cut_after_end_of_text
+from .tokenizer import model_tokenizer
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 PLACEHOLDERS = ("{c}", "{}")
 TEMPLATE_ALIASES = {"openai": "imagenet1k"}
 TEMPLATES_ASSET = "en_zeroshot_classification_templates.json"
+# The most caption-decoder logits (pairs x length x vocabulary) held at once while scoring prompts.
+_CAPTION_LOGITS_BUDGET = 2 ** 24
 
 
 def template_set_names() -> list[str]:
@@ -84,6 +91,73 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: str |
     return F.normalize(per_prompt.mean(dim=1), dim=-1).t().contiguous()  # (C, T, D) -> (D, C)
 
 
+def model_objective(model) -> str:
+    """The model's training objective: "contrastive" (CLIP, and any model that does not say), "bow",
+    "caption" or "classify"."""
+    return getattr(model, "objective", "contrastive")
+
+
+def _prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    return [fill_template(t, c) for c in classnames for t in templates]  # class-major order
+
+
+def _bow_scorer(model, classnames, templates, tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    tokens = tokenizer(_prompts(classnames, templates))  # (C * T, L)
+    counts = torch.zeros(len(tokens), model.config.text_cfg.vocab_size)
+    counts.scatter_add_(1, tokens, word_token_mask(tokens).float())  # (C * T, V) word counts per prompt
+    # sum of log p(w) over a prompt's words = log_probs @ counts: linear, so the mean over templates is one matrix
+    counts = counts.view(len(classnames), len(templates), -1).mean(dim=1).t().contiguous()  # (V, C)
+    return lambda images: F.log_softmax(model.bow_logits(images).float(), dim=-1) @ counts.to(images.device)
+
+
+def _caption_scorer(model, classnames, templates, tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    prompts = cut_after_end_of_text(tokenizer(_prompts(classnames, templates)))  # (P, L)
+    rows = max(1, _CAPTION_LOGITS_BUDGET // (prompts.shape[1] * model.config.text_cfg.vocab_size))
+
+    def score(images: torch.Tensor) -> torch.Tensor:
+        memory = model.decoder.memory(model.image_tokens(images))  # (B, S, width)
+        tokens = prompts.to(memory.device)
+        pairs = torch.arange(len(images) * len(tokens), device=memory.device)  # image-major (image, prompt) pairs
+        likelihoods = [caption_log_likelihood(model.decoder.decode(memory[chunk // len(tokens)],
+                                                                   tokens[chunk % len(tokens)]),
+                                              tokens[chunk % len(tokens)]) for chunk in pairs.split(rows)]
+        return torch.cat(likelihoods).view(len(images), len(classnames), len(templates)).mean(dim=-1)
+    return score
+
+
+def _classify_scorer(model, classnames, templates, tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    known = model.config.classnames
+    unknown = [c for c in classnames if c not in known]
+    if unknown:
+        raise ValueError(f"class name(s) {unknown[:10]} are not among the {len(known)} classes this classify "
+                         f"model was trained on ({', '.join(known[:10])}{', ...' if len(known) > 10 else ''})")
+    columns = torch.tensor([known.index(c) for c in classnames])
+    return lambda images: model.class_logits(images).float()[:, columns.to(images.device)]
+
+
+_SCORERS = {"bow": _bow_scorer, "caption": _caption_scorer, "classify": _classify_scorer}
+
+
+class _ScoresAsFeatures(torch.nn.Module):
+    """A classifier seen as an image encoder whose features are its class scores, so the one batched loop
+    (``clipforge.encode.encode_images``, ``Evaluator.encode``) runs it; eval mode and device are the model's."""
+
+    def __init__(self, classifier: "ZeroShotClassifier"):
+        super().__init__()
+        self.model = classifier.model
+        self._score_batch = classifier._score_batch
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self._score_batch(images)
+
+
+def zeroshot_scores(model, images: torch.Tensor, classnames: Sequence[str],
+                    templates: str | Sequence[str] | None = None, tokenizer=None, batch_size: int = 256) -> torch.Tensor:
+    """Class scores (N, C) of preprocessed images for a model of any objective; see :meth:`ZeroShotClassifier.scores`."""
+    return ZeroShotClassifier(model, classnames, templates, tokenizer, batch_size=batch_size,
+                              allow_duplicates=True).scores(images)
+
+
 class ZeroShotClassifier:
     """A zero-shot image classifier over fixed class names: probabilities, top-k labels, multi-label scores.
 
@@ -110,7 +184,15 @@ class ZeroShotClassifier:
         self.refresh()
 
     def refresh(self) -> None:
-        """Recompute ``weights`` and ``neutral_weights`` from the model's current parameters."""
+        """Recompute ``weights`` and ``neutral_weights`` (contrastive models; None for the others, which
+        prepare their prompt scorer instead) from the model's current parameters."""
+        self.objective = model_objective(self.model)
+        if self.objective != "contrastive":
+            self.weights = self.neutral_weights = None
+            tokenizer = self.tokenizer or model_tokenizer(self.model)
+            self._score_batch = _SCORERS[self.objective](self.model, self.classnames, self.templates, tokenizer)
+            return
+        self._score_batch = lambda images: self.logits(self.model.encode_image(images))
         self.weights = build_zeroshot_classifier(self.model, self.classnames, self.templates, self.tokenizer,
                                                  self.batch_size)
         self.neutral_weights = build_zeroshot_classifier(self.model, [self.negative], self.templates,
@@ -141,11 +223,28 @@ class ZeroShotClassifier:
         cos_neutral = features @ self.neutral_weights.to(features.device)  # (N, 1)
         return torch.sigmoid(self.logit_scale * (cos_class - cos_neutral))
 
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Class scores (N, num_classes) of preprocessed images (N, 3, H, W), higher = more likely, encoded
+        ``batch_size`` at a time: contrastive, :meth:`logits`; bow, the mean over templates of the prompt's
+        summed word log-probabilities; caption, the mean over templates of the prompt's log-likelihood;
+        classify, the model's class logits of these class names (templates unused)."""
+        if self.objective == "contrastive":
+            return self.logits(self.encode_images(images))
+        return encode_images(self.as_encoder(), images, self.batch_size, normalize=False)
+
+    def as_encoder(self) -> torch.nn.Module:
+        """A module whose ``encode_image(batch)`` is this classifier's scores of the batch, for batched
+        image loops (``Evaluator.encode(..., normalize=False)``)."""
+        return _ScoresAsFeatures(self)
+
     def predict(self, images: torch.Tensor, top_k: int = 5,
                 multi_label: bool = False) -> list[list[tuple[str, float]]]:
-        """For each preprocessed image, its ``top_k`` (label, score) pairs, best first."""
-        features = self.encode_images(images)
-        scores = self.multilabel_scores(features) if multi_label else self.probabilities(features)
+        """For each preprocessed image, its ``top_k`` (label, score) pairs, best first: softmax of
+        :meth:`scores`, or with ``multi_label`` (contrastive models) :meth:`multilabel_scores`."""
+        if multi_label and self.objective != "contrastive":
+            raise ValueError(f"multi-label scores compare each class with a neutral prompt in CLIP's joint "
+                             f"space; a {self.objective!r} model has none: use multi_label=False")
+        scores = self.multilabel_scores(self.encode_images(images)) if multi_label else self.scores(images).softmax(-1)
         values, indices = scores.topk(min(top_k, len(self.classnames)), dim=-1)
         return [[(self.classnames[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())]
                 for vs, ix in zip(values, indices)]

@@ -8,11 +8,10 @@ from typing import Callable
 
 import torch
 
-from ..zeroshot import build_zeroshot_classifier
 from .base import Evaluator
 from ..data.classification import ClassificationData, read_classification
 from .metrics import topk_accuracy
-from .zeroshot import resolve_templates, zeroshot_logits
+from .zeroshot import resolve_templates, zeroshot_logits, zeroshot_weights
 
 
 def _align(base: ClassificationData, shifted: ClassificationData, name: str) -> torch.Tensor:
@@ -47,7 +46,7 @@ class RobustnessEvaluator(Evaluator):
         if not self.shifted:
             raise ValueError("robustness needs at least one shifted set (--shifted NAME=PATH)")
         base = read_classification(self.data, self.classnames)
-        weights = build_zeroshot_classifier(model, base.classnames, resolve_templates(self.templates, self.classnames))
+        weights = zeroshot_weights(model, base.classnames, resolve_templates(self.templates, self.classnames))
         logits, targets = zeroshot_logits(self, model, preprocess, base, weights)
         metrics = {"top1": topk_accuracy(logits, targets, (1,))["top1"]}
         self.details["num_images"] = {"base": len(targets)}
@@ -57,15 +56,14 @@ class RobustnessEvaluator(Evaluator):
         metrics["mean_shifted_top1"] = sum(metrics[f"{n}/top1"] for n in self.shifted) / len(self.shifted)
         return metrics
 
-    def _shifted_top1(self, model, preprocess, base: ClassificationData, weights: torch.Tensor,
-                      name: str, path: str) -> float:
+    def _shifted_top1(self, model, preprocess, base: ClassificationData, weights, name: str, path: str) -> float:
         shifted = read_classification(path, self.classnames)
         to_base = _align(base, shifted, name)
         present = to_base[torch.tensor(sorted(set(shifted.targets)), dtype=torch.long)]
-        columns = present if self.restrict_classes else torch.arange(weights.shape[1])
-        logits, targets = zeroshot_logits(self, model, preprocess, shifted, weights[:, columns])
+        columns = present if self.restrict_classes else torch.arange(len(base.classnames))
+        logits, targets = zeroshot_logits(self, model, preprocess, shifted, weights, columns)
         base_targets = to_base[targets.cpu()]  # shifted class index -> base class index
-        position = torch.full((weights.shape[1],), -1, dtype=torch.long)
+        position = torch.full((len(base.classnames),), -1, dtype=torch.long)
         position[columns] = torch.arange(len(columns))  # base class index -> column in the logits
         self.details["num_images"][name] = len(targets)
         return topk_accuracy(logits, position[base_targets].to(logits.device), (1,))["top1"]

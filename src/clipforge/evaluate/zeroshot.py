@@ -1,5 +1,5 @@
 """Zero-shot classification accuracy (CLIP paper sec. 3.1): top-1, top-5 and mean per-class recall of a
-prompt-ensembled classifier built from the class names alone.
+prompt-ensembled classifier built from the class names alone (for any objective: see ``ZeroShotClassifier``).
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..zeroshot import build_zeroshot_classifier, load_templates, template_set_names
+from ..zeroshot import ZeroShotClassifier, build_zeroshot_classifier, load_templates, model_objective, template_set_names
 from .base import Evaluator
 from ..data.classification import ClassificationData, read_classification
 from .metrics import classification_metrics
@@ -22,12 +22,27 @@ def resolve_templates(templates, classnames=None) -> list[str]:
     return load_templates(templates)
 
 
+def zeroshot_weights(model, classnames: list[str], templates: list[str]) -> torch.Tensor | ZeroShotClassifier:
+    """A contrastive model's classifier weights (embed_dim, C); for the other objectives, which score
+    images rather than features, a :class:`ZeroShotClassifier`."""
+    if model_objective(model) == "contrastive":
+        return build_zeroshot_classifier(model, classnames, templates)
+    return ZeroShotClassifier(model, classnames, templates, allow_duplicates=True)
+
+
 def zeroshot_logits(evaluator: Evaluator, model, preprocess: Callable, data: ClassificationData,
-                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cosine logits (N, C), targets (N,)) of the readable images of ``data`` against classifier ``weights``."""
-    encoded = evaluator.encode(model, preprocess, data.images, data.source)
+                    weights: torch.Tensor | ZeroShotClassifier,
+                    columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class scores (N, C), targets (N,)) of the readable images of ``data`` from :func:`zeroshot_weights`:
+    cosine logits against weights, or the classifier's scores; only the classes ``columns`` if given."""
+    if isinstance(weights, ZeroShotClassifier):
+        encoded = evaluator.encode(weights.as_encoder(), preprocess, data.images, data.source, normalize=False)
+        logits = encoded.features if columns is None else encoded.features[:, columns.to(encoded.features.device)]
+    else:
+        encoded = evaluator.encode(model, preprocess, data.images, data.source)
+        logits = encoded.features @ (weights if columns is None else weights[:, columns]).to(encoded.features.device)
     targets = torch.tensor(data.targets, dtype=torch.long)[encoded.kept]
-    return encoded.features @ weights.to(encoded.features.device), targets.to(encoded.features.device)
+    return logits, targets.to(encoded.features.device)
 
 
 @dataclass(kw_only=True)
@@ -45,7 +60,7 @@ class ZeroShotEvaluator(Evaluator):
     def run(self, model, preprocess: Callable) -> dict[str, float]:
         data = read_classification(self.data, self.classnames)
         templates = resolve_templates(self.templates, self.classnames)
-        weights = build_zeroshot_classifier(model, data.classnames, templates)
+        weights = zeroshot_weights(model, data.classnames, templates)
         logits, targets = zeroshot_logits(self, model, preprocess, data, weights)
         self.details.update(num_images=len(targets), num_classes=len(data.class_keys), num_templates=len(templates))
         return classification_metrics(logits, targets)
