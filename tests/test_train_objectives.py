@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import clipforge
 from clipforge.cli import main
-from clipforge.data import ShapesDataset, class_names, write_classification
+from clipforge.data import ShapesDataset, class_names, shapes, write_classification
 from clipforge.models import CLIP, CLIPConfig
 from clipforge.train import TrainConfig, train
 from clipforge.train import logger as train_logger
@@ -77,6 +77,33 @@ def test_classify_on_a_labelled_folder_beats_chance(tmp_path, micro_json):
     labels = torch.tensor([data.label(i, "colour") for i in range(256)])
     accuracy = (ZeroShotClassifier(model, names).scores(images).argmax(-1) == labels).float().mean().item()
     assert accuracy > 0.5, accuracy  # 8 classes: chance is 0.125
+
+
+@pytest.mark.parametrize("fmt", ["wds", "csv"])
+def test_classify_reads_labelled_shards_and_csv(tmp_path, micro_json, fmt):
+    spec = write_classification(tmp_path / fmt, "train", 40, fmt=fmt, by="shape", image_size=32, seed=0)
+    names = {"classnames": str(tmp_path / fmt / "classnames.txt")} if fmt == "wds" else {}  # .cls: numbers
+    train(_cfg(tmp_path, micro_json, loss="classify", train_data=spec, steps=2, warmup=1, **names))
+    model, _ = clipforge.load(tmp_path / "run", device="cpu")
+    assert list(model.config.classnames) == class_names("train", by="shape")
+    if fmt == "wds":
+        with pytest.raises(ValueError, match="the labels are integers; pass class names"):
+            train(_cfg(tmp_path, micro_json, "unnamed", loss="classify", train_data=spec, steps=2, warmup=1))
+
+
+def test_classify_on_a_builtin_world_and_style_takes_its_pairs(tmp_path, micro_json):
+    train(_cfg(tmp_path, micro_json, loss="classify", train_data="builtin-hard:64:outline", steps=2, warmup=1))
+    model, _ = clipforge.load(tmp_path / "run", device="cpu")
+    assert list(model.config.classnames) == class_names("train", config=shapes.world("hard"))
+    assert len(model.config.classnames) < len(class_names("train"))  # the hard world holds out more pairs
+
+
+def test_time_budget_plans_a_caption_run(tmp_path, micro_json):
+    result = train(_cfg(tmp_path, micro_json, loss="caption", steps=None, warmup=None, time_budget="10s",
+                        val_data="builtin:16", batch_size=8))
+    resolved = json.loads((tmp_path / "run" / "run_config.json").read_text())["resolved"]
+    assert result["step"] == resolved["total_steps"] >= 1 and resolved["time_budget_costs"]["validate_s"] > 0
+    assert "loss" in result["val"]
 
 
 def _micro_batches(objective: str, sizes=(3, 5), seed=0) -> list:
@@ -194,6 +221,8 @@ def test_cli_trains_bow_end_to_end(tmp_path, micro_json, capsys):
     (["--loss", "classify", "--zeroshot-classes", "builtin-heldout"], "a classifier scores only its own classes"),
     (["--loss", "bow", "--loss-tile-size", "8"], "apply to the contrastive loss, not --loss bow"),
     (["--loss", "classify", "--train-data", "builtin::builtin"], "one labelled set"),
+    (["--loss", "classify", "--classnames", "names.txt"], "the built-in data's classes are its colour-shape pairs"),
+    (["--classnames", "names.txt"], "--loss contrastive trains on captions"),
 ])
 def test_cli_refuses_what_an_objective_does_not_have(tmp_path, micro_json, capsys, extra, message):
     args = ["train", "--model", micro_json, "--train-data", "builtin:64", "--steps", "2", "--workers", "0",

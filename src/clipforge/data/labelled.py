@@ -20,8 +20,8 @@ class LabelledSource(MapSource):
 class ClassificationSource(LabelledSource):
     """The images of a class-folder set, a CSV with labels or ``.cls`` shards, with their targets."""
 
-    def __init__(self, path: str, max_pixels: int | None = None):
-        data = read_classification(path)
+    def __init__(self, path: str, classnames=None, max_pixels: int | None = None):
+        data = read_classification(path, classnames)
         self.name, self.max_pixels, self.classnames = str(path), max_pixels, list(data.classnames)
         self._images, self._targets = data.images, np.asarray(data.targets, dtype=np.int64)
 
@@ -49,10 +49,10 @@ class ShapesLabelledSource(LabelledSource):
         return self.dataset.image(i), self.dataset.label(i, "pair")
 
 
-def open_labelled_source(spec: str, *, max_pixels: int | None = None, builtin_samples: int | None = None,
-                         builtin_image_size: int = 64) -> LabelledSource:
+def open_labelled_source(spec: str, classnames=None, *, max_pixels: int | None = None,
+                         builtin_samples: int | None = None, builtin_image_size: int = 64) -> LabelledSource:
     """Open ``spec`` as a labelled source: ``builtin[...]`` (the same spec as for image-caption training) or
-    a path :func:`read_classification` reads."""
+    a path :func:`read_classification` reads, with ``classnames`` as it takes them (numbered labels need them)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"labelled training data must be a non-empty string, got {spec!r}")
     if "::" in spec:
@@ -60,9 +60,11 @@ def open_labelled_source(spec: str, *, max_pixels: int | None = None, builtin_sa
                          "'::' mixtures are for image-caption data")
     spec = spec.strip()
     if _is_builtin(spec):
+        if classnames is not None:
+            raise ValueError(f"{spec!r}: the built-in data's classes are its colour-shape pairs; give no class names")
         (source,) = open_sources(spec, builtin_samples=builtin_samples, builtin_image_size=builtin_image_size)
         return ShapesLabelledSource(source)
-    return ClassificationSource(spec, max_pixels)
+    return ClassificationSource(spec, classnames, max_pixels)
 
 
 def _is_builtin(spec: str) -> bool:

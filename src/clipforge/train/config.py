@@ -47,6 +47,9 @@ class TrainConfig:
                            "labelled set (class folders, a CSV with a label column, .cls shards) or 'builtin[:N]' "
                            "labelled by colour-shape pair", str, metavar="SPEC")
     val_data: str | None = _opt(None, "validation data, same forms as --train-data", str, metavar="SPEC")
+    classnames: str | None = _opt(None, "--loss classify: the names of --train-data's labels (one per line in "
+                                  "label order, or a JSON object); needed for .cls shards, whose labels are "
+                                  "numbers", str, metavar="FILE")
     zeroshot_classes: str | None = _opt(None, "class names for zero-shot validation: a file (one name per line) "
                                         "or 'builtin-heldout' (the built-in data's held-out colour-shape pairs)",
                                         str, metavar="FILE|builtin-heldout")
@@ -168,6 +171,9 @@ class TrainConfig:
         """The options that only some objectives have: a temperature, a text tower, pair-wise zero-shot."""
         if self.fixed_temperature is not None and not self.fixed_temperature > 0:
             raise ValueError(f"--fixed-temperature must be positive, got {self.fixed_temperature}")
+        if self.classnames and self.loss != "classify":
+            raise ValueError(f"--classnames names the labels of a --loss classify run's data; --loss {self.loss} "
+                             "trains on captions")
         if self.loss in CONTRASTIVE_LOSSES:
             return
         if self.fixed_temperature is not None:

@@ -39,8 +39,8 @@ from .validate import (HELDOUT, heldout_zeroshot_set, label_by_classnames, load_
                        zeroshot_from_val)
 
 _log = logging.getLogger(__name__)
-_RUN_IDENTITY_KEYS = ("model", "train_data", "seed", "loss", "projection", "fixed_temperature", "lr", "warmup",
-                      "accum_freq")
+_RUN_IDENTITY_KEYS = ("model", "train_data", "seed", "loss", "projection", "fixed_temperature", "classnames", "lr",
+                      "warmup", "accum_freq")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -157,7 +157,7 @@ class Trainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         # a classifier's classes are its data's: opened before the model, which needs them for its head
-        self.labelled = (open_labelled_source(cfg.train_data, builtin_samples=cfg.train_num_samples)
+        self.labelled = (open_labelled_source(cfg.train_data, cfg.classnames, builtin_samples=cfg.train_num_samples)
                          if cfg.loss == "classify" else None)
         _seed_all(cfg.seed)  # the same initial weights on every rank
         clip, train_tf, eval_tf = create_model_and_transforms(cfg.model, pretrained=cfg.pretrained,
