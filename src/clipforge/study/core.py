@@ -50,6 +50,8 @@ class Scale:
     sizes: tuple = ()
     world: str = "hard"
     lr: float | None = None
+    probe_draws: int = 3  # k-shot training sets drawn per k and seed (experiment 6)
+    workers: int = 1  # data-loading processes of each training run
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back from JSON
@@ -69,7 +71,7 @@ SCALES = {
     "full": Scale("full", "study-vit", train_samples=100_000, steps=400, batch_size=128, eval_samples=1000,
                   seeds=3, sizes=(_vit(32, 32, 1), "study-vit", _vit(96, 96, 3))),
     "smoke": Scale("smoke", _vit(16, 32, 1), train_samples=256, steps=3, batch_size=16, eval_samples=48,
-                   probe_shots=(1, 2), seeds=1, sizes=(_vit(16, 32, 1), _vit(16, 32, 2))),
+                   probe_shots=(1, 2), seeds=1, sizes=(_vit(16, 32, 1), _vit(16, 32, 2)), probe_draws=1, workers=0),
 }
 CHOICES = ("quick", "full")  # the scales offered on the command line; "smoke" is the tests'
 
@@ -155,7 +157,7 @@ class Study:
         spec = shapes.BuiltinSpec(scale.train_samples, ("filled",), scale.world)
         settings = dict(model=scale.model, train_data=str(spec), steps=scale.steps, batch_size=scale.batch_size,
                         lr=scale.lr, seed=seed, output=str(self.run_dir(experiment, variant, seed)),
-                        resume="auto", workers=1, save_every=scale.steps, keep=1, log_every=max(1, scale.steps // 20))
+                        resume="auto", workers=scale.workers, save_every=scale.steps, keep=1, log_every=max(1, scale.steps // 20))
         settings.update(overrides)
         settings["model"] = self.model_file(settings["model"])
         return TrainConfig(**settings).validate()

@@ -22,9 +22,9 @@ from .core import EVAL_SEED, Result, Study, mean_std
 from .objectives import compare
 from .report import bar_figure, new_figure
 
-PROBE_DRAWS = 3  # k-shot training sets drawn per k and seed; the probe's accuracy is their mean
 PROBE_VAL_PER_CLASS = 4  # labelled images per class that choose the probe's L2 strength
 PROBE_POOL_PER_SHOT = 3  # images per class per shot in the pool the k-shot sets are drawn from
+PROBE_POOL_EXTRA = 8  # ... plus these, so that every class of the random draw has its k images
 
 
 def _seeds(study: Study) -> range:
@@ -94,12 +94,12 @@ def _features(model, evalset) -> tuple[torch.Tensor, torch.Tensor]:
     return encode_images(model, evalset.images, normalize=False).double(), evalset.labels
 
 
-def probe_accuracy(pool, val, test, num_classes: int, k: int, seed: int) -> float:
+def probe_accuracy(pool, val, test, num_classes: int, k: int, seed: int, draws: int) -> float:
     """Test top-1 of a logistic-regression probe on ``k`` images per class drawn from ``pool`` (features,
-    labels), its L2 strength chosen on ``val``; the mean over :data:`PROBE_DRAWS` draws."""
+    labels), its L2 strength chosen on ``val``; the mean over ``draws`` draws of the k images."""
     accuracies = []
-    for draw in range(PROBE_DRAWS):
-        keep = sample_k_shot(pool[1], k, seed=seed * PROBE_DRAWS + draw)
+    for draw in range(draws):
+        keep = sample_k_shot(pool[1], k, seed=seed * draws + draw)
         x, y = pool[0][keep], pool[1][keep]
         l2, _ = select_l2(x, y, val[0], val[1], num_classes)
         probe = fit_logistic_regression(x, y, num_classes, l2)
@@ -127,7 +127,8 @@ def few_shot(study: Study) -> Result:
     its image features trained with k labelled images per held-out class; at what k the probe matches it."""
     shots, test = study.scale.probe_shots, study.heldout()
     num_classes = len(test.classnames)
-    pool_set = study.labelled("heldout", n=PROBE_POOL_PER_SHOT * max(shots) * num_classes, seed=EVAL_SEED + 1)
+    pool_size = (PROBE_POOL_PER_SHOT * max(shots) + PROBE_POOL_EXTRA) * num_classes
+    pool_set = study.labelled("heldout", n=pool_size, seed=EVAL_SEED + 1)
     val_set = study.labelled("heldout", n=PROBE_VAL_PER_CLASS * num_classes, seed=EVAL_SEED + 2)
     zero, probes = [], {k: [] for k in shots}
     for seed in _seeds(study):
@@ -135,7 +136,7 @@ def few_shot(study: Study) -> Result:
         zero.append(study.zeroshot_top1(model, preprocess, test))
         pool, val, test_features = (_features(model, s) for s in (pool_set, val_set, test))
         for k in study.track(shots, f"few-shot probes, seed {seed}"):
-            probes[k].append(probe_accuracy(pool, val, test_features, num_classes, k, seed))
+            probes[k].append(probe_accuracy(pool, val, test_features, num_classes, k, seed, study.scale.probe_draws))
             study._advance()
     means = [statistics.fmean(probes[k]) for k in shots]
     k_star = matching_shots(shots, means, statistics.fmean(zero))
@@ -150,7 +151,7 @@ def few_shot(study: Study) -> Result:
         figure=_few_shot_figure(shots, means, statistics.fmean(zero), k_star),
         verdict=_few_shot_verdict(k_star, beats, shots, agrees), agrees=agrees,
         numbers={"zeroshot_top1": zero, "probe_top1": {str(k): v for k, v in probes.items()},
-                 "matching_shots": k_star, "probe_draws": PROBE_DRAWS})
+                 "matching_shots": k_star, "probe_draws": study.scale.probe_draws})
 
 
 def _few_shot_verdict(k_star: float | None, beats: dict, shots: Sequence[int], agrees: bool | None) -> str:
