@@ -141,6 +141,15 @@ def test_accumulation_is_exact_for_per_sample_losses(objective, one_thread):
             assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-7), name
 
 
+def test_caption_trains_data_parallel(tmp_path, micro_json):
+    from test_train_distributed import _args, _launch_torchrun  # the data-parallel tests' launcher
+    run = tmp_path / "ddp"
+    # the decoder reads the image tokens, so the image projection (and MLP head) take no gradient there
+    _launch_torchrun(_args(micro_json, run, 4, "--loss", "caption", "--projection", "mlp"), run)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert json.loads((run / "run_config.json").read_text())["resolved"]["world_size"] == 2
+
+
 class _Stop(Exception):
     pass
 

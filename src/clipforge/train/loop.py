@@ -248,7 +248,9 @@ class Trainer:
         wrapped = self.module
         if self.env.distributed:
             device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
+            # a caption decoder reads the image tokens: the image tower's projection takes no gradient
+            wrapped = DistributedDataParallel(wrapped, device_ids=device_ids,
+                                              find_unused_parameters=self.cfg.loss == "caption")
         return torch.compile(wrapped) if self.cfg.compile else wrapped
 
     def _build_validation(self) -> None:
