@@ -175,6 +175,15 @@ def test_caption_scorer_equals_token_by_token_log_likelihood(base, one_thread):
     torch.testing.assert_close(classifier.scores(images), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_decoder_log_likelihood_equals_the_loss_definition(one_thread):
+    model = _model("caption")
+    tokens = clipforge.tokenize(["a red circle above a blue square", "a cat", ""], context_length=32)[:, :10]
+    with torch.no_grad():
+        memory = model.decoder.memory(model.image_tokens(_images(3)))
+        expected = caption_log_likelihood(model.decoder.decode(memory, tokens), tokens)
+        torch.testing.assert_close(model.decoder.log_likelihood(memory, tokens), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_caption_decoder_is_causal(one_thread):
     model = _model("caption")
     tokens = clipforge.tokenize(["a red circle above a blue square"], context_length=32)[:, :9]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .assets import read_json
 from .data.classnames import check_classnames, read_text_lines
 from .encode import encode_images, encode_texts
-from .loss import caption_log_likelihood, word_token_mask
+from .loss import word_token_mask
 from .models.text import cut_after_end_of_text
 from .tokenizer import model_tokenizer
 
@@ -118,9 +118,8 @@ def _caption_scorer(model, classnames, templates, tokenizer) -> Callable[[torch.
         memory = model.decoder.memory(model.image_tokens(images))  # (B, S, width)
         tokens = prompts.to(memory.device)
         pairs = torch.arange(len(images) * len(tokens), device=memory.device)  # image-major (image, prompt) pairs
-        likelihoods = [caption_log_likelihood(model.decoder.decode(memory[chunk // len(tokens)],
-                                                                   tokens[chunk % len(tokens)]),
-                                              tokens[chunk % len(tokens)]) for chunk in pairs.split(rows)]
+        likelihoods = [model.decoder.log_likelihood(memory[chunk // len(tokens)], tokens[chunk % len(tokens)])
+                       for chunk in pairs.split(rows)]
         return torch.cat(likelihoods).view(len(images), len(classnames), len(templates)).mean(dim=-1)
     return score
 

@@ -22,23 +22,17 @@ class ProjectionMLP(nn.Module):
         return self.fc(F.relu(x))
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries ``x`` (N, L, D) over a memory (N, S, D)."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
-        self.heads = heads
-        self.q_proj = nn.Linear(width, width)
-        self.kv_proj = nn.Linear(width, 2 * width)
-        self.out_proj = nn.Linear(width, width)
+class CrossAttention(Attention):
+    """Multi-head attention of queries ``x`` (N, L, D) over a memory (N, S, D); ``Attention``'s packed
+    ``in_proj`` layout, whose first D rows project the queries and the other 2D the keys and values."""
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         n, length, width = x.shape
-        q = self.q_proj(x).view(n, length, self.heads, -1).transpose(1, 2)  # (N, heads, L, head_dim)
+        w_q, w_kv = self.in_proj_weight.split([width, 2 * width])
+        b_q, b_kv = self.in_proj_bias.split([width, 2 * width])
+        q = F.linear(x, w_q, b_q).view(n, length, self.heads, -1).transpose(1, 2)  # (N, heads, L, head_dim)
         k, v = (t.view(n, memory.shape[1], self.heads, -1).transpose(1, 2)
-                for t in self.kv_proj(memory).chunk(2, dim=-1))  # each (N, heads, S, head_dim)
+                for t in F.linear(memory, w_kv, b_kv).chunk(2, dim=-1))  # each (N, heads, S, head_dim)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, width))  # (N, L, D)
 
@@ -78,8 +72,8 @@ class CaptionDecoder(nn.Module):
         """Image tower tokens (N, S, image_width) -> the memory the blocks attend to (N, S, width)."""
         return self.image_proj(self.ln_image(image_tokens))
 
-    def decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Memory (N, S, width) and token ids (N, L) -> next-token logits (N, L, vocab_size)."""
+    def hidden(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Memory (N, S, width) and token ids (N, L) -> final states (N, L, width), before the output layer."""
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"caption tokens must be (batch, length <= {self.context_length}), got {tuple(tokens.shape)}")
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # (N, L, D)
@@ -88,7 +82,21 @@ class CaptionDecoder(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, memory, use_reentrant=False)
             else:
                 x = block(x, memory)
-        return self.ln_final(x) @ self.token_embedding.weight.t()  # (N, L, V)
+        return self.ln_final(x)
+
+    def decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Memory (N, S, width) and token ids (N, L) -> next-token logits (N, L, vocab_size)."""
+        return self.hidden(memory, tokens) @ self.token_embedding.weight.t()  # (N, L, V)
+
+    def log_likelihood(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(N,) the same as ``loss.caption_log_likelihood(self.decode(memory, tokens), tokens)``, with output
+        logits computed only at the predicted positions (1..end-of-text) rather than at all of them."""
+        predicted = torch.arange(1, tokens.shape[1], device=tokens.device) <= tokens.argmax(-1, keepdim=True)
+        states = self.hidden(memory, tokens)[:, :-1][predicted].float()  # (K, D): position t predicts t + 1
+        targets = tokens[:, 1:][predicted]  # (K,)
+        weight = self.token_embedding.weight.float()
+        per_token = (states * weight[targets]).sum(-1) - torch.logsumexp(states @ weight.t(), dim=-1)  # (K,)
+        return per_token.new_zeros(len(tokens)).index_add_(0, predicted.nonzero()[:, 0], per_token)
 
     def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decode(self.memory(image_tokens), tokens)
