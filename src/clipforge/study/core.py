@@ -25,6 +25,7 @@ from clipforge.zeroshot import ZeroShotClassifier
 
 STUDY_MARKER = ".clipforge-study"  # marks a folder a study wrote, which a later study may write into again
 RESULTS_DIR, RUNS_DIR, CONFIGS_DIR = "results", "runs", "model_configs"
+CHECKPOINTS_PER_RUN = 3  # an interrupted run resumes from the newest of these (keep=1: only it stays)
 EVAL_SEED = 1000  # evaluation images are drawn apart from the training data's seed (0)
 BASELINE = ("baseline", "clip")  # the experiment and variant of the scale's default contrastive run
 PAPER_ORDER = ("objectives", "projection", "temperature", "text-encoder", "prompts", "few-shot", "robustness",
@@ -57,7 +58,7 @@ class Scale:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back from JSON
 
 
-def _vit(embed: int, width: int, layers: int, context: int = 32) -> dict:
+def _vit(embed: int, width: int, layers: int, context: int = 20) -> dict:
     """A small ViT CLIP config for 32-pixel images (patches of 8: a 4x4 grid)."""
     return {"embed_dim": embed,
             "vision_cfg": {"image_size": 32, "layers": layers, "width": width, "patch_size": 8, "head_width": 32},
@@ -157,7 +158,8 @@ class Study:
         spec = shapes.BuiltinSpec(scale.train_samples, ("filled",), scale.world)
         settings = dict(model=scale.model, train_data=str(spec), steps=scale.steps, batch_size=scale.batch_size,
                         lr=scale.lr, seed=seed, output=str(self.run_dir(experiment, variant, seed)),
-                        resume="auto", workers=scale.workers, save_every=scale.steps, keep=1, log_every=max(1, scale.steps // 20))
+                        resume="auto", workers=scale.workers, log_every=max(1, scale.steps // 20),
+                        save_every=max(1, scale.steps // CHECKPOINTS_PER_RUN), keep=1)
         settings.update(overrides)
         settings["model"] = self.model_file(settings["model"])
         return TrainConfig(**settings).validate()
