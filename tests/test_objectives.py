@@ -175,13 +175,16 @@ def test_caption_scorer_equals_token_by_token_log_likelihood(base, one_thread):
     torch.testing.assert_close(classifier.scores(images), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_decoder_log_likelihood_equals_the_loss_definition(one_thread):
+def test_prompt_log_likelihoods_equal_the_loss_definition_for_every_pair(one_thread):
     model = _model("caption")
-    tokens = clipforge.tokenize(["a red circle above a blue square", "a cat", ""], context_length=32)[:, :10]
+    texts = ["a red circle above a blue square", "a red circle", "a cat", "", "a red square"]  # shared prefixes
+    tokens = clipforge.tokenize(texts, context_length=32)[:, :10]
     with torch.no_grad():
         memory = model.decoder.memory(model.image_tokens(_images(3)))
-        expected = caption_log_likelihood(model.decoder.decode(memory, tokens), tokens)
-        torch.testing.assert_close(model.decoder.log_likelihood(memory, tokens), expected, rtol=1e-5, atol=1e-4)
+        expected = torch.stack([caption_log_likelihood(model.decoder.decode(m.expand(len(tokens), -1, -1), tokens),
+                                                       tokens) for m in memory])  # (3 images, 5 prompts)
+        torch.testing.assert_close(model.decoder.prompt_log_likelihoods(memory, tokens), expected,
+                                   rtol=1e-5, atol=1e-4)
 
 
 def test_caption_decoder_is_causal(one_thread):
@@ -198,7 +201,7 @@ def test_caption_scorer_chunks_pairs_without_changing_scores(monkeypatch, one_th
     model = _model("caption")
     images = _images(2)
     whole = zeroshot_scores(model, images, CLASSES, TEMPLATES)
-    monkeypatch.setattr("clipforge.zeroshot._CAPTION_LOGITS_BUDGET", 1)  # one (image, prompt) pair at a time
+    monkeypatch.setattr("clipforge.zeroshot._CAPTION_LOGITS_BUDGET", 1)  # one image at a time
     torch.testing.assert_close(zeroshot_scores(model, images, CLASSES, TEMPLATES, batch_size=2), whole)
 
 

@@ -24,7 +24,7 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 PLACEHOLDERS = ("{c}", "{}")
 TEMPLATE_ALIASES = {"openai": "imagenet1k"}
 TEMPLATES_ASSET = "en_zeroshot_classification_templates.json"
-# The most caption-decoder logits (pairs x length x vocabulary) held at once while scoring prompts.
+# The most caption-decoder logits (images x prompt positions x vocabulary) held at once while scoring prompts.
 _CAPTION_LOGITS_BUDGET = 2 ** 24
 
 
@@ -112,15 +112,13 @@ def _bow_scorer(model, classnames, templates, tokenizer) -> Callable[[torch.Tens
 
 def _caption_scorer(model, classnames, templates, tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
     prompts = cut_after_end_of_text(tokenizer(_prompts(classnames, templates)))  # (P, L)
-    rows = max(1, _CAPTION_LOGITS_BUDGET // (prompts.shape[1] * model.config.text_cfg.vocab_size))
+    per_chunk = max(1, _CAPTION_LOGITS_BUDGET // (prompts.numel() * model.config.text_cfg.vocab_size))
 
     def score(images: torch.Tensor) -> torch.Tensor:
         memory = model.decoder.memory(model.image_tokens(images))  # (B, S, width)
         tokens = prompts.to(memory.device)
-        pairs = torch.arange(len(images) * len(tokens), device=memory.device)  # image-major (image, prompt) pairs
-        likelihoods = [model.decoder.log_likelihood(memory[chunk // len(tokens)], tokens[chunk % len(tokens)])
-                       for chunk in pairs.split(rows)]
-        return torch.cat(likelihoods).view(len(images), len(classnames), len(templates)).mean(dim=-1)
+        likelihoods = torch.cat([model.decoder.prompt_log_likelihoods(chunk, tokens) for chunk in memory.split(per_chunk)])
+        return likelihoods.view(len(images), len(classnames), len(templates)).mean(dim=-1)  # (B, P) -> (B, C)
     return score
 
 

@@ -88,15 +88,35 @@ class CaptionDecoder(nn.Module):
         """Memory (N, S, width) and token ids (N, L) -> next-token logits (N, L, vocab_size)."""
         return self.hidden(memory, tokens) @ self.token_embedding.weight.t()  # (N, L, V)
 
-    def log_likelihood(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(N,) the same as ``loss.caption_log_likelihood(self.decode(memory, tokens), tokens)``, with output
-        logits computed only at the predicted positions (1..end-of-text) rather than at all of them."""
-        predicted = torch.arange(1, tokens.shape[1], device=tokens.device) <= tokens.argmax(-1, keepdim=True)
-        states = self.hidden(memory, tokens)[:, :-1][predicted].float()  # (K, D): position t predicts t + 1
-        targets = tokens[:, 1:][predicted]  # (K,)
+    def prompt_log_likelihoods(self, memory: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """(B, P) log-likelihood of each prompt (P, L) given each memory (B, S, width): for every pair, the
+        same as ``loss.caption_log_likelihood(self.decode(...))``, with the output layer's normaliser computed
+        once per distinct prefix at the predicted positions only (prompts share their template's words)."""
+        (b, p), length = (len(memory), len(prompts)), prompts.shape[1] - 1
+        first, index, predicted = _distinct_prefixes(prompts)
+        states = self.hidden(memory.repeat_interleave(p, dim=0), prompts.repeat(b, 1))[:, :-1].float()
+        states = states.reshape(b, p * length, -1)  # (B, P * (L - 1), D): position t predicts token t + 1
         weight = self.token_embedding.weight.float()
-        per_token = (states * weight[targets]).sum(-1) - torch.logsumexp(states @ weight.t(), dim=-1)  # (K,)
-        return per_token.new_zeros(len(tokens)).index_add_(0, predicted.nonzero()[:, 0], per_token)
+        normaliser = torch.logsumexp(states[:, first.to(states.device)] @ weight.t(), dim=-1)  # (B, U)
+        target = (states * weight[prompts[:, 1:].reshape(-1)]).sum(-1)  # (B, P * (L - 1))
+        per_token = (target - normaliser[:, index.to(states.device)]) * predicted.to(states.device)
+        return per_token.view(b, p, length).sum(-1)
 
     def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decode(self.memory(image_tokens), tokens)
+
+
+def _distinct_prefixes(prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the predicted positions (1..end-of-text) of prompts (P, L), flattened over (P, L - 1): the first
+    position of each distinct prefix (U,), each position's prefix number (P * (L - 1),) and the mask."""
+    rows, length = prompts.tolist(), prompts.shape[1] - 1
+    numbers: dict[tuple[int, int], int] = {}
+    first, index, predicted = [], [0] * (len(rows) * length), [False] * (len(rows) * length)
+    for i, row in enumerate(rows):
+        prefix = -1  # a prefix is numbered by (its own prefix's number, its last token): a trie
+        for t in range(min(length, row.index(max(row)))):
+            prefix = numbers.setdefault((prefix, row[t]), len(numbers))
+            if prefix == len(first):
+                first.append(i * length + t)
+            index[i * length + t], predicted[i * length + t] = prefix, True
+    return torch.tensor(first), torch.tensor(index), torch.tensor(predicted)
