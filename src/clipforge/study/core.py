@@ -28,8 +28,6 @@ RESULTS_DIR, RUNS_DIR, CONFIGS_DIR = "results", "runs", "model_configs"
 CHECKPOINTS_PER_RUN = 3  # an interrupted run resumes from the newest of these (keep=1: only it stays)
 EVAL_SEED = 1000  # evaluation images are drawn apart from the training data's seed (0)
 BASELINE = ("baseline", "clip")  # the experiment and variant of the scale's default contrastive run
-PAPER_ORDER = ("objectives", "projection", "temperature", "text-encoder", "prompts", "few-shot", "robustness",
-               "scaling")  # the experiments, numbered as in the issue and the report
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ class Result:
     ``table``: one dict per variant (cells: numbers, strings or :func:`mean_std` dicts); ``figure``: a
     ``matplotlib.figure.Figure`` (after :func:`run_study`, the name of its PNG beside the report);
     ``agrees``: whether the small-scale result agrees with the paper (None: cannot tell); ``numbers``:
-    every measured number, per seed. ``scale`` and ``seeds`` are filled by :func:`run_study`.
+    every measured number, per seed. ``scale``, ``seeds`` and ``settings`` are filled by :func:`run_study`.
     """
 
     name: str
@@ -105,6 +103,7 @@ class Result:
     numbers: dict
     scale: str | None = None
     seeds: int | None = None
+    settings: dict | None = None  # the whole Scale, so that a changed scale of the same name is run again
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
@@ -291,7 +290,7 @@ def _result(study: Study, name: str) -> Result:
     """The saved result of ``name`` at this scale and seed count, else a fresh run of it (then saved)."""
     path = study.output / RESULTS_DIR / f"{name}.json"
     saved = _read_result(path)
-    if saved is not None and saved.scale == study.scale.name and saved.seeds == study.seeds \
+    if saved is not None and (saved.settings, saved.seeds) == (study.scale.to_dict(), study.seeds) \
             and (study.output / str(saved.figure)).is_file():
         return saved
     study.tasks = tqdm(desc=name, unit="task", leave=False, disable=not study.progress)
@@ -300,7 +299,7 @@ def _result(study: Study, name: str) -> Result:
     finally:
         study.tasks.close()
         study.tasks = None
-    result.scale, result.seeds = study.scale.name, study.seeds
+    result.scale, result.seeds, result.settings = study.scale.name, study.seeds, study.scale.to_dict()
     result.figure = _save_figure(result, study.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_files(path.parent, {path.name: lambda p: p.write_text(result.to_json() + "\n")})
@@ -324,11 +323,19 @@ def _save_figure(result: Result, output: Path) -> str:
     return name
 
 
-from .experiments import few_shot, prompts, scaling, text_encoder  # noqa: E402  (they build on the classes above)
+# The experiments build on the classes above, hence imported last.
+from .experiments import few_shot, prompts, scaling, text_encoder  # noqa: E402
+from .objectives import objectives, projection, temperature  # noqa: E402
+from .robustness import robustness  # noqa: E402
 
 EXPERIMENTS: dict[str, Callable[[Study], Result]] = {
+    "objectives": objectives,
+    "projection": projection,
+    "temperature": temperature,
     "text-encoder": text_encoder,
     "prompts": prompts,
     "few-shot": few_shot,
+    "robustness": robustness,
     "scaling": scaling,
 }
+PAPER_ORDER = tuple(EXPERIMENTS)  # the report numbers experiments 1-8 by it, as the paper's order
