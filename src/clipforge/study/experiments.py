@@ -137,7 +137,6 @@ def few_shot(study: Study) -> Result:
         pool, val, test_features = (_features(model, s) for s in (pool_set, val_set, test))
         for k in study.track(shots, f"few-shot probes, seed {seed}"):
             probes[k].append(probe_accuracy(pool, val, test_features, num_classes, k, seed, study.scale.probe_draws))
-            study._advance()
     means = [statistics.fmean(probes[k]) for k in shots]
     k_star = matching_shots(shots, means, statistics.fmean(zero))
     beats = {k: statistics.fmean(zero) > statistics.fmean(probes[k]) for k in shots if k in (1, 2)}
