@@ -176,7 +176,7 @@ def _few_shot_figure(shots, means, zero_shot: float, k_star: float | None):
     axes.set_xticks(list(shots), [str(k) for k in shots])
     axes.set(xlabel="labelled images per class", ylabel="top-1 (held-out pairs)", ylim=(0, 1),
              title="Zero-shot against few-shot probes")
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="lower right")
     return figure
 
 
@@ -203,7 +203,8 @@ def size_name(model_config) -> str:
     config = model.config
     embedding = sum(p.numel() for n, p in model.named_parameters() if n.endswith("token_embedding.weight"))
     rest = sum(p.numel() for p in model.parameters()) - embedding
-    return (f"width {config.vision_cfg.width}, {config.vision_cfg.layers} layers "
+    layers = config.vision_cfg.layers
+    return (f"width {config.vision_cfg.width}, {layers} layer{'s' if layers != 1 else ''} "
             f"({rest / 1e6:.2g}M parameters + token embedding)")
 
 
@@ -251,8 +252,12 @@ def _scaling_figure(flops: dict[str, float], top1: dict[str, list[float]]):
     errors = [statistics.stdev(top1[n]) if len(top1[n]) > 1 else 0.0 for n in names]
     axes.errorbar([flops[n] for n in names], means, yerr=errors, marker="o", capsize=4)
     for name, mean in zip(names, means):
-        axes.annotate(name, (flops[name], mean), textcoords="offset points", xytext=(4, 6), fontsize=8)
+        axes.annotate(name.split(" (")[0], (flops[name], mean), textcoords="offset points", xytext=(0, 8),
+                      ha="center", fontsize=8)
     axes.set_xscale("log")
+    axes.margins(x=0.15)
+    axes.minorticks_off()
+    axes.set_xticks([flops[n] for n in names], [f"{flops[n]:.2g}" for n in names])
     axes.set(xlabel="training FLOPs", ylabel="zero-shot top-1 (held-out pairs)", ylim=(0, 1),
              title="Compute scaling")
     return figure
