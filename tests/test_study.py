@@ -1,10 +1,9 @@
-"""``clipforge study`` at the smoke scale: the report's structure (md and self-contained html), numbers that
-come from runs (another seed changes them), the command line and its errors, and a study killed after its
-first experiment that resumes without recomputing it."""
+"""``clipforge study`` at the smoke scale: every experiment through the command line, killed after its first
+experiment and resumed without recomputing it; the report's structure (md and self-contained html); numbers
+that come from runs (another seed changes them); the command line's errors."""
 import dataclasses
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -23,12 +22,47 @@ from clipforge.study.report import format_cell
 SMOKE = ["--scale", "smoke"]
 
 
+@dataclasses.dataclass
+class KilledStudy:
+    out: Path
+    first_result: bytes  # the first experiment's result file when the study was killed
+    first_stamp: int
+    first_runs: dict  # that experiment's run_config.json files and their modification times
+
+
+def _kill_after_first_result(out: Path) -> None:
+    """Run the whole study in a child process and SIGKILL it once the first experiment's result is saved."""
+    command = [sys.executable, "-m", "clipforge", "study", "--output", str(out), *SMOKE]
+    first = out / "results" / f"{next(iter(EXPERIMENTS))}.json"
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not first.is_file() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.is_file(), "the first experiment's result never appeared"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, "the study finished before it could be killed"
+
+
 @pytest.fixture(scope="module")
-def study_dir(tmp_path_factory):
-    """A smoke study of two experiments through the command line (the baseline run is shared)."""
+def killed(tmp_path_factory) -> KilledStudy:
+    """All experiments at the smoke scale through the command line: killed after the first experiment's
+    result is saved, then run again to the end with the same command."""
     out = tmp_path_factory.mktemp("study") / "out"
-    assert main(["study", "prompts", "few-shot", "--output", str(out), *SMOKE]) == 0
-    return out
+    _kill_after_first_result(out)
+    assert not (out / "report.md").exists()
+    first = out / "results" / f"{next(iter(EXPERIMENTS))}.json"
+    runs = {p: p.stat().st_mtime_ns for p in (out / "runs" / next(iter(EXPERIMENTS))).glob("*/run_config.json")}
+    state = KilledStudy(out, first.read_bytes(), first.stat().st_mtime_ns, runs)
+    assert main(["study", "--output", str(out), *SMOKE]) == 0
+    return state
+
+
+@pytest.fixture(scope="module")
+def study_dir(killed) -> Path:
+    return killed.out
 
 
 def _sections(markdown: str) -> dict[str, str]:
@@ -36,30 +70,43 @@ def _sections(markdown: str) -> dict[str, str]:
     return {part.split("\n", 1)[0]: part for part in parts}
 
 
-def test_report_has_every_experiment_section_table_figure_and_verdict(study_dir, capsys):
-    markdown = (study_dir / "report.md").read_text()
-    sections = _sections(markdown)
-    assert list(sections) == ["Summary", "5. Prompt engineering and ensembling [3.1.4, Fig. 4]",
-                              "6. Zero-shot against few-shot linear probes [3.2, Fig. 6-7]"]
-    summary = sections["Summary"]
-    assert summary.count("\n| ") == 3 and "| experiment | paper says | measured here | agrees? |" in summary
-    for name, (title, body) in zip(["prompts", "few-shot"], list(sections.items())[1:]):
+def test_killed_study_resumes_at_the_experiment_it_was_in(killed):
+    first = killed.out / "results" / f"{next(iter(EXPERIMENTS))}.json"
+    assert first.read_bytes() == killed.first_result and first.stat().st_mtime_ns == killed.first_stamp
+    assert len(killed.first_runs) == 3  # contrastive, bag-of-words and caption runs, none trained again
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in killed.first_runs.items())
+    assert sorted(p.stem for p in (killed.out / "results").glob("*.json")) == sorted(EXPERIMENTS)
+    assert (killed.out / STUDY_MARKER).is_file()
+
+
+def test_report_has_every_experiment_section_table_figure_and_verdict(study_dir):
+    sections = _sections((study_dir / "report.md").read_text())
+    assert [title.split(".")[0] for title in sections] == ["Summary"] + [str(i) for i in range(1, 9)]
+    summary = sections.pop("Summary")
+    assert summary.count("\n| ") == 1 + len(EXPERIMENTS)  # header + one row per experiment
+    assert "| experiment | paper says | measured here | agrees? |" in summary
+    for name, body in zip(EXPERIMENTS, sections.values()):
         result = Result.from_json((study_dir / "results" / f"{name}.json").read_text())
+        assert body.startswith(f"{list(EXPERIMENTS).index(name) + 1}. {result.title} [{result.section}]")
         assert f"**The paper:** {result.paper}" in body and f"**Verdict:** {result.verdict}" in body
         rows = [line for line in body.splitlines() if line.startswith("| ")]
         assert len(rows) == 1 + len(result.table)  # header + one row per variant
         assert f"![{result.title}]({name}.png)" in body and (study_dir / f"{name}.png").stat().st_size > 1000
         assert "Mean ± standard deviation over 1 seed." in body
+        assert result.verdict in summary and result.scale == "smoke" and result.seeds == 1
     few = Result.from_json((study_dir / "results" / "few-shot.json").read_text())
     assert [row["variant"] for row in few.table] == ["zero-shot", "1-shot linear probe", "2-shot linear probe"]
+    scaling = Result.from_json((study_dir / "results" / "scaling.json").read_text())
+    flops = list(scaling.numbers["training_flops"].values())
+    assert len(flops) == 2 and flops[0] < flops[1]  # the deeper model costs more per step
 
 
 def test_html_report_is_self_contained(study_dir):
     page = (study_dir / "report.html").read_text()
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
-    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == len(EXPERIMENTS) and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "<link" not in page and "<script" not in page
-    assert page.count("<table>") == 3 and "Zero-shot against few-shot linear probes" in page
+    assert page.count("<table>") == 1 + len(EXPERIMENTS) and "Zero-shot against few-shot linear probes" in page
 
 
 def test_numbers_come_from_runs_another_seed_changes_them(study_dir):
@@ -102,36 +149,6 @@ def test_command_line_refuses_bad_arguments_before_writing(tmp_path, capsys):
     assert main(["study", "prompts", "--output", str(other), *SMOKE]) == 2
     assert "is not empty and is not a previous study folder" in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
-
-
-def test_killed_study_resumes_at_the_experiment_it_was_in(tmp_path):
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "clipforge", "study", "text-encoder", "scaling", "--output", str(out), *SMOKE]
-    first = out / "results" / "text-encoder.json"
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + 240
-        while not first.is_file() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert first.is_file(), "the first experiment's result never appeared"
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.wait()
-    assert child.returncode == -signal.SIGKILL, "the study finished before it could be killed"
-    assert not (out / "report.md").exists()
-    saved, stamp = first.read_bytes(), first.stat().st_mtime_ns
-    baseline = out / "runs" / "baseline" / "clip-seed0" / "run_config.json"
-    baseline_stamp = baseline.stat().st_mtime_ns
-    assert main(["study", "text-encoder", "scaling", "--output", str(out), *SMOKE]) == 0
-    assert first.read_bytes() == saved and first.stat().st_mtime_ns == stamp  # not recomputed
-    assert baseline.stat().st_mtime_ns == baseline_stamp  # the finished baseline run was not trained again
-    sections = _sections((out / "report.md").read_text())
-    assert [s.split(".")[0] for s in sections] == ["Summary", "4", "8"]
-    scaling = Result.from_json((out / "results" / "scaling.json").read_text())
-    flops = list(scaling.numbers["training_flops"].values())
-    assert len(flops) == 2 and flops[0] < flops[1]  # the deeper model costs more per step
-    assert (out / STUDY_MARKER).is_file() and (out / "scaling.png").is_file()
 
 
 def test_a_run_trained_at_another_scale_is_trained_again(tmp_path):
