@@ -7,10 +7,12 @@ import math
 
 import pytest
 
-from clipforge.runs import step_folders
+from clipforge.runs import MODEL_FILES, step_folder, step_folders
 from clipforge.study import core
-from clipforge.study.objectives import (CURVE_IMAGES, FIXED_TEMPERATURES, OBJECTIVES, Span, curve_evalset, efficiency,
-                                        images_to_reach, mean_curve, noise_margin, objectives, projection, temperature)
+from clipforge.study.objectives import (CURVE_IMAGES, FIXED_TEMPERATURES, OBJECTIVES, Span, _objectives_verdict,
+                                        curve_evalset, curve_steps,
+                                        efficiency, images_to_reach, mean_curve, noise_margin, objective_steps,
+                                        objectives, projection, temperature)
 from clipforge.study.robustness import (MODELS, SHIFTED_STYLES, TRAIN_STYLE, Trend, effective_robustness, logit,
                                         robustness, sigmoid)
 
@@ -54,6 +56,16 @@ def test_mean_curve_and_noise_margin():
     assert noise_margin([0.5], [0.5], 100) == pytest.approx(2 * math.sqrt(0.005))
     # seeds' spread adds its variance of the mean: var([0.4, 0.6]) / 2 = 0.01
     assert noise_margin([0.4, 0.6], [0.5], 100) == pytest.approx(2 * math.sqrt(0.0025 + 0.01 + 0.0025))
+
+
+def test_objective_runs_are_a_third_of_the_scale_in_eighths_scored_at_doubling_steps(tmp_path):
+    assert [objective_steps(n) for n in (300, 400, 3, 10)] == [96, 128, 3, 3]
+    for step in (12, 24, 36, 48, 60, 72, 84, 96, 100):
+        folder = step_folder(tmp_path, step)
+        folder.mkdir(parents=True)
+        for name in MODEL_FILES if step != 84 else ():  # 84: an incomplete checkpoint, never scored
+            (folder / name).write_text("{}")
+    assert curve_steps(tmp_path) == [12, 24, 48, 96, 100]
 
 
 def test_trend_is_a_least_squares_line_in_logit_space():
@@ -159,3 +171,12 @@ def test_another_seed_changes_the_numbers(study):
     for name, losses in result.numbers["final_loss"].items():
         assert len(losses) == 2 and losses[0] != losses[1], name
     assert result.table[0]["zero-shot top-1"]["std"] >= 0
+
+
+def test_a_level_within_noise_of_chance_makes_the_comparison_inconclusive():
+    ratios = {("contrastive", "bow"): efficiency(FAST, SLOW), ("bow", "caption"): efficiency(SLOW, [(100, 0.06)])}
+    verdict, agrees = _objectives_verdict(ratios, chance=1 / 16, num_images=128)  # floor: 6.25% + 4.3%
+    assert agrees is None and "Inconclusive" in verdict and "within noise of chance (6.2%)" in verdict
+    verdict, agrees = _objectives_verdict({("contrastive", "bow"): efficiency(FAST, SLOW),
+                                           ("bow", "caption"): efficiency(FAST, SLOW)}, 1 / 16, 128)
+    assert agrees is True and verdict.startswith("Agrees in direction") and "2.4x" in verdict

@@ -21,7 +21,10 @@ OBJECTIVES = {"contrastive": "contrastive (CLIP)", "bow": "bag-of-words predicti
               "caption": "Transformer language model"}
 # (more efficient, less efficient, the paper's ratio of images needed: Fig. 2's arrows)
 PAPER_EFFICIENCY = (("contrastive", "bow", 4.0), ("bow", "caption", 3.0))
-CURVE_POINTS = 4  # checkpoints kept along each objective's run, each scored zero-shot
+# The objectives train for a third of the scale's steps (at least 3, for a curve): a caption step, with its
+# decoder's output over the whole vocabulary at every position, costs about 4 contrastive ones.
+OBJECTIVE_STEPS_DIVISOR, MIN_CURVE_STEPS = 3, 3
+CHECKPOINT_FRACTIONS = 8  # a checkpoint every eighth of the run; scored at 1/8, 1/4, 1/2 and the end
 # Each curve point scores at most this many held-out images with one template: the caption model's scorer
 # decodes every (image, class prompt) pair through the full vocabulary, the cost of the whole experiment.
 CURVE_IMAGES = 128
@@ -123,27 +126,38 @@ def images_per_step(run_dir: Path) -> int:
 
 
 def train_with_checkpoints(study: Study, experiment: str, variant: str, seed: int, **overrides) -> Path:
-    """A run that keeps about ``CURVE_POINTS`` evenly spaced checkpoints, for accuracy against images seen."""
+    """A run that keeps a checkpoint every eighth of its steps, for accuracy against images seen."""
     steps = overrides.get("steps") or study.scale.steps
-    every = max(1, steps // CURVE_POINTS)
+    every = max(1, steps // CHECKPOINT_FRACTIONS)
     return study.train(experiment, variant, seed, save_every=every, keep=steps // every + 1, **overrides)
 
 
-def scored_checkpoints(study: Study, run_dir: Path, score) -> list[tuple[float, object]]:
-    """``(images seen, score(model, preprocess))`` for each kept checkpoint of a run, oldest first."""
-    batch, points = images_per_step(run_dir), []
-    for step, folder in step_folders(run_dir):
-        if is_complete(folder):
-            points.append((float(step * batch), score(*study.load(folder))))
+def curve_steps(run_dir: Path) -> list[int]:
+    """The kept checkpoints' steps at 1, 2, 4, ... times the first one, and the last: spaced evenly on a log
+    axis of images seen, so the early, fast-changing part of training has points too."""
+    steps = [step for step, folder in step_folders(run_dir) if is_complete(folder)]
+    if not steps:
+        raise RuntimeError(f"{run_dir} has no complete checkpoint to score; delete it and run the study again")
+    doubling = [s for s in steps if s % steps[0] == 0 and (s // steps[0]) & (s // steps[0] - 1) == 0]
+    return sorted(set(doubling) | {steps[-1]})
+
+
+def scored_checkpoints(study: Study, run_dir: Path, score, steps: Sequence[int] | None = None) -> list[tuple]:
+    """``(images seen, score(model, preprocess))`` for each kept checkpoint of a run (or those of ``steps``),
+    oldest first."""
+    batch, wanted = images_per_step(run_dir), None if steps is None else set(steps)
+    points = [(float(step * batch), score(*study.load(folder))) for step, folder in step_folders(run_dir)
+              if is_complete(folder) and (wanted is None or step in wanted)]
     if not points:
         raise RuntimeError(f"{run_dir} has no complete checkpoint to score; delete it and run the study again")
     return points
 
 
 def accuracy_curve(study: Study, run_dir: Path, evalset) -> list[tuple[float, float]]:
-    """Zero-shot top-1 of each kept checkpoint of a run, against the images seen when it was written."""
+    """Zero-shot top-1 against images seen, at the checkpoints of :func:`curve_steps`."""
     return scored_checkpoints(study, run_dir, lambda model, preprocess: study.zeroshot_top1(model, preprocess,
-                                                                                            evalset))
+                                                                                            evalset),
+                              curve_steps(run_dir))
 
 
 def final_top1(study: Study, run_dir: Path, evalset) -> float:
@@ -168,17 +182,27 @@ def objectives(study: Study) -> Result:
     """Experiment 1 [sec. 2.3, Fig. 2]: one image tower trained contrastive, bag-of-words and captioning for
     the same images; zero-shot top-1 on held-out pairs against images seen, and the images-needed ratios."""
     evalset = curve_evalset(study.heldout())
-    curves = {name: [accuracy_curve(study, train_with_checkpoints(study, "objectives", name, seed, loss=name),
-                                    evalset) for seed in _seeds(study)] for name in OBJECTIVES}
+    steps = objective_steps(study.scale.steps)
+    curves = {name: [accuracy_curve(study, train_with_checkpoints(study, "objectives", name, seed, loss=name,
+                                                                  steps=steps), evalset)
+                     for seed in _seeds(study)] for name in OBJECTIVES}
     means = {name: mean_curve(runs) for name, runs in curves.items()}
     ratios = {(fast, slow): efficiency(means[fast], means[slow]) for fast, slow, _ in PAPER_EFFICIENCY}
-    verdict, agrees = _objectives_verdict(ratios)
+    verdict, agrees = _objectives_verdict(ratios, 1 / len(evalset.classnames), len(evalset.labels))
     return Result(
         name="objectives", title="Objective efficiency", section="2.3, Fig. 2",
         paper="Contrastive training reaches the bag-of-words model's zero-shot ImageNet accuracy with about 4x fewer "
               "images, and bag-of-words prediction the Transformer language model's with about 3x fewer (Fig. 2).",
         table=_objectives_table(curves, ratios, len(evalset.labels)), figure=_curves_figure(curves, ratios),
         verdict=verdict, agrees=agrees, numbers=_objectives_numbers(curves, means, ratios))
+
+
+def objective_steps(scale_steps: int) -> int:
+    """Steps of each objective's run: a third of the scale's, in whole eighths (so the doubling checkpoints end
+    at the last step), or at least :data:`MIN_CURVE_STEPS`."""
+    steps = scale_steps // OBJECTIVE_STEPS_DIVISOR
+    steps -= steps % CHECKPOINT_FRACTIONS
+    return steps if steps >= CHECKPOINT_FRACTIONS else min(scale_steps, MIN_CURVE_STEPS)
 
 
 def curve_evalset(evalset):
@@ -213,16 +237,21 @@ def _objectives_table(curves: dict, ratios: dict, num_images: int) -> list[dict]
     return rows
 
 
-def _ratio_claim(fast: str, slow: str, paper: float, ratio: Span) -> tuple[str, bool | None]:
-    """One comparison in words, and whether it agrees with the paper's direction (None: the runs cannot tell)."""
-    agrees = True if ratio.low > 1 else False if ratio.high < 1 else None
+def _ratio_claim(fast: str, slow: str, paper: float, level: float, ratio: Span,
+                 chance: float, num_images: int) -> tuple[str, bool | None]:
+    """One comparison in words, and whether it agrees with the paper's direction (None: the runs cannot tell,
+    also when the level is within two binomial standard errors of chance: no accuracy was learnt to match)."""
+    floor = chance + 2 * math.sqrt(chance * (1 - chance) / num_images)
     text = (f"{OBJECTIVES[fast]} was {ratio.describe(unit='x')} as data-efficient as {OBJECTIVES[slow]} (images "
-            f"each needed to reach the latter's final accuracy; paper: about {paper:g}x)")
-    return text, agrees
+            f"each needed to reach the latter's final accuracy, {level:.1%}; paper: about {paper:g}x)")
+    if level <= floor:
+        return text + f", but that accuracy is within noise of chance ({chance:.1%})", None
+    return text, True if ratio.low > 1 else False if ratio.high < 1 else None
 
 
-def _objectives_verdict(ratios: dict) -> tuple[str, bool | None]:
-    claims = [_ratio_claim(fast, slow, paper, ratios[(fast, slow)][1]) for fast, slow, paper in PAPER_EFFICIENCY]
+def _objectives_verdict(ratios: dict, chance: float, num_images: int) -> tuple[str, bool | None]:
+    claims = [_ratio_claim(fast, slow, paper, *ratios[(fast, slow)], chance, num_images)
+              for fast, slow, paper in PAPER_EFFICIENCY]
     outcomes = [agrees for _, agrees in claims]
     agrees = False if False in outcomes else None if None in outcomes else True
     opening = {True: "Agrees in direction", False: "Does not agree", None: "Inconclusive"}[agrees]
