@@ -23,6 +23,7 @@ from clipforge import loss as losses
 from clipforge.loss import (SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, clamp_logit_scale_, contrastive_loss,
                             sigmoid_loss)
 from clipforge.models import CLIP
+from clipforge.models.text import cut_after_end_of_text
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W), tokens (B, L) or class labels (B,)
 PAIRWISE_LOSSES = ("contrastive", "sigmoid")  # losses of the two towers' features; the others are image-only
@@ -38,7 +39,7 @@ def predictions(clip: CLIP, images: torch.Tensor, targets: torch.Tensor) -> torc
     if clip.objective == "bow":
         return clip.bow_logits(images)
     if clip.objective == "caption":
-        return clip.caption_logits(images, targets)  # teacher-forced on the caption's own tokens
+        return clip.caption_logits(images, cut_after_end_of_text(targets))  # teacher-forced on its own tokens
     if clip.objective == "classify":
         return clip.class_logits(images)
     raise ValueError(f"a {clip.objective!r} model gives features, not predictions; use its two towers")
@@ -49,8 +50,8 @@ def prediction_loss(objective: str, logits: torch.Tensor, targets: torch.Tensor)
     logits = logits.float()
     if objective == "bow":
         return losses.bow_loss(logits, targets)
-    if objective == "caption":
-        return losses.caption_loss(logits, targets)
+    if objective == "caption":  # positions after the batch's last end-of-text predict nothing: cut, as predictions does
+        return losses.caption_loss(logits, cut_after_end_of_text(targets))
     return F.cross_entropy(logits, targets)
 
 
