@@ -372,3 +372,24 @@ def test_cli_eval_zeroshot_scores_a_saved_classify_model(colour_set, tmp_path, c
     result = json.loads(output.read_text())
     assert result["metrics"]["top1"] == pytest.approx(_expected_top1(model, colour_set))
     assert result["details"]["num_images"] == 16
+
+
+def test_caption_logits_at_predicted_positions_give_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = CLIP(get_model_config("study-vit").replace(objective="caption")).double()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    tokens = torch.zeros(3, 20, dtype=torch.long)
+    tokens[:, 0] = 49406
+    for row, length in enumerate((3, 7, 1)):
+        tokens[row, 1:length + 1] = torch.randint(1, 40000, (length,))
+        tokens[row, length + 1] = 49407
+    weight = model.decoder.token_embedding.weight
+    full = caption_loss(model.caption_logits(images, tokens), tokens)
+    sparse_logits = model.caption_logits(images, tokens, predicted_only=True)
+    assert sparse_logits.shape == (3 + 7 + 1 + 3, 49408)  # each caption's words and its end-of-text
+    sparse = caption_loss(sparse_logits, tokens)
+    torch.testing.assert_close(sparse, full, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(sparse, weight)[0], torch.autograd.grad(full, weight)[0],
+                               atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="predicted tokens"):
+        caption_loss(sparse_logits[1:], tokens)

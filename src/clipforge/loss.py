@@ -114,13 +114,24 @@ def caption_log_likelihood(logits: torch.Tensor, tokens: torch.Tensor) -> torch.
     _check_token_logits("caption_log_likelihood", logits, tokens, 3)
     targets = tokens[:, 1:]  # (N, L - 1): token t + 1 predicted at position t
     log_probs = _log_softmax(logits[:, :-1]).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (log_probs * _predicted_mask(tokens)).sum(dim=-1)
+    return (log_probs * predicted_token_mask(tokens)).sum(dim=-1)
 
 
 def caption_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Teacher-forced language-model loss (CLIP sec. 2.3, VirTex): the next-token cross-entropy of
-    positions 1..end-of-text (inclusive), averaged over all predicted tokens of the batch."""
-    return -caption_log_likelihood(logits, tokens).sum() / _predicted_mask(tokens).sum().clamp(min=1)
+    positions 1..end-of-text (inclusive), averaged over all predicted tokens of the batch.
+
+    ``logits`` are (N, L, V), or (P, V) at only the P positions of :func:`predicted_token_mask` in row-major
+    order (``CLIP.caption_logits(..., predicted_only=True)``), which gives the same loss for less work.
+    """
+    if logits.ndim == 2:
+        targets = tokens[:, 1:][predicted_token_mask(tokens)]
+        if len(logits) != len(targets):
+            raise ValueError(f"caption_loss: {len(logits)} rows of logits for {len(targets)} predicted tokens; "
+                             "pass (N, L, V) logits or those at the predicted positions only")
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets) if len(targets) else logits.sum() * 0
+    return -caption_log_likelihood(logits, tokens).sum() / predicted_token_mask(tokens).sum().clamp(min=1)
 
 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -128,8 +139,9 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
-def _predicted_mask(tokens: torch.Tensor) -> torch.Tensor:
-    """(N, L - 1) True where target token t + 1 lies at or before the row's end-of-text."""
+def predicted_token_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, L - 1) True at the positions t whose target token t + 1 lies at or before the row's end-of-text:
+    the positions :func:`caption_loss` counts."""
     positions = torch.arange(1, tokens.shape[1], device=tokens.device)[None, :]
     return positions <= tokens.argmax(dim=-1, keepdim=True)
 

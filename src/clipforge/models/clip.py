@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loss import predicted_token_mask
 from .config import CLIPConfig
 from .heads import CaptionDecoder, ProjectionMLP
 from .hf_text import HFTextTower
@@ -95,9 +96,17 @@ class CLIP(TextTower):
         """The image tower's token sequence (N, S, token_width) a caption decoder attends to."""
         return self.visual.forward_tokens(images.to(self.dtype))
 
-    def caption_logits(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """A "caption" model's teacher-forced logits (N, L, vocab_size): position t predicts token t + 1."""
-        return self._head("caption", "decoder")(self.image_tokens(images), tokens)
+    def caption_logits(self, images: torch.Tensor, tokens: torch.Tensor, predicted_only: bool = False) -> torch.Tensor:
+        """A "caption" model's teacher-forced logits (N, L, vocab_size): position t predicts token t + 1.
+
+        ``predicted_only=True``: (P, vocab_size) at only the positions the caption loss counts (each row's
+        tokens 1..end-of-text, row-major; ``loss.predicted_token_mask``), skipping the output layer elsewhere.
+        """
+        decoder = self._head("caption", "decoder")
+        if not predicted_only:
+            return decoder(self.image_tokens(images), tokens)
+        states = decoder.hidden(decoder.memory(self.image_tokens(images)), tokens)[:, :-1]  # (N, L - 1, D)
+        return states[predicted_token_mask(tokens)] @ decoder.token_embedding.weight.t()  # (P, V)
 
     def _head(self, objective: str, name: str) -> nn.Module:
         if self.objective != objective:

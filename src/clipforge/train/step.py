@@ -35,11 +35,13 @@ def objective_of(loss: str) -> str:
 
 
 def predictions(clip: CLIP, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The logits an image-only model's loss scores: (N, V) words, (N, L, V) next tokens or (N, C) classes."""
+    """The logits an image-only model's loss scores: (N, V) words, (P, V) next tokens at the P predicted
+    positions, or (N, C) classes."""
     if clip.objective == "bow":
         return clip.bow_logits(images)
     if clip.objective == "caption":
-        return clip.caption_logits(images, cut_after_end_of_text(targets))  # teacher-forced on its own tokens
+        # teacher-forced on its own tokens, the output layer only where the loss counts a prediction
+        return clip.caption_logits(images, cut_after_end_of_text(targets), predicted_only=True)
     if clip.objective == "classify":
         return clip.class_logits(images)
     raise ValueError(f"a {clip.objective!r} model gives features, not predictions; use its two towers")
@@ -56,9 +58,8 @@ def prediction_loss(objective: str, logits: torch.Tensor, targets: torch.Tensor)
 
 
 def predicted_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """How many tokens ``caption_loss`` predicts in (N, L) captions: positions 1 to end-of-text (the highest
-    id, so its index is the row's argmax) inclusive."""
-    return tokens.argmax(dim=-1).sum()
+    """How many tokens ``caption_loss`` predicts in (N, L) captions."""
+    return losses.predicted_token_mask(tokens).sum()
 
 
 class TrainModule(nn.Module):
