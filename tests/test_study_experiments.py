@@ -10,9 +10,8 @@ import pytest
 from clipforge.runs import MODEL_FILES, step_folder, step_folders
 from clipforge.study import core
 from clipforge.study.objectives import (CURVE_IMAGES, FIXED_TEMPERATURES, OBJECTIVES, Span, _objectives_verdict,
-                                        curve_evalset, curve_steps,
-                                        efficiency, images_to_reach, mean_curve, noise_margin, objective_steps,
-                                        objectives, projection, temperature)
+                                        chance_floor, curve_evalset, curve_steps, efficiency, images_to_reach,
+                                        mean_curve, noise_margin, objective_steps, objectives, projection, temperature)
 from clipforge.study.robustness import (MODELS, SHIFTED_STYLES, TRAIN_STYLE, Trend, effective_robustness, logit,
                                         robustness, sigmoid)
 
@@ -173,10 +172,19 @@ def test_another_seed_changes_the_numbers(study):
     assert result.table[0]["zero-shot top-1"]["std"] >= 0
 
 
-def test_a_level_within_noise_of_chance_makes_the_comparison_inconclusive():
-    ratios = {("contrastive", "bow"): efficiency(FAST, SLOW), ("bow", "caption"): efficiency(SLOW, [(100, 0.06)])}
-    verdict, agrees = _objectives_verdict(ratios, chance=1 / 16, num_images=128)  # floor: 6.25% + 4.3%
-    assert agrees is None and "Inconclusive" in verdict and "within noise of chance (6.2%)" in verdict
-    verdict, agrees = _objectives_verdict({("contrastive", "bow"): efficiency(FAST, SLOW),
-                                           ("bow", "caption"): efficiency(FAST, SLOW)}, 1 / 16, 128)
+def test_against_a_run_that_learnt_nothing_the_level_is_clearly_above_chance():
+    floor = chance_floor(16, 128)
+    assert floor == pytest.approx(1 / 16 + 2 * math.sqrt(1 / 16 * 15 / 16 / 128))  # 10.5%
+    flat = [(100, 0.06), (200, 0.05), (300, 0.06), (400, 0.06)]  # never above chance + noise
+    level, ratio = efficiency(FAST, flat, floor)
+    assert level == floor  # FAST is there by its first point (<= 100), flat not in its 400: more than 4x
+    assert (ratio.low, ratio.high, ratio.describe(unit="x")) == (4.0, math.inf, "more than 4x")
+    level, ratio = efficiency(flat, flat, floor)
+    assert ratio.undetermined
+    verdict, agrees = _objectives_verdict({("contrastive", "bow"): efficiency(FAST, flat, floor),
+                                           ("bow", "caption"): (level, ratio)}, floor)
+    assert agrees is None and verdict.startswith("Inconclusive") and "more than 4x" in verdict
+    assert "cannot tell" in verdict and "clearly above chance, 10.5%" in verdict
+    verdict, agrees = _objectives_verdict({("contrastive", "bow"): efficiency(FAST, SLOW, floor),
+                                           ("bow", "caption"): efficiency(FAST, SLOW, floor)}, floor)
     assert agrees is True and verdict.startswith("Agrees in direction") and "2.4x" in verdict

@@ -46,6 +46,10 @@ class Span:
     def exact(self) -> bool:
         return self.low == self.high
 
+    @property
+    def undetermined(self) -> bool:
+        return self.low == 0 and math.isinf(self.high)
+
     def describe(self, digits: int = 2, unit: str = "") -> str:
         """'4.1x', 'more than 2x' (or 'at least'), 'less than 0.5x' (or 'at most'), 'between 1.2x and 3x' or
         'undetermined'."""
@@ -53,7 +57,7 @@ class Span:
             return (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{digits}g}") + unit
         if self.exact:
             return show(self.low)
-        if self.low == 0 and math.isinf(self.high):
+        if self.undetermined:
             return "undetermined"
         if math.isinf(self.high):
             return f"{'more than' if self.strict else 'at least'} {show(self.low)}"
@@ -90,11 +94,18 @@ def _divide(numerator: Span, denominator: Span) -> Span:
     return Span(low, high, numerator.strict or denominator.strict)
 
 
-def efficiency(faster: Curve, slower: Curve) -> tuple[float, Span]:
+def efficiency(faster: Curve, slower: Curve, floor: float = 0.0) -> tuple[float, Span]:
     """How many times fewer images ``faster`` needs than ``slower`` to reach ``slower``'s final accuracy (the
-    paper's Fig. 2 arrows); returns (that accuracy, the ratio: slower's images / faster's images)."""
-    level = slower[-1][1]
+    paper's Fig. 2 arrows), or ``floor`` if that is higher (an accuracy clearly above chance: matching a
+    run that learnt nothing says nothing); returns (that accuracy, the ratio: slower's images / faster's)."""
+    level = max(slower[-1][1], floor)
     return level, _divide(images_to_reach(slower, level), images_to_reach(faster, level))
+
+
+def chance_floor(num_classes: int, num_images: int) -> float:
+    """Chance accuracy plus two binomial standard errors: above it, a run has learnt something."""
+    chance = 1 / num_classes
+    return chance + 2 * math.sqrt(chance * (1 - chance) / num_images)
 
 
 def mean_curve(curves: Sequence[Curve]) -> list[tuple[float, float]]:
@@ -110,6 +121,11 @@ def noise_margin(a: Sequence[float], b: Sequence[float], num_images: int) -> flo
         spread = statistics.variance(values) / len(values) if len(values) > 1 else 0.0
         return p * (1 - p) / num_images + spread
     return 2 * math.sqrt(variance(a) + variance(b))
+
+
+def margin_caveat(seeds: int) -> str:
+    """What a noise margin leaves out when there is one seed: the spread between training runs."""
+    return "; one seed, so the spread between training runs is not in it" if seeds == 1 else ""
 
 
 def compare(a: Sequence[float], b: Sequence[float], num_images: int) -> tuple[float, float, bool]:
@@ -187,14 +203,15 @@ def objectives(study: Study) -> Result:
                                                                   steps=steps), evalset)
                      for seed in _seeds(study)] for name in OBJECTIVES}
     means = {name: mean_curve(runs) for name, runs in curves.items()}
-    ratios = {(fast, slow): efficiency(means[fast], means[slow]) for fast, slow, _ in PAPER_EFFICIENCY}
-    verdict, agrees = _objectives_verdict(ratios, 1 / len(evalset.classnames), len(evalset.labels))
+    floor = chance_floor(len(evalset.classnames), len(evalset.labels))
+    ratios = {(fast, slow): efficiency(means[fast], means[slow], floor) for fast, slow, _ in PAPER_EFFICIENCY}
+    verdict, agrees = _objectives_verdict(ratios, floor)
     return Result(
         name="objectives", title="Objective efficiency", section="2.3, Fig. 2",
         paper="Contrastive training reaches the bag-of-words model's zero-shot ImageNet accuracy with about 4x fewer "
               "images, and bag-of-words prediction the Transformer language model's with about 3x fewer (Fig. 2).",
         table=_objectives_table(curves, ratios, len(evalset.labels)), figure=_curves_figure(curves, ratios),
-        verdict=verdict, agrees=agrees, numbers=_objectives_numbers(curves, means, ratios))
+        verdict=verdict, agrees=agrees, numbers=_objectives_numbers(curves, means, ratios, floor))
 
 
 def objective_steps(scale_steps: int) -> int:
@@ -211,7 +228,7 @@ def curve_evalset(evalset):
                                templates=list(evalset.templates[:1]))
 
 
-def _objectives_numbers(curves: dict, means: dict, ratios: dict) -> dict:
+def _objectives_numbers(curves: dict, means: dict, ratios: dict, floor: float) -> dict:
     """The curves per seed, and per comparison its level, the images each run needed and their ratio (for the
     seeds' mean curves and for each seed's own pair of runs)."""
     comparisons = {}
@@ -220,8 +237,8 @@ def _objectives_numbers(curves: dict, means: dict, ratios: dict) -> dict:
         comparisons[f"{fast}/{slow}"] = {
             "level": level, "ratio": ratio.to_dict(),
             "images_needed": {name: images_to_reach(means[name], level).to_dict() for name in (fast, slow)},
-            "ratio_per_seed": [efficiency(a, b)[1].to_dict() for a, b in zip(curves[fast], curves[slow])]}
-    return {"curves": curves, "comparisons": comparisons}
+            "ratio_per_seed": [efficiency(a, b, floor)[1].to_dict() for a, b in zip(curves[fast], curves[slow])]}
+    return {"curves": curves, "chance_floor": floor, "comparisons": comparisons}
 
 
 def _objectives_table(curves: dict, ratios: dict, num_images: int) -> list[dict]:
@@ -232,26 +249,26 @@ def _objectives_table(curves: dict, ratios: dict, num_images: int) -> list[dict]
                "data efficiency": ""}
         for (fast, slow), (level, ratio) in ratios.items():
             if fast == name:
-                row["data efficiency"] = f"{ratio.describe(unit='x')} {OBJECTIVES[slow]}'s"
+                row["data efficiency"] = (f"undetermined against {OBJECTIVES[slow]}" if ratio.undetermined
+                                          else f"{ratio.describe(unit='x')} {OBJECTIVES[slow]}'s")
         rows.append(row)
     return rows
 
 
 def _ratio_claim(fast: str, slow: str, paper: float, level: float, ratio: Span,
-                 chance: float, num_images: int) -> tuple[str, bool | None]:
-    """One comparison in words, and whether it agrees with the paper's direction (None: the runs cannot tell,
-    also when the level is within two binomial standard errors of chance: no accuracy was learnt to match)."""
-    floor = chance + 2 * math.sqrt(chance * (1 - chance) / num_images)
+                 floor: float) -> tuple[str, bool | None]:
+    """One comparison in words, and whether it agrees with the paper's direction (None: the runs cannot tell)."""
+    target = "the latter's final accuracy" if level > floor else "clearly above chance"
+    if ratio.undetermined:
+        return (f"these checkpoints cannot tell how much more data-efficient {OBJECTIVES[fast]} is than "
+                f"{OBJECTIVES[slow]} (images to reach {target}, {level:.1%}; paper: about {paper:g}x)"), None
     text = (f"{OBJECTIVES[fast]} was {ratio.describe(unit='x')} as data-efficient as {OBJECTIVES[slow]} (images "
-            f"each needed to reach the latter's final accuracy, {level:.1%}; paper: about {paper:g}x)")
-    if level <= floor:
-        return text + f", but that accuracy is within noise of chance ({chance:.1%})", None
+            f"each needed to reach {target}, {level:.1%}; paper: about {paper:g}x)")
     return text, True if ratio.low > 1 else False if ratio.high < 1 else None
 
 
-def _objectives_verdict(ratios: dict, chance: float, num_images: int) -> tuple[str, bool | None]:
-    claims = [_ratio_claim(fast, slow, paper, *ratios[(fast, slow)], chance, num_images)
-              for fast, slow, paper in PAPER_EFFICIENCY]
+def _objectives_verdict(ratios: dict, floor: float) -> tuple[str, bool | None]:
+    claims = [_ratio_claim(fast, slow, paper, *ratios[(fast, slow)], floor) for fast, slow, paper in PAPER_EFFICIENCY]
     outcomes = [agrees for _, agrees in claims]
     agrees = False if False in outcomes else None if None in outcomes else True
     opening = {True: "Agrees in direction", False: "Does not agree", None: "Inconclusive"}[agrees]
@@ -285,7 +302,7 @@ def projection(study: Study) -> Result:
     difference, margin, same = compare(top1["mlp"], top1["linear"], len(evalset.labels))
     verdict = (f"{'Agrees' if same else 'Does not agree'}: the MLP head's zero-shot top-1 is {difference:+.1%} from "
                f"the linear projection's, {'within' if same else 'outside'} the noise margin of +/-{margin:.1%} "
-               "(two standard errors: evaluation images and seeds).")
+               f"(two standard errors: evaluation images and seeds{margin_caveat(study.seeds)}).")
     return Result(
         name="projection", title="Linear against MLP projection head", section="2.4",
         paper="CLIP maps each encoder's representation to the embedding space with a linear projection only: the "
@@ -333,4 +350,5 @@ def _temperature_verdict(top1: dict, learned_scale: Sequence[float], num_images:
     clipped = sum(s >= MAX_LOGIT_SCALE * (1 - 1e-4) for s in learned_scale)
     return (f"{'Agrees' if agrees else 'Does not agree'}: the learned temperature (ending at {1 / scale:.3g}, "
             f"clipped at 1/{MAX_LOGIT_SCALE:g} in {clipped} of {len(learned_scale)} runs) is {difference:+.1%} "
-            f"zero-shot top-1 from the best fixed one ({best}), noise margin +/-{margin:.1%}."), agrees
+            f"zero-shot top-1 from the best fixed one ({best}), noise margin +/-{margin:.1%}"
+            f"{margin_caveat(len(learned_scale))}."), agrees

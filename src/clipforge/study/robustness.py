@@ -15,7 +15,7 @@ from clipforge.encode import encode_images
 from clipforge.evaluate.linear_probe import fit_logistic_regression, select_l2, stratified_split
 
 from .core import EVAL_SEED, Result, Study, mean_std
-from .objectives import scored_checkpoints, train_with_checkpoints
+from .objectives import margin_caveat, scored_checkpoints, train_with_checkpoints
 from .report import new_figure
 
 TRAIN_STYLE = "filled"
@@ -131,10 +131,12 @@ def _table(seeds: list[dict], robust: dict) -> list[dict]:
     rows = []
     for model in MODELS:
         row = {"variant": model}
-        row.update({style: mean_std([s[model][style] for s in seeds]) for style in (TRAIN_STYLE, *SHIFTED_STYLES)})
-        row["effective robustness"] = mean_std([r["effective_robustness"] for r in robust[model]])
+        row.update({f"{style} top-1": mean_std([s[model][style] for s in seeds])
+                    for style in (TRAIN_STYLE, *SHIFTED_STYLES)})
+        row["effective robustness (top-1 above the trend)"] = mean_std([r["effective_robustness"]
+                                                                        for r in robust[model]])
         fractions = [r["gap_closed"] for r in robust[model] if r["gap_closed"] is not None]
-        row["robustness gap closed"] = mean_std(fractions) if fractions else None
+        row["fraction of the robustness gap closed"] = mean_std(fractions) if fractions else None
         rows.append(row)
     return rows
 
@@ -157,10 +159,11 @@ def _verdict(seeds: list[dict], robust: dict, num_images: int) -> tuple[str, boo
     closed = f", {statistics.fmean(fractions):.0%} of the robustness gap closed" if fractions else ""
     opening = "Agrees" if all(held) else "Agrees in part" if any(held) else "Does not agree"
     return (f"{opening}: zero-shot CLIP's shifted accuracy sits {clip_er:+.1%} from the trend of the supervised "
-            f"classifier's checkpoints (mean over {len(SHIFTED_STYLES)} styles{closed}; noise margin {margin:.1%}; paper: up to 75% "
-            f"closed); the linear probe {'raises' if held[1] else 'does not raise'} {TRAIN_STYLE} accuracy "
-            f"({clip_in:.1%} -> {probe_in:.1%}) and its effective robustness is {probe_er:+.1%}, "
-            f"{'below' if held[2] else 'not below'} zero-shot CLIP's."), all(held)
+            f"classifier's checkpoints (mean over {len(SHIFTED_STYLES)} styles{closed}; noise margin {margin:.1%}"
+            f"{margin_caveat(len(seeds))}; paper: up to 75% closed); the linear probe "
+            f"{'raises' if held[1] else 'does not raise'} {TRAIN_STYLE} accuracy ({clip_in:.1%} -> {probe_in:.1%}) "
+            f"and its effective robustness is {probe_er:+.1%}, {'below' if held[2] else 'not below'} zero-shot "
+            "CLIP's."), all(held)
 
 
 def _figure_of(seeds: list[dict], trends: dict):
