@@ -184,7 +184,7 @@ def test_against_a_run_that_learnt_nothing_the_level_is_clearly_above_chance():
     verdict, agrees = _objectives_verdict({("contrastive", "bow"): efficiency(FAST, flat, floor),
                                            ("bow", "caption"): (level, ratio)}, floor)
     assert agrees is None and verdict.startswith("Inconclusive") and "more than 4x" in verdict
-    assert "cannot tell" in verdict and "clearly above chance, 10.5%" in verdict
+    assert "cannot tell whether" in verdict and "an accuracy clearly above chance, 10.5%" in verdict
     verdict, agrees = _objectives_verdict({("contrastive", "bow"): efficiency(FAST, SLOW, floor),
                                            ("bow", "caption"): efficiency(FAST, SLOW, floor)}, floor)
     assert agrees is True and verdict.startswith("Agrees in direction") and "2.4x" in verdict

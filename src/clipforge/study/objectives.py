@@ -258,9 +258,9 @@ def _objectives_table(curves: dict, ratios: dict, num_images: int) -> list[dict]
 def _ratio_claim(fast: str, slow: str, paper: float, level: float, ratio: Span,
                  floor: float) -> tuple[str, bool | None]:
     """One comparison in words, and whether it agrees with the paper's direction (None: the runs cannot tell)."""
-    target = "the latter's final accuracy" if level > floor else "clearly above chance"
+    target = "the latter's final accuracy" if level > floor else "an accuracy clearly above chance"
     if ratio.undetermined:
-        return (f"these checkpoints cannot tell how much more data-efficient {OBJECTIVES[fast]} is than "
+        return (f"these checkpoints cannot tell whether {OBJECTIVES[fast]} is more data-efficient than "
                 f"{OBJECTIVES[slow]} (images to reach {target}, {level:.1%}; paper: about {paper:g}x)"), None
     text = (f"{OBJECTIVES[fast]} was {ratio.describe(unit='x')} as data-efficient as {OBJECTIVES[slow]} (images "
             f"each needed to reach {target}, {level:.1%}; paper: about {paper:g}x)")
