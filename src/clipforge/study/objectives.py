@@ -210,7 +210,7 @@ def objectives(study: Study) -> Result:
         name="objectives", title="Objective efficiency", section="2.3, Fig. 2",
         paper="Contrastive training reaches the bag-of-words model's zero-shot ImageNet accuracy with about 4x fewer "
               "images, and bag-of-words prediction the Transformer language model's with about 3x fewer (Fig. 2).",
-        table=_objectives_table(curves, ratios, len(evalset.labels)), figure=_curves_figure(curves, ratios),
+        table=_objectives_table(curves, ratios, len(evalset.labels)), figure=_curves_figure(curves, ratios, 1 / len(evalset.classnames)),
         verdict=verdict, agrees=agrees, numbers=_objectives_numbers(curves, means, ratios, floor))
 
 
@@ -275,7 +275,8 @@ def _objectives_verdict(ratios: dict, floor: float) -> tuple[str, bool | None]:
     return f"{opening}: " + "; ".join(text for text, _ in claims) + ".", agrees
 
 
-def _curves_figure(curves: dict, ratios: dict):
+def _curves_figure(curves: dict, ratios: dict, chance: float):
+    """Zero-shot top-1 against images seen (log axis) per objective, the comparison levels and chance."""
     figure = new_figure()
     axes = figure.add_subplot()
     for name, runs in curves.items():
@@ -283,12 +284,18 @@ def _curves_figure(curves: dict, ratios: dict):
         line, = axes.plot([x for x, _ in mean], [a for _, a in mean], marker="o", label=OBJECTIVES[name])
         for run in runs if len(runs) > 1 else ():
             axes.plot([x for x, _ in run], [a for _, a in run], color=line.get_color(), alpha=0.25, linewidth=0.8)
-    for (fast, slow), (level, ratio) in ratios.items():
+    for level in {level for level, _ in ratios.values()}:
         axes.axhline(level, color="grey", linestyle=":", linewidth=0.8)
-        axes.annotate(f"{ratio.describe(unit='x')} ({fast} vs {slow})", (0, level), xycoords=("axes fraction", "data"),
-                      fontsize=8, color="grey", va="bottom")
+    axes.axhline(chance, color="black", linestyle="--", linewidth=0.8, label="chance")
+    summary = "\n".join(f"{fast} vs {slow}: {ratio.describe(unit='x')} (at {level:.1%})"
+                        for (fast, slow), (level, ratio) in ratios.items())
+    axes.text(0.98, 0.5, summary, transform=axes.transAxes, ha="right", va="center", fontsize=8, color="dimgrey")
+    images = [x for x, _ in next(iter(curves.values()))[0]]
+    axes.set_xscale("log", base=2)  # checkpoints at doubling steps
+    axes.set_xticks(images, [f"{x:,.0f}" for x in images], fontsize=8)
+    axes.minorticks_off()
     axes.set(xlabel="images seen", ylabel="zero-shot top-1 (held-out pairs)", title="Objective efficiency")
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left")
     return figure
 
 
