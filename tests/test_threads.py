@@ -1,6 +1,8 @@
 """The single-intra-op-thread setting is counted across overlapping holders and always undone."""
 import threading
 
+import pytest
+
 import torch
 
 from clipforge.threads import single_intraop_thread
@@ -48,3 +50,26 @@ def test_the_count_is_restored_after_an_error():
     except KeyError:
         pass
     assert torch.get_num_threads() == before
+
+
+def test_training_runs_with_the_threads_asked_for_and_restores_the_count(tmp_path, monkeypatch):
+    from clipforge.train import TrainConfig, loop, train
+
+    seen = []
+    run = loop.Trainer.run
+    monkeypatch.setattr(loop.Trainer, "run", lambda self: (seen.append(torch.get_num_threads()), run(self))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(TrainConfig(model="tiny-vit", train_data="builtin:16", batch_size=8, steps=1, warmup=0, workers=0,
+                          output=str(tmp_path / "run"), threads=1, log_every=1))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_must_be_positive():
+    from clipforge.train import TrainConfig
+
+    with pytest.raises(ValueError, match="--threads must be a positive integer"):
+        TrainConfig(model="tiny-vit", train_data="builtin", steps=1, output="x", threads=0).validate()

@@ -1,6 +1,7 @@
-"""One intra-op thread for code that runs many small tensor operations, or its own worker threads.
+"""Torch's intra-op thread count, set for a block and restored after it.
 
-Torch's thread count is global to the process, so the change is counted: it is made when the first caller
+One intra-op thread suits code that runs many small tensor operations, or its own worker threads; that
+setting is counted, because the thread count is global to the process: it is made when the first caller
 enters and undone when the last one leaves, whichever threads they run on.
 """
 from __future__ import annotations
@@ -32,3 +33,15 @@ def single_intraop_thread():
             _holders -= 1
             if _holders == 0:
                 torch.set_num_threads(_saved)
+
+
+@contextmanager
+def intraop_threads(threads: int | None):
+    """Run the block with ``threads`` intra-op threads (None: leave the count as it is), then restore it."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -158,7 +159,8 @@ class Study:
         settings = dict(model=scale.model, train_data=str(spec), steps=scale.steps, batch_size=scale.batch_size,
                         lr=scale.lr, seed=seed, output=str(self.run_dir(experiment, variant, seed)),
                         resume="auto", workers=scale.workers, log_every=max(1, scale.steps // 20),
-                        save_every=max(1, scale.steps // CHECKPOINTS_PER_RUN), keep=1)
+                        save_every=max(1, scale.steps // CHECKPOINTS_PER_RUN), keep=1,
+                        threads=threads_beside_workers(scale.workers))
         settings.update(overrides)
         settings["model"] = self.model_file(settings["model"])
         return TrainConfig(**settings).validate()
@@ -237,7 +239,12 @@ def _image_size(model: str | dict) -> int:
     return int(_config_dict(model)["vision_cfg"]["image_size"])
 
 
-_IDENTITY_IGNORED = ("resume",)
+_IDENTITY_IGNORED = ("resume", "threads")  # how a run is computed, not what it trains
+
+
+def threads_beside_workers(workers: int) -> int:
+    """Torch threads that leave each data worker a core of this process's CPUs (at least one thread)."""
+    return max(1, len(os.sched_getaffinity(0)) - workers)
 
 
 def _drop_if_other_settings(run_dir: Path, cfg: TrainConfig) -> None:

@@ -66,6 +66,9 @@ class TrainConfig:
     augment: bool = _opt(True, "random square crops of the training images (the paper's only augmentation); "
                          "--no-augment trains on the evaluation preprocessing")
     workers: int = _opt(2, "data-loading worker processes per GPU/process", int)
+    threads: int | None = _opt(None, "torch intra-op threads of each process (default: torch's choice, every core); "
+                               "on a CPU, leave the data workers their cores (cores - --workers): threads that "
+                               "wait for a busy core slow small models several-fold", int)
     # optimisation
     batch_size: int = _opt(64, "batch size per process (the global batch is this x processes x --accum-freq)", int)
     epochs: int | None = _opt(None, "number of passes over the training data (or give --steps)", int)
@@ -142,6 +145,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{_dashed(name)} must be a positive integer, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {self.threads}")
         for name in ("workers", "warmup", "lock_text_unlocked_layers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{_dashed(name)} must be >= 0, got {getattr(self, name)}")

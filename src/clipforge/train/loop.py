@@ -24,6 +24,7 @@ from clipforge.checkpoints import CheckpointError
 from clipforge.data import REASONS, build_train_data
 from clipforge.data.labelled import open_labelled_source
 from clipforge.factory import create_model_and_transforms
+from clipforge.threads import intraop_threads
 from clipforge.runs import (CHECKPOINTS_DIR, METRICS_NAME, RUN_CONFIG_NAME, TRAIN_FILES, checkpoints_dir, is_complete,
                             is_run_dir, latest_checkpoint, read_best, step_folders)
 from clipforge.tokenizer import model_tokenizer
@@ -53,7 +54,8 @@ def train(cfg: TrainConfig) -> dict:
     retain_freed_memory()  # a training process reuses its activations' memory instead of page-faulting it in
     env = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, env).run()
+        with intraop_threads(cfg.threads):
+            return Trainer(cfg, env).run()
     finally:
         # Free the run (model, optimiser, data workers, the last step's graph) while the process group is
         # still up: collective work objects destroyed after it, at interpreter exit, can abort the process.
