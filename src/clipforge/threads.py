@@ -6,6 +6,7 @@ enters and undone when the last one leaves, whichever threads they run on.
 """
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 
@@ -45,3 +46,8 @@ def intraop_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def threads_beside_workers(workers: int) -> int:
+    """Intra-op threads that leave each data worker a core of this process's CPUs (at least one thread)."""
+    return max(1, len(os.sched_getaffinity(0)) - workers)

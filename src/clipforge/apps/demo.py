@@ -18,6 +18,7 @@ from ..evaluate.explain import plot_report, similarity_report
 from ..factory import load
 from ..models import get_model_config
 from ..runs import claim_output
+from ..threads import threads_beside_workers
 from ..train import TrainConfig, train
 from ..train.logger import read_metrics
 from ..zeroshot import ZeroShotClassifier
@@ -78,7 +79,8 @@ def _train_config(cfg: DemoConfig, run_dir: Path) -> TrainConfig:
     get_model_config(cfg.model)  # an unknown architecture fails here, not after the data is written
     return TrainConfig(model=cfg.model, train_data=f"builtin:{cfg.train_samples}", batch_size=cfg.batch_size,
                        steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 10), output=str(run_dir),
-                       workers=cfg.workers, seed=cfg.seed, save_every=max(1, cfg.steps // 4), log_every=10,
+                       workers=cfg.workers, threads=threads_beside_workers(cfg.workers), seed=cfg.seed,
+                       save_every=max(1, cfg.steps // 4), log_every=10,
                        resume="auto", zeroshot_classes="builtin-heldout",
                        val_every=max(1, cfg.steps // 4)).validate()
 

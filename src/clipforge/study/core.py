@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from clipforge.data import shapes
 from clipforge.factory import load
+from clipforge.threads import threads_beside_workers
 from clipforge.runs import MODEL_FILES, RUN_CONFIG_NAME, claim_output, is_complete, step_folder, write_files
 from clipforge.train import TrainConfig, train
 from clipforge.train.validate import ZeroShotSet as EvalSet
@@ -240,11 +240,6 @@ def _image_size(model: str | dict) -> int:
 
 
 _IDENTITY_IGNORED = ("resume", "threads")  # how a run is computed, not what it trains
-
-
-def threads_beside_workers(workers: int) -> int:
-    """Torch threads that leave each data worker a core of this process's CPUs (at least one thread)."""
-    return max(1, len(os.sched_getaffinity(0)) - workers)
 
 
 def _drop_if_other_settings(run_dir: Path, cfg: TrainConfig) -> None:
