@@ -188,3 +188,13 @@ def test_against_a_run_that_learnt_nothing_the_level_is_clearly_above_chance():
     verdict, agrees = _objectives_verdict({("contrastive", "bow"): efficiency(FAST, SLOW, floor),
                                            ("bow", "caption"): efficiency(FAST, SLOW, floor)}, floor)
     assert agrees is True and verdict.startswith("Agrees in direction") and "2.4x" in verdict
+
+
+def test_gap_closed_is_the_mean_robustness_over_the_mean_gap():
+    from clipforge.study.robustness import _mean_effective_robustness
+    trends = {style: Trend.fit([(0.8, 0.4)]) for style in SHIFTED_STYLES}  # a gap of 0.4 at 0.8 in every style
+    trends[SHIFTED_STYLES[0]] = Trend(0.0, 1.0)  # no gap in this one: it must not swamp the fraction
+    accuracy = {TRAIN_STYLE: 0.8, **{style: 0.7 for style in SHIFTED_STYLES}}
+    mean = _mean_effective_robustness(trends, accuracy)
+    assert mean["effective_robustness"] == pytest.approx((-0.1 + 3 * 0.3) / 4)
+    assert mean["gap_closed"] == pytest.approx(((-0.1 + 3 * 0.3) / 4) / (3 * 0.4 / 4))
