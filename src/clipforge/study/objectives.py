@@ -21,9 +21,10 @@ OBJECTIVES = {"contrastive": "contrastive (CLIP)", "bow": "bag-of-words predicti
               "caption": "Transformer language model"}
 # (more efficient, less efficient, the paper's ratio of images needed: Fig. 2's arrows)
 PAPER_EFFICIENCY = (("contrastive", "bow", 4.0), ("bow", "caption", 3.0))
-# The objectives train for a third of the scale's steps (at least 3, for a curve): a caption step, with its
-# decoder's output over the whole vocabulary at every position, costs about 4 contrastive ones.
-OBJECTIVE_STEPS_DIVISOR, MIN_CURVE_STEPS = 3, 3
+# The objectives train for the scale's steps / DIVISOR in whole eighths (at least 3, for a curve). A caption
+# step, the decoder's output over the whole vocabulary at every predicted position, costs over ten
+# contrastive ones; a divisor above 1 trades the curve's length for time.
+OBJECTIVE_STEPS_DIVISOR, MIN_CURVE_STEPS = 1, 3
 CHECKPOINT_FRACTIONS = 8  # a checkpoint every eighth of the run; scored at 1/8, 1/4, 1/2 and the end
 # Each curve point scores at most this many held-out images with one template: the caption model's scorer
 # decodes every (image, class prompt) pair through the full vocabulary, the cost of the whole experiment.
@@ -215,8 +216,8 @@ def objectives(study: Study) -> Result:
 
 
 def objective_steps(scale_steps: int) -> int:
-    """Steps of each objective's run: a third of the scale's, in whole eighths (so the doubling checkpoints end
-    at the last step), or at least :data:`MIN_CURVE_STEPS`."""
+    """Steps of each objective's run: the scale's divided by :data:`OBJECTIVE_STEPS_DIVISOR`, in whole eighths
+    (so the doubling checkpoints end at the last step), or at least :data:`MIN_CURVE_STEPS`."""
     steps = scale_steps // OBJECTIVE_STEPS_DIVISOR
     steps -= steps % CHECKPOINT_FRACTIONS
     return steps if steps >= CHECKPOINT_FRACTIONS else min(scale_steps, MIN_CURVE_STEPS)
