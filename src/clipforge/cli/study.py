@@ -10,7 +10,7 @@ HELP = ("Measure the CLIP paper's claims on the built-in data and write a report
         "Runs the experiments named (default: all, in paper order: " + ", ".join(EXPERIMENTS) + ") and writes "
         "DIR/report.md and a self-contained DIR/report.html: per experiment what the paper reports, a table of "
         "what was measured here (mean and spread over seeds), a figure and whether the two agree. --scale quick "
-        "takes about 15 minutes on two CPU cores, full about an hour. An interrupted study picks up where it "
+        "takes about 10 minutes on two idle CPU cores; full runs longer, with 3 seeds. An interrupted study picks up where it "
         "stopped: run the same command again.")
 
 
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for runs, results, figures and report: new, empty or an earlier study's "
                              "(default: study_output)")
     parser.add_argument("--scale", default="quick", metavar="|".join(CHOICES),
-                        help="quick (default; about 15 minutes on 2 CPU cores, 1 seed) or full (about an hour, "
+                        help="quick (default; about 10 minutes on 2 idle CPU cores, 1 seed) or full (longer runs, "
                              f"{SCALES['full'].seeds} seeds)")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="seeds per variant (default: the scale's)")
