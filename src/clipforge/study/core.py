@@ -133,6 +133,10 @@ class Study:
         self._evalsets: dict[tuple, EvalSet] = {}
 
     # ------------------------------------------------------------------------------------ training
+    def seed_range(self) -> range:
+        """The seeds every variant is trained with: 0 .. seeds - 1."""
+        return range(self.seeds)
+
     def run_dir(self, experiment: str, variant: str, seed: int) -> Path:
         return self.output / RUNS_DIR / experiment / f"{variant}-seed{seed}"
 

@@ -19,16 +19,12 @@ from clipforge.tokenizer import model_tokenizer
 from clipforge.zeroshot import DEFAULT_TEMPLATES
 
 from .core import EVAL_SEED, Result, Study, mean_std
-from .objectives import compare
+from .objectives import against_baseline, compare, final_top1
 from .report import bar_figure, new_figure
 
 PROBE_VAL_PER_CLASS = 4  # labelled images per class that choose the probe's L2 strength
 PROBE_POOL_PER_SHOT = 3  # images per class per shot in the pool the k-shot sets are drawn from
 PROBE_POOL_EXTRA = 8  # ... plus these, so that every class of the random draw has its k images
-
-
-def _seeds(study: Study) -> range:
-    return range(study.seeds)
 
 
 # ------------------------------------------------------------------------------ 4. text encoder
@@ -37,9 +33,8 @@ def text_encoder(study: Study) -> Result:
     bag-of-words (CBOW) encoder (mean of token embeddings), same image tower, data and steps."""
     evalset = study.heldout()
     cbow = study.model_file(study.scale.model, text_cfg={"encoder": "cbow"})
-    runs = {"Transformer": [study.baseline(seed) for seed in _seeds(study)],
-            "CBOW": [study.train("text-encoder", "cbow", seed, model=cbow) for seed in _seeds(study)]}
-    top1 = {name: [study.zeroshot_top1(*study.load(run), evalset) for run in found] for name, found in runs.items()}
+    runs = against_baseline(study, "Transformer", "CBOW", "text-encoder", "cbow", model=cbow)
+    top1 = {name: [final_top1(study, run, evalset) for run in found] for name, found in runs.items()}
     difference, margin, same = compare(top1["CBOW"], top1["Transformer"], len(evalset.labels))
     verdict = (f"{'Agrees' if same else 'Does not agree'}: the CBOW text encoder's zero-shot top-1 is "
                f"{difference:+.1%} from the Transformer's, {'within' if same else 'outside'} the noise margin of "
@@ -67,7 +62,7 @@ def prompts(study: Study) -> Result:
     """Experiment 5 [sec. 3.1.4]: zero-shot top-1 of the baseline with the bare class name, one template and
     the ensemble of the built-in data's templates (mean of normalised prompt embeddings); no training."""
     evalset, variants = study.heldout(), prompt_variants()
-    models = [study.load(study.baseline(seed)) for seed in _seeds(study)]
+    models = [study.load(study.baseline(seed)) for seed in study.seed_range()]
     top1 = {name: [study.zeroshot_top1(model, preprocess, evalset, templates) for model, preprocess in models]
             for name, templates in variants.items()}
     bare, single, ensemble = (top1[name] for name in variants)
@@ -131,7 +126,7 @@ def few_shot(study: Study) -> Result:
     pool_set = study.labelled("heldout", n=pool_size, seed=EVAL_SEED + 1)
     val_set = study.labelled("heldout", n=PROBE_VAL_PER_CLASS * num_classes, seed=EVAL_SEED + 2)
     zero, probes = [], {k: [] for k in shots}
-    for seed in _seeds(study):
+    for seed in study.seed_range():
         model, preprocess = study.load(study.baseline(seed))
         zero.append(study.zeroshot_top1(model, preprocess, test))
         pool, val, test_features = (_features(model, s) for s in (pool_set, val_set, test))
@@ -217,7 +212,7 @@ def scaling(study: Study) -> Result:
         config = study.model_file(size)
         name = size_name(config)
         runs = [study.baseline(seed) if size == scale.model else study.train("scaling", f"size{index}", seed,
-                                                                            model=config) for seed in _seeds(study)]
+                                                                            model=config) for seed in study.seed_range()]
         top1[name] = [study.zeroshot_top1(*study.load(run), evalset) for run in runs]
         flops[name] = training_flops(config, scale.batch_size, scale.steps)
         rows.append({"variant": name, "training FLOPs": f"{flops[name]:.3g}", "zero-shot top-1": mean_std(top1[name])})

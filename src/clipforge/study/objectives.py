@@ -191,8 +191,12 @@ def final_loss(run_dir: Path, last: int = 5) -> float:
     return statistics.fmean(losses)
 
 
-def _seeds(study: Study) -> range:
-    return range(study.seeds)
+def against_baseline(study: Study, baseline: str, variant: str, experiment: str, run_name: str,
+                     **overrides) -> dict[str, list[Path]]:
+    """The run directories, per seed, of the shared baseline (named ``baseline``) and of one variant trained
+    with ``overrides`` (named ``variant``; stored as ``runs/<experiment>/<run_name>-seed<k>``)."""
+    return {baseline: [study.baseline(seed) for seed in study.seed_range()],
+            variant: [study.train(experiment, run_name, seed, **overrides) for seed in study.seed_range()]}
 
 
 def objectives(study: Study) -> Result:
@@ -202,7 +206,7 @@ def objectives(study: Study) -> Result:
     steps = objective_steps(study.scale.steps)
     curves = {name: [accuracy_curve(study, train_with_checkpoints(study, "objectives", name, seed, loss=name,
                                                                   steps=steps), evalset)
-                     for seed in _seeds(study)] for name in OBJECTIVES}
+                     for seed in study.seed_range()] for name in OBJECTIVES}
     means = {name: mean_curve(runs) for name, runs in curves.items()}
     floor = chance_floor(len(evalset.classnames), len(evalset.labels))
     ratios = {(fast, slow): efficiency(means[fast], means[slow], floor) for fast, slow, _ in PAPER_EFFICIENCY}
@@ -303,8 +307,7 @@ def _curves_figure(curves: dict, ratios: dict, chance: float):
 def projection(study: Study) -> Result:
     """Experiment 2 [sec. 2.4]: CLIP's linear projection (the baseline run) against a two-layer MLP head."""
     evalset = study.heldout()
-    runs = {"linear": [study.baseline(seed) for seed in _seeds(study)],
-            "mlp": [study.train("projection", "mlp", seed, projection="mlp") for seed in _seeds(study)]}
+    runs = against_baseline(study, "linear", "mlp", "projection", "mlp", projection="mlp")
     top1 = {name: [final_top1(study, run, evalset) for run in found] for name, found in runs.items()}
     loss = {name: [final_loss(run) for run in found] for name, found in runs.items()}
     difference, margin, same = compare(top1["mlp"], top1["linear"], len(evalset.labels))
@@ -331,9 +334,9 @@ def _top1_and_scale(study: Study, run_dir: Path, evalset) -> tuple[float, float]
 def temperature(study: Study) -> Result:
     """Experiment 3 [sec. 2.5]: the learned temperature (the baseline run) against fixed ones."""
     evalset = study.heldout()
-    runs = {"learned": [study.baseline(seed) for seed in _seeds(study)]}
+    runs = {"learned": [study.baseline(seed) for seed in study.seed_range()]}
     runs.update({f"fixed {t:g}": [study.train("temperature", f"fixed-{t:g}", seed, fixed_temperature=t)
-                                  for seed in _seeds(study)] for t in FIXED_TEMPERATURES})
+                                  for seed in study.seed_range()] for t in FIXED_TEMPERATURES})
     measured = {name: [_top1_and_scale(study, run, evalset) for run in found] for name, found in runs.items()}
     top1 = {name: [a for a, _ in pairs] for name, pairs in measured.items()}
     learned_scale = [s for _, s in measured["learned"]]

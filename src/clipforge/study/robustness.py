@@ -102,7 +102,7 @@ def robustness(study: Study) -> Result:
     """
     evalsets = {style: study.labelled("train", style) for style in (TRAIN_STYLE, *SHIFTED_STYLES)}
     probe_set = study.labelled("train", TRAIN_STYLE, seed=PROBE_DATA_SEED)
-    seeds = [_measure_seed(study, seed, evalsets, probe_set) for seed in range(study.seeds)]
+    seeds = [_measure_seed(study, seed, evalsets, probe_set) for seed in study.seed_range()]
     trends = {style: Trend.fit([(c[TRAIN_STYLE], c[style]) for s in seeds for c in s["checkpoints"]])
               for style in SHIFTED_STYLES}
     robust = {model: [_mean_effective_robustness(trends, s[model]) for s in seeds] for model in MODELS}
