@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loss import predicted_token_mask
 from .config import CLIPConfig
 from .heads import CaptionDecoder, ProjectionMLP
 from .hf_text import HFTextTower
@@ -103,10 +102,8 @@ class CLIP(TextTower):
         tokens 1..end-of-text, row-major; ``loss.predicted_token_mask``), skipping the output layer elsewhere.
         """
         decoder = self._head("caption", "decoder")
-        if not predicted_only:
-            return decoder(self.image_tokens(images), tokens)
-        states = decoder.hidden(decoder.memory(self.image_tokens(images)), tokens)[:, :-1]  # (N, L - 1, D)
-        return states[predicted_token_mask(tokens)] @ decoder.token_embedding.weight.t()  # (P, V)
+        memory = decoder.memory(self.image_tokens(images))
+        return decoder.decode_predicted(memory, tokens) if predicted_only else decoder.decode(memory, tokens)
 
     def _head(self, objective: str, name: str) -> nn.Module:
         if self.objective != objective:

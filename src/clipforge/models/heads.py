@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loss import predicted_token_mask
 from .config import TextConfig
 from .layers import MLP, Attention, LayerNorm
 
@@ -87,6 +88,12 @@ class CaptionDecoder(nn.Module):
     def decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Memory (N, S, width) and token ids (N, L) -> next-token logits (N, L, vocab_size)."""
         return self.hidden(memory, tokens) @ self.token_embedding.weight.t()  # (N, L, V)
+
+    def decode_predicted(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (P, vocab_size) at only the P positions the caption loss counts (each row's
+        tokens 1..end-of-text, row-major; ``loss.predicted_token_mask``): the output layer nowhere else."""
+        states = self.hidden(memory, tokens)[:, :-1]  # (N, L - 1, D): position t predicts token t + 1
+        return states[predicted_token_mask(tokens)] @ self.token_embedding.weight.t()  # (P, V)
 
     def prompt_log_likelihoods(self, memory: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """(B, P) log-likelihood of each prompt (P, L) given each memory (B, S, width): for every pair, the
