@@ -91,6 +91,19 @@ def test_eval_mode_inside_and_the_mode_restored_after():
     assert not model.training
 
 
+def test_eval_mode_leaves_a_model_in_eval_mode_untouched_and_restores_each_module():
+    model = RecordingModel().eval()
+    model.train = lambda mode=True: pytest.fail("a model already in eval mode was switched")
+    with eval_mode(model):
+        assert not model.training
+    del model.train
+    model.train()
+    model.dropout.eval()  # a module kept in eval mode inside a training model (a frozen tower)
+    with eval_mode(model):
+        assert not model.training and not model.dropout.training
+    assert model.training and not model.dropout.training
+
+
 def test_inputs_move_to_the_model_device_and_features_stay_there():
     model = RecordingModel(device="meta")
     assert model_device(model) == torch.device("meta") and model_device(object()) == torch.device("cpu")

@@ -24,15 +24,17 @@ def model_device(model) -> torch.device:
 
 @contextmanager
 def eval_mode(model):
-    """Run a block with ``model`` in eval mode (BatchNorm statistics frozen), restoring its mode after."""
-    was_training = getattr(model, "training", False)
-    if isinstance(model, torch.nn.Module):
+    """Run a block with ``model`` in eval mode (BatchNorm statistics frozen), restoring each module's mode
+    after. A model already in eval mode is left untouched: switching modes walks every module twice, a cost
+    that rivals encoding one short text query."""
+    training = [m for m in model.modules() if m.training] if isinstance(model, torch.nn.Module) else []
+    if training:
         model.eval()
     try:
         yield model
     finally:
-        if isinstance(model, torch.nn.Module):
-            model.train(was_training)
+        for module in training:
+            module.training = True
 
 
 def context_length(model) -> int:
