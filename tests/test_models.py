@@ -175,3 +175,54 @@ def test_quick_gelu_mlp_equals_linear_quick_gelu_linear():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the in-place inference path
         torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def _onednn():
+    from clipforge.models.layers import pack_linear_weights
+    if not pack_linear_weights(torch.nn.Module()):
+        pytest.skip("this torch has no oneDNN")
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "ViT-B-32"])  # QuickGELU and exact GELU MLPs
+def test_packed_text_weights_give_the_plain_features(name):
+    """oneDNN-packed products (activation fused) equal the plain ones up to float32 rounding, for queries of
+    several lengths in one batch."""
+    from clipforge.models.layers import pack_linear_weights
+    from clipforge.tokenizer import model_tokenizer
+    _onednn()
+    torch.manual_seed(0)
+    model = CLIP(get_model_config(name)).eval()
+    tokens = model_tokenizer(model)(["a dog", "a photo of a cat sitting on a red mat at night", "x"])
+    with torch.no_grad():
+        plain = model.encode_text(tokens)
+        assert pack_linear_weights(model.transformer)
+        packed = model.encode_text(tokens)
+    assert not torch.equal(packed, plain)  # another kernel ran
+    torch.testing.assert_close(packed, plain, atol=2e-5, rtol=1e-5)
+
+
+def test_packed_weights_give_way_to_gradients_changed_weights_and_copies():
+    import copy
+    from clipforge.models.layers import MLP, Attention, QuickGELU, pack_linear_weights
+    _onednn()
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(Attention(16, 2), MLP(16, 64, QuickGELU))
+    x = torch.randn(2, 5, 16)
+    pack_linear_weights(block)
+    mlp = block[1]
+    with torch.no_grad():
+        before = mlp(x)
+        mlp.c_fc.weight.mul_(2)  # modified in place (an optimiser step, a load_state_dict)
+        after = mlp(x)
+    mlp._packed.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(after, mlp(x), atol=0, rtol=0)  # the modified weights, not the stale copy
+    assert not torch.allclose(before, after)
+    pack_linear_weights(block)
+    out = block(x.requires_grad_())  # gradients: the plain products, so gradients reach the weights
+    out.sum().backward()
+    assert mlp.c_fc.weight.grad is not None and block[0].in_proj_weight.grad is not None
+    clone = copy.deepcopy(block)  # a copy carries no packed weights (they would name the original's)
+    assert all(v is None for v in clone[0]._packed.values())
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), block(x), atol=2e-5, rtol=1e-5)

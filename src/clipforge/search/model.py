@@ -8,8 +8,10 @@ from typing import Callable
 
 import torch
 
+from ..encode import model_device
 from ..factory import create_model_and_transforms, load
 from ..models import list_models
+from ..models.layers import pack_linear_weights
 from ..pretrained import pretrained_weights
 
 
@@ -26,6 +28,13 @@ def load_model(spec: str, device: str | torch.device | None = None) -> tuple[tor
         return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), preprocess
     raise FileNotFoundError(f"model {spec!r} is neither an existing file or folder nor a model name "
                             f"({', '.join(list_models())})")
+
+
+def prepare_for_queries(model: torch.nn.Module) -> None:
+    """Ready a model for encoding one query at a time: on the CPU, its text transformer's weights are
+    packed for products of a few rows (:func:`clipforge.models.layers.pack_linear_weights`)."""
+    if model_device(model).type == "cpu" and getattr(model, "transformer", None) is not None:
+        pack_linear_weights(model.transformer)
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
