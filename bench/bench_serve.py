@@ -4,8 +4,8 @@ The model is ViT-B/32 with random weights (timing only). A real index is built b
 generated JPEGs, then grown to ``--items`` rows of random unit vectors written in the index's own on-disk
 format (``clipforge.search.store``), each row pointing at one of the real images. The service runs in its own
 process (the ``clipforge serve`` command); the reference, measured in the same run and interleaved query by
-query, is the library called directly in this process (``Index.encode_query`` + ``Index.search``): the ratio
-is what HTTP, JSON and the service add. Then 16 concurrent clients measure throughput.
+query, is the library called directly in this process (``Index.encode_query`` + ``Index.search``, holding the
+service's float32 copies of the vectors too): the ratio is what HTTP, JSON and the service add. Then 16 concurrent clients measure throughput.
 Usage: ``python bench/bench_serve.py [--items 100000] [--queries 100] [--concurrent-requests 400] [--json out.json]``.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ from clipforge.serve.server import start_child  # noqa: E402
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 PLACES = ("on a beach", "at night", "in the snow", "on a table", "in a forest")
+SERVE_FLOAT32_MIB = 1024  # clipforge serve's default --float32-mib
 
 
 def queries(n: int) -> list[str]:
@@ -143,7 +144,7 @@ def run(items: int = 100_000, n_queries: int = 100, concurrent_requests: int = 4
         print(f"built a {items:,}-item ViT-B/32 index in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         process, base = start_child(index_dir)
         try:
-            index = Index.open(index_dir, device="cpu")
+            index = Index.open(index_dir, device="cpu", float32_mib=SERVE_FLOAT32_MIB)
             with client(base) as http:
                 sequential(index, http, texts[:5])  # warm-up: model, page cache, connection
                 times = sequential(index, http, texts[5:5 + n_queries])

@@ -42,3 +42,24 @@ def test_worker_ranges_cover_every_row_once():
         assert all(a[1] == b[0] for a, b in zip(starts, starts[1:]))
         lengths = [sum(len(rows) for rows, _ in part) for part in parts]
         assert max(lengths) - min(lengths) <= 1
+
+
+def test_float32_copies_score_as_the_float16_rows_within_their_budget(monkeypatch, torch_threads):
+    monkeypatch.setattr(exact, "CHUNK_ROWS", 7)
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((40, 8)).astype(np.float16)
+    segments = [vectors[:16], vectors[16:32], vectors[32:]]
+    identities = [("a", 16), ("b", 16), ("c", 8)]
+    queries = rng.standard_normal((2, 8)).astype(np.float32)
+    copies = exact.Float32Copies(budget_mib=(16 + 16) * 8 * 4 / 2**20)  # room for the first two segments
+    mixed = copies.apply("images", segments, identities)
+    assert [s.dtype for s in mixed] == [np.float32, np.float32, np.float16] and copies.nbytes == 32 * 8 * 4
+    np.testing.assert_array_equal(mixed[1], vectors[16:32].astype(np.float32))
+    np.testing.assert_allclose(exact.scores(mixed, queries), exact.scores(segments, queries), rtol=1e-6, atol=1e-6)
+    again = copies.apply("images", segments, identities)
+    assert again[0] is mixed[0] and again[1] is mixed[1]  # kept while the identity is the same
+    grown = copies.apply("images", segments, [("a", 16), ("b2", 16), ("c", 8)])
+    assert grown[0] is mixed[0] and grown[1] is not mixed[1]
+    assert copies.apply("captions", segments, identities)[0].dtype == np.float16  # the budget is shared
+    with pytest.raises(ValueError, match="at least 0 MiB"):
+        exact.Float32Copies(-1)

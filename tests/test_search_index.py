@@ -163,6 +163,22 @@ def test_update_after_adding_changing_renaming_duplicating_and_deleting(tmp_path
     assert_every_vector_matches_its_file(updated)
 
 
+def test_float32_copies_search_as_the_files_and_follow_updates(tmp_path, photos, one_thread):
+    plain = _build(tmp_path, [photos])
+    copied = Index.open(tmp_path / "index", float32_mib=64)
+    for query in ("a red photo", "a green photo - 0.3:id:2"):
+        a, b = plain.search(query, top_k=8), copied.search(query, top_k=8)
+        assert [r.id for r in a] == [r.id for r in b]
+        np.testing.assert_allclose([r.score for r in a], [r.score for r in b], atol=1e-6)
+    assert copied._copies.nbytes == len(plain) * plain.dim * 4
+    write_folder(photos / "more", 3, start=30)
+    plain.update([photos], workers=0, batch_size=5, progress=False)
+    copied.refresh()
+    vector = plain.encode_query("a red photo")
+    assert [r.id for r in copied.search(vector, top_k=len(plain))] == [r.id for r in plain.search(vector, top_k=99)]
+    assert copied._copies.nbytes == len(plain) * plain.dim * 4  # the grown segment was copied again
+
+
 def test_bad_files_are_skipped_by_reason_and_retried_only_when_changed(tmp_path, photos, one_thread):
     (photos / "empty.jpg").write_bytes(b"")
     (photos / "text.jpg").write_bytes(b"not an image at all")

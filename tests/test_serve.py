@@ -335,8 +335,34 @@ def test_cli_warns_without_a_token_on_other_addresses_and_fails_cleanly(tmp_path
     assert "warning" not in quiet.stderr and "no search index" in quiet.stderr
 
 
+def test_the_listening_socket_makes_connections_that_send_at_once():
+    """asyncio (under uvicorn) turns Nagle's algorithm off only on sockets whose proto is IPPROTO_TCP; with it
+    on, the second part of a response waits for the client's delayed ACK."""
+    import asyncio
+    from clipforge.serve.server import bind
+
+    async def accepted_nodelay():
+        seen = asyncio.get_running_loop().create_future()
+
+        def on_connection(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connection, sock=bind("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(seen, 30)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
 @pytest.mark.parametrize("options, says", [(["--port", "70000"], "--port 70000"), (["--token", " "], "--token"),
-                                           (["--max-upload-mb", "0"], "must be positive")])
+                                           (["--max-upload-mb", "0"], "must be positive"),
+                                           (["--float32-mib", "-1"], "--float32-mib must be at least 0")])
 def test_cli_refuses_bad_options_before_serving(tmp_path, capsys, options, says):
     from clipforge.cli import main
     assert main(["serve", str(tmp_path), *options]) == 2

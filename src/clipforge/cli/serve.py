@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest query or thumbnail image decoded, in pixels (default 40,000,000)")
     parser.add_argument("--cache-dir", metavar="DIR", help="where thumbnails are kept (default INDEX/thumbnails)")
     parser.add_argument("--device", help="device to encode queries on (default: cuda if available, else cpu)")
+    parser.add_argument("--float32-mib", type=float, default=1024, metavar="MIB",
+                        help="RAM for float32 copies of the vectors, which exact search scans without widening "
+                             "them per query (default 1024; an index of N vectors of size D needs N*D*4 bytes; "
+                             "0 reads every query from the float16 files)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="uvicorn's log level (default warning; info logs each request)")
 
@@ -44,13 +48,15 @@ def run(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         raise ValueError(f"--max-upload-mb and --max-pixels must be positive, got {args.max_upload_mb} and "
                          f"{args.max_pixels}")
+    if args.float32_mib < 0:
+        raise ValueError(f"--float32-mib must be at least 0, got {args.float32_mib}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0 to 65535)")
     options = ServeOptions(token=args.token, max_upload_bytes=int(args.max_upload_mb * 2**20),
                            max_pixels=args.max_pixels, cache_dir=args.cache_dir)
     try:
         serve(args.index, host=args.host, port=args.port, options=options, device=args.device,
-              log_level=args.log_level)
+              log_level=args.log_level, float32_mib=args.float32_mib)
     except KeyboardInterrupt:
         pass
     return 0

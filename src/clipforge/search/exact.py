@@ -16,7 +16,8 @@ def scores(segments: list[np.ndarray], queries: np.ndarray) -> np.ndarray:
     """Cosine similarities (rows, Q) of every stored row to each L2-normalised query (Q, dim), float32.
 
     Each chunk of float16 rows is widened into a reused float32 buffer before the product, so the sums
-    accumulate in float32. The rows are split into one contiguous range per torch thread, each scanned by
+    accumulate in float32; a float32 segment (a :class:`Float32Copies` copy) is multiplied as it is. The
+    rows are split into one contiguous range per torch thread, each scanned by
     its own worker with one intra-op thread: per-chunk operations are too small for torch's own threads,
     whose synchronisation at every operation costs more than the work (most when other processes hold cores).
     """
@@ -47,8 +48,13 @@ def _split(segments: list[np.ndarray], total: int, workers: int) -> list[list[tu
 
 
 def _scan(part: list[tuple[np.ndarray, int]], q: torch.Tensor, out: np.ndarray) -> None:
-    buffer = torch.empty((min(CHUNK_ROWS, sum(len(rows) for rows, _ in part)), q.shape[0]), dtype=torch.float32)
+    buffer = None
     for rows, first in part:
+        if rows.dtype == np.float32:
+            torch.matmul(_as_tensor(rows), q, out=torch.from_numpy(out[first:first + len(rows)]))
+            continue
+        if buffer is None:
+            buffer = torch.empty((min(CHUNK_ROWS, sum(len(r) for r, _ in part)), q.shape[0]), dtype=torch.float32)
         for begin in range(0, len(rows), CHUNK_ROWS):
             block = buffer[:min(CHUNK_ROWS, len(rows) - begin)]  # (C, dim)
             block.copy_(_as_tensor(rows[begin:begin + len(block)]))
@@ -61,6 +67,41 @@ def _as_tensor(rows: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns that the array is not writable
         return torch.from_numpy(np.asarray(rows))
+
+
+class Float32Copies:
+    """Float32 copies of float16 segments, held in RAM up to ``budget_mib``, first segments first.
+
+    Scanning a float32 copy is one matrix product with no widening per chunk, for twice the segment's
+    float16 size in memory; segments beyond the budget are widened chunk by chunk as before. Copies are
+    kept by segment identity (file, inode, used rows), so a refresh after an update that appended rows
+    copies only the segment that grew, and the files of a rebuilt index get new copies.
+    """
+
+    def __init__(self, budget_mib: float = 0):
+        if budget_mib < 0:
+            raise ValueError(f"the float32 vector budget must be at least 0 MiB, got {budget_mib}")
+        self.budget = int(budget_mib * 2**20)
+        self._copies: dict[str, dict[tuple, np.ndarray]] = {}  # kind -> identity -> copy
+
+    def apply(self, kind: str, segments: list[np.ndarray], identities: list[tuple]) -> list[np.ndarray]:
+        """``segments`` of ``kind`` with as many of the first as fit the budget replaced by float32 copies."""
+        used = sum(c.nbytes for other, copies in self._copies.items() if other != kind for c in copies.values())
+        previous, kept, out = self._copies.get(kind, {}), {}, []
+        for segment, identity in zip(segments, identities):
+            size = segment.shape[0] * segment.shape[1] * 4
+            if used + size > self.budget:
+                out.append(segment)
+                continue
+            copy = previous[identity] if identity in previous else _as_tensor(segment).float().numpy()
+            kept[identity], used = copy, used + size
+            out.append(copy)
+        self._copies[kind] = kept
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for copies in self._copies.values() for c in copies.values())
 
 
 def top_k(candidate_scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

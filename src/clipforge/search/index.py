@@ -15,7 +15,7 @@ from ..encode import encode_images, encode_texts
 from . import exact, store
 from .approximate import is_current, load as load_approximate
 from .build import BuildOptions, build
-from .model import load_model, weights_checksum
+from .model import load_model, prepare_for_queries, weights_checksum
 from .query import Query, parse_query
 
 
@@ -61,7 +61,7 @@ class Index:
     """A search index folder. ``Index.build`` creates or updates one, ``Index.open`` reads one; the model
     is loaded on the first text or image query."""
 
-    def __init__(self, folder: str | os.PathLike, device: str | None = None):
+    def __init__(self, folder: str | os.PathLike, device: str | None = None, float32_mib: float = 0):
         self.folder = Path(folder)
         config = store.read_config(self.folder)
         if config is None or not (self.folder / store.DATABASE).exists():
@@ -71,13 +71,17 @@ class Index:
         self.last_update: dict | None = None  # the summary of the build or update this object ran
         self._lock = threading.RLock()
         self._model = self._preprocess = None
+        self._copies = exact.Float32Copies(float32_mib)
         self._db = store.connect(self.folder, readonly=True)
         self.refresh()
 
     @classmethod
-    def open(cls, folder: str | os.PathLike, device: str | None = None) -> "Index":
-        """Open an existing index; its vectors are memory-mapped."""
-        return cls(folder, device)
+    def open(cls, folder: str | os.PathLike, device: str | None = None, float32_mib: float = 0) -> "Index":
+        """Open an existing index; its vectors are memory-mapped. Exact search keeps float32 copies of up to
+        ``float32_mib`` MiB of them in RAM, made by the first search that scans them: it multiplies those
+        as they are instead of widening float16 rows chunk by chunk, so a long-running service gains and a
+        one-off search does not (see README, "Search your images")."""
+        return cls(folder, device, float32_mib)
 
     @classmethod
     def build(cls, folder: str | os.PathLike, sources, model: str, device: str | None = None, batch_size: int = 64,
@@ -109,8 +113,11 @@ class Index:
             with_caption = [r for r in found if r[2] is not None]
             self._caption_ids = np.array([r[0] for r in with_caption], dtype=np.int64)
             self._caption_rows = np.array([r[2] for r in with_caption], dtype=np.int64)
-            self._segments = {kind: store.open_segments(self.folder, kind, store.next_row(self._db, kind))
-                              for kind in store.KINDS}
+            found = {kind: store.open_identified_segments(self.folder, kind, store.next_row(self._db, kind))
+                     for kind in store.KINDS}
+            self._segments = {kind: [segment for segment, _ in pairs] for kind, pairs in found.items()}
+            self._identities = {kind: [identity for _, identity in pairs] for kind, pairs in found.items()}
+            self._scanned: dict[str, list[np.ndarray]] = {}  # kind -> segments as exact search reads them
             self.config = store.read_config(self.folder)
             info = self.config.get("approximate")
             current = is_current(info, len(ids), store.next_row(self._db, "images"))
@@ -137,6 +144,7 @@ class Index:
                 if weights_checksum(model) != self.config["weights_sha256"]:
                     raise ValueError(f"model {self.config['model']} has changed since this index was built "
                                      "(weights checksum differs); rebuild the index with --rebuild")
+                prepare_for_queries(model)
                 self._model, self._preprocess = model, preprocess
             return self._model, self._preprocess
 
@@ -191,7 +199,7 @@ class Index:
         if folder is not None:
             keep = np.isin(ids, self._ids_under(folder))
             ids, rows = ids[keep], rows[keep]
-        candidate_scores = exact.scores(self._segments[kind], vector[None])[rows, 0] if len(rows) else np.empty(0)
+        candidate_scores = exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
         wanted = offset + top_k
         positions, best = exact.top_k(candidate_scores, wanted if dedup is None else len(candidate_scores))
         if min_score is not None:
@@ -208,9 +216,16 @@ class Index:
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if approximate:
             return self._approximate_top(queries, top_k)
-        all_scores = exact.scores(self._segments["images"], queries)[self._rows]  # (N, Q)
+        all_scores = exact.scores(self._scan_segments("images"), queries)[self._rows]  # (N, Q)
         best = [exact.top_k(all_scores[:, q], top_k) for q in range(len(queries))]
         return np.stack([self._ids[p] for p, _ in best]), np.stack([s for _, s in best])
+
+    def _scan_segments(self, kind: str) -> list[np.ndarray]:
+        """The segments of ``kind``, those within the float32 budget as their float32 copies."""
+        with self._lock:
+            if kind not in self._scanned:
+                self._scanned[kind] = self._copies.apply(kind, self._segments[kind], self._identities[kind])
+            return self._scanned[kind]
 
     def _wants_approximate(self, approximate: bool | None, folder, dedup, captions) -> bool:
         if approximate is False:

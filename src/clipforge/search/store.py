@@ -145,8 +145,19 @@ class SegmentWriter:
 
 def open_segments(folder: Path, kind: str, rows: int) -> list[np.ndarray]:
     """Read-only memory maps of the segments covering rows ``0 .. rows - 1``, each cut to its used rows."""
-    segments = []
+    return [segment for segment, _ in open_identified_segments(folder, kind, rows)]
+
+
+def open_identified_segments(folder: Path, kind: str, rows: int) -> list[tuple[np.ndarray, tuple]]:
+    """(memory map cut to its used rows, identity) of each segment covering rows ``0 .. rows - 1``. The
+    identity (device, inode, used rows) is that of the file mapped: equal identities hold equal rows, as
+    committed rows are never rewritten and a rebuilt index writes new files."""
+    found = []
     for number in range((rows + SEGMENT_ROWS - 1) // SEGMENT_ROWS):
-        used = min(SEGMENT_ROWS, rows - number * SEGMENT_ROWS)
-        segments.append(np.load(segment_path(folder, kind, number), mmap_mode="r")[:used])
-    return segments
+        used, path = min(SEGMENT_ROWS, rows - number * SEGMENT_ROWS), segment_path(folder, kind, number)
+        before = None
+        while before is None or os.stat(path).st_ino != before.st_ino:  # replaced while mapping: map again
+            before = os.stat(path)
+            segment = np.load(path, mmap_mode="r")[:used]
+        found.append((segment, (before.st_dev, before.st_ino, used)))
+    return found

@@ -25,7 +25,9 @@ def is_loopback(host: str) -> bool:
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: any free port); OSError names the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets whose proto is
+    # IPPROTO_TCP, and without that a response written in two parts waits for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
@@ -38,14 +40,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
-          device: str | None = None, log_level: str = "warning") -> None:
-    """Serve the index in ``index_dir`` until interrupted; prints the address once it is listening."""
+          device: str | None = None, log_level: str = "warning", float32_mib: float = 1024) -> None:
+    """Serve the index in ``index_dir`` until interrupted; prints the address once it is listening.
+    ``float32_mib``: RAM for float32 copies of the vectors (see :meth:`clipforge.search.Index.open`)."""
     from ..search import Index
     if not is_loopback(host) and options.token is None:
         print(f"clipforge serve: warning: listening on {host}, which other machines can reach, without a token: "
               f"anyone who can connect can search and view every indexed image; pass --token (or set "
               f"CLIPFORGE_TOKEN)", file=sys.stderr)
-    index = Index.open(index_dir, device=device)
+    index = Index.open(index_dir, device=device, float32_mib=float32_mib)
     app = create_app(index, replace(options, loopback_only=is_loopback(host)), index_dir=index_dir)
     app.state.service.warm_up()
     sock = bind(host, port)

@@ -33,9 +33,12 @@ class SearchService:
         return await asyncio.get_running_loop().run_in_executor(self._compute, self.search, request, upload_key)
 
     def warm_up(self) -> None:
-        """Load the model and run it once, so that the first client does not wait for it."""
+        """Load the model, run it once and search once, so that the first client waits for neither the
+        model nor the float32 copies of the vectors."""
         from ..search import Query
-        self._compute.submit(self.index.encode_query, Query.from_terms([("text", "a photo")])).result()
+        vector = self._compute.submit(self.index.encode_query, Query.from_terms([("text", "a photo")])).result()
+        if len(self.index):
+            self._compute.submit(self.index.search, vector, 1, approximate=False).result()
 
     def check_upload(self, data: bytes) -> str:
         """Decode an uploaded image to check it (a ValueError naming what is wrong); returns its upload key."""
