@@ -237,3 +237,15 @@ def test_another_models_index_is_refused_naming_both(tmp_path, photos, one_threa
         _build(tmp_path, [photos], model=other)
     rebuilt = _build(tmp_path, [photos], model=other, rebuild=True)
     assert rebuilt.last_update["indexed"] == 13 and rebuilt.config["model"] == str(other.resolve())
+    # the same path with other weights: the checksum, settled once the data workers run, still refuses it
+    # before anything is written
+    before = {p.name: p.read_bytes() for p in (tmp_path / "index").iterdir() if p.is_file()}
+    torch.manual_seed(2)
+    save(create_model("tiny-vit"), other)
+    write_folder(photos / "more", 2, start=40)
+    with pytest.raises(ValueError, match=r"built with model .*other-model \(weights sha256 .*\), not .*other-model"):
+        _build(tmp_path, [photos], model=other)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "index").iterdir() if p.is_file()}
+    assert after.keys() == before.keys()
+    assert all(after[name] == before[name] for name in after if not name.startswith("metadata.sqlite"))
+    assert len(Index.open(tmp_path / "index")) == 13

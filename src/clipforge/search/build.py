@@ -42,28 +42,47 @@ def build(folder: str | os.PathLike, sources, model: str, device: str | None, op
     folder, sources = Path(folder), resolve_sources(sources)
     env = init_distributed(device or "auto")
     network, preprocess = load_model(str(model), env.device)
-    identity = model_identity(str(model), network, preprocess)
-    if env.is_master:
-        _prepare(folder, identity, options.rebuild)
+    model_check = _ModelCheck(folder, str(model), network, preprocess, options.rebuild) if env.is_master else None
     barrier(env)
     plan = _plan(folder, sources, options, env)
-    summary = _run(folder, plan, network, preprocess, identity["dim"], options, env)
+    summary = _run(folder, plan, network, preprocess, model_check, options, env)
     if env.is_master:
         approximate.refresh(folder, options.approximate)
     barrier(env)
     return summary
 
 
-def _prepare(folder: Path, identity: dict, rebuild: bool) -> None:
-    config = None if rebuild else store.read_config(folder)
-    if config is not None and config["weights_sha256"] != identity["weights_sha256"]:
-        raise ValueError(f"the index in {folder} was built with model {config['model']} (weights sha256 "
-                         f"{config['weights_sha256'][:12]}), not {identity['model']} (sha256 "
-                         f"{identity['weights_sha256'][:12]}); use that model, or --rebuild to start over")
-    if config is None:
-        _clear(folder)
-        store.write_config(folder, {"format_version": store.FORMAT_VERSION, "segment_rows": store.SEGMENT_ROWS,
-                                    **identity})
+class _ModelCheck:
+    """Rank 0's check that the index is this model's, settled before anything is written to it.
+
+    The weights checksum (one core for a second or more on large models) is left for :meth:`settle`, which
+    runs once the data workers are decoding beside it, unless the index names another model: then it is
+    computed at once, so that a wrong model is refused before the sources are listed.
+    """
+
+    def __init__(self, folder: Path, spec: str, network, preprocess, rebuild: bool):
+        self.folder, self._args = folder, (spec, network, preprocess)
+        self.config = None if rebuild else store.read_config(folder)
+        self.identity = None
+        if self.config is None:
+            _clear(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+        elif self.config["model"] != model_identity(spec, network, preprocess, checksum=False)["model"]:
+            self.settle()
+
+    def settle(self) -> dict:
+        """Refuse another model's index (ValueError naming both), or write a new index's config."""
+        if self.identity is None:
+            self.identity = model_identity(*self._args)
+            config, identity = self.config, self.identity
+            if config is not None and config["weights_sha256"] != identity["weights_sha256"]:
+                raise ValueError(f"the index in {self.folder} was built with model {config['model']} (weights "
+                                 f"sha256 {config['weights_sha256'][:12]}), not {identity['model']} (sha256 "
+                                 f"{identity['weights_sha256'][:12]}); use that model, or --rebuild to start over")
+            if config is None:
+                store.write_config(self.folder, {"format_version": store.FORMAT_VERSION,
+                                                 "segment_rows": store.SEGMENT_ROWS, **identity})
+        return self.identity
 
 
 def _clear(folder: Path) -> None:
@@ -95,14 +114,17 @@ def _plan(folder: Path, sources: list[str], options: BuildOptions, env: DistEnv)
     return plan, listing, encode
 
 
-def _run(folder: Path, planned, network, preprocess, dim: int, options: BuildOptions, env: DistEnv) -> dict:
+def _run(folder: Path, planned, network, preprocess, model_check: _ModelCheck | None, options: BuildOptions,
+         env: DistEnv) -> dict:
     plan, listing, encode = planned
-    writer = _Writer(folder, dim, network) if env.is_master else None
-    if writer is not None:
+    rounds = _encoded_rounds(encode, network, preprocess, options, env)  # the data workers start decoding
+    writer = None
+    if model_check is not None:
+        writer = _Writer(folder, int(model_check.settle()["dim"]), network)
         writer.apply_plan(plan)
     bar = tqdm(total=len(encode), unit="files", desc="indexing", disable=not (options.progress and env.is_master),
                dynamic_ncols=True)
-    for parts in _encoded_rounds(encode, network, preprocess, options, env):
+    for parts in rounds:
         if writer is not None:
             done = writer.store_encoded(encode, sum((p[0] for p in parts), []), sum((p[1] for p in parts), []))
             bar.update(done)
@@ -115,7 +137,8 @@ def _run(folder: Path, planned, network, preprocess, dim: int, options: BuildOpt
 
 def _encoded_rounds(encode: list, network, preprocess, options: BuildOptions, env: DistEnv):
     """Per round, every rank's (good, bad): good = [(position, vector, caption vector, info)], bad =
-    [(position, reason, message)]; a round is one batch per rank, positions index ``encode``."""
+    [(position, reason, message)]; a round is one batch per rank, positions index ``encode``. The data
+    workers start on this call, not on the first round."""
     mine = list(range(env.rank, len(encode), env.world_size))
     draft = preprocess.config.image_size if options.fast_decode else None
     dataset = DescribedImages([encode[i][0].ref for i in mine], preprocess, options.max_pixels, draft)
@@ -123,6 +146,10 @@ def _encoded_rounds(encode: list, network, preprocess, options: BuildOptions, en
                                          collate_fn=collate_described)
     batches = iter(loader) if mine else iter(())
     rounds = -(-len(encode) // (options.batch_size * env.world_size))
+    return _rounds(batches, rounds, mine, encode, network, env)
+
+
+def _rounds(batches, rounds: int, mine: list[int], encode: list, network, env: DistEnv):
     for _ in range(rounds):
         local, tensors, infos, bad = next(batches, ([], None, [], []))
         good = []

@@ -46,10 +46,11 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def model_identity(spec: str, model: torch.nn.Module, preprocess: Callable) -> dict:
-    """What config.json records about the model: its name or absolute path, weights checksum,
-    embedding size and preprocessing."""
+def model_identity(spec: str, model: torch.nn.Module, preprocess: Callable, checksum: bool = True) -> dict:
+    """What config.json records about the model: its name or absolute path, weights checksum (None unless
+    ``checksum``), embedding size and preprocessing."""
     path = Path(spec).expanduser()
-    return {"model": str(path.resolve()) if path.exists() else spec, "weights_sha256": weights_checksum(model),
+    return {"model": str(path.resolve()) if path.exists() else spec,
+            "weights_sha256": weights_checksum(model) if checksum else None,
             "dim": int(model.config.embed_dim),
             "preprocess": dataclasses.asdict(preprocess.config)}
