@@ -35,10 +35,11 @@ def test_chunked_scores_and_top_k_equal_a_float64_computation(monkeypatch, torch
 
 def test_worker_ranges_cover_every_row_once():
     segments = [np.zeros((n, 2)) for n in (5, 0, 1, 12)]
+    placed = [(s, first) for s, first in zip(segments, (100, 105, 105, 106))]  # the output rows they fill
     for workers in (1, 2, 3, 7):
-        parts = exact._split(segments, 18, workers)
+        parts = exact._split(placed, workers)
         starts = sorted((first, first + len(rows)) for part in parts for rows, first in part)
-        assert starts[0][0] == 0 and starts[-1][1] == 18
+        assert starts[0][0] == 100 and starts[-1][1] == 118
         assert all(a[1] == b[0] for a, b in zip(starts, starts[1:]))
         lengths = [sum(len(rows) for rows, _ in part) for part in parts]
         assert max(lengths) - min(lengths) <= 1

@@ -15,46 +15,50 @@ CHUNK_ROWS = 4096  # a worker's float32 buffer (8 MiB at d = 512) stays in cache
 def scores(segments: list[np.ndarray], queries: np.ndarray) -> np.ndarray:
     """Cosine similarities (rows, Q) of every stored row to each L2-normalised query (Q, dim), float32.
 
-    Each chunk of float16 rows is widened into a reused float32 buffer before the product, so the sums
-    accumulate in float32; a float32 segment (a :class:`Float32Copies` copy) is multiplied as it is. The
-    rows are split into one contiguous range per torch thread, each scanned by
-    its own worker with one intra-op thread: per-chunk operations are too small for torch's own threads,
-    whose synchronisation at every operation costs more than the work (most when other processes hold cores).
+    A float32 segment (a :class:`Float32Copies` copy) is one product on torch's own threads. Float16 rows
+    are widened chunk by chunk into a reused float32 buffer before the product, so the sums accumulate in
+    float32; they are split into one contiguous range per torch thread, each scanned by its own worker
+    with one intra-op thread: per-chunk operations are too small for torch's own threads, whose
+    synchronisation at every operation costs more than the work (most when other processes hold cores).
     """
-    total = sum(len(s) for s in segments)
-    out = np.empty((total, len(queries)), dtype=np.float32)
+    placed, first = [], 0  # (rows, their first row in the output)
+    for segment in segments:
+        placed.append((segment, first))
+        first += len(segment)
+    out = np.empty((first, len(queries)), dtype=np.float32)
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).T  # (dim, Q)
+    narrow = [(rows, first) for rows, first in placed if rows.dtype != np.float32]
+    for rows, first in placed:
+        if rows.dtype == np.float32:
+            torch.matmul(_as_tensor(rows), q, out=torch.from_numpy(out[first:first + len(rows)]))
     with single_intraop_thread() as threads:
-        parts = _split(segments, total, max(1, min(threads, total // CHUNK_ROWS)))
+        parts = _split(narrow, max(1, min(threads, sum(len(r) for r, _ in narrow) // CHUNK_ROWS)))
         if len(parts) == 1:
             _scan(parts[0], q, out)
-        else:
+        elif parts:
             with ThreadPoolExecutor(len(parts), thread_name_prefix="clipforge-scan") as pool:
                 list(pool.map(lambda part: _scan(part, q, out), parts))
     return out
 
 
-def _split(segments: list[np.ndarray], total: int, workers: int) -> list[list[tuple[np.ndarray, int]]]:
-    """``workers`` lists of (rows of a segment, their first row in the output), about equally long."""
+def _split(placed: list[tuple[np.ndarray, int]], workers: int) -> list[list[tuple[np.ndarray, int]]]:
+    """``placed`` (rows, their first row in the output) cut into ``workers`` lists of about equally many
+    rows, in order, each a list of (rows, their first row in the output)."""
+    total = sum(len(rows) for rows, _ in placed)
     bounds = [total * w // workers for w in range(workers + 1)]
     parts, start = [[] for _ in range(workers)], 0
-    for segment in segments:
+    for rows, first in placed:
         for w in range(workers):
-            lo, hi = max(bounds[w], start), min(bounds[w + 1], start + len(segment))
+            lo, hi = max(bounds[w], start), min(bounds[w + 1], start + len(rows))
             if lo < hi:
-                parts[w].append((segment[lo - start:hi - start], lo))
-        start += len(segment)
+                parts[w].append((rows[lo - start:hi - start], first + lo - start))
+        start += len(rows)
     return [p for p in parts if p]
 
 
 def _scan(part: list[tuple[np.ndarray, int]], q: torch.Tensor, out: np.ndarray) -> None:
-    buffer = None
+    buffer = torch.empty((min(CHUNK_ROWS, sum(len(rows) for rows, _ in part)), q.shape[0]), dtype=torch.float32)
     for rows, first in part:
-        if rows.dtype == np.float32:
-            torch.matmul(_as_tensor(rows), q, out=torch.from_numpy(out[first:first + len(rows)]))
-            continue
-        if buffer is None:
-            buffer = torch.empty((min(CHUNK_ROWS, sum(len(r) for r, _ in part)), q.shape[0]), dtype=torch.float32)
         for begin in range(0, len(rows), CHUNK_ROWS):
             block = buffer[:min(CHUNK_ROWS, len(rows) - begin)]  # (C, dim)
             block.copy_(_as_tensor(rows[begin:begin + len(block)]))
