@@ -330,3 +330,21 @@ def test_state_dict_without_clip_keys_cannot_be_inferred(tmp_path):
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(tmp_path / "bert.safetensors"))
     with pytest.raises(CheckpointError, match="bert.safetensors.*does not look like a CLIP checkpoint"):
         clipforge.load(tmp_path / "bert.safetensors", device="cpu")
+
+
+def test_take_keeps_owned_float32_tensors_and_copies_the_rest():
+    state_dict, config = _reference("tiny_vit")
+    checkpoint = read_checkpoint(f"{DATA}/tiny_vit.safetensors")
+    name = "visual.conv1.weight"
+    owned = checkpoint.state_dict[name]
+    half = checkpoint.state_dict["text_projection"] = checkpoint.state_dict["text_projection"].half()
+    model = model_from_checkpoint(checkpoint, config, take=True)
+    assert model.visual.conv1.weight.data_ptr() == owned.data_ptr()  # taken, not copied
+    assert model.text_projection.dtype == torch.float32 and model.text_projection.data_ptr() != half.data_ptr()
+    copied = model_from_checkpoint(read_checkpoint(f"{DATA}/tiny_vit.safetensors"), config)
+    assert copied.visual.conv1.weight.data_ptr() != owned.data_ptr()
+    pointers = [p.data_ptr() for p in model.parameters()]
+    assert len(set(pointers)) == len(pointers)  # no two parameters share storage
+    view = torch.randn(8, 4)  # views of one tensor (a fused qkv split in three) are copied
+    assert not checkpoints._owns_storage(view[:4]) and not checkpoints._owns_storage(view.t())
+    assert checkpoints._owns_storage(view)

@@ -362,11 +362,14 @@ def _warn_unknown_activation(path: Path) -> None:
                   f"clipforge.create_model('ViT-B-32', pretrained=path)", UserWarning, stacklevel=3)
 
 
-def model_from_checkpoint(checkpoint: Checkpoint, config: CLIPConfig | None = None, **overrides: Any) -> CLIP:
+def model_from_checkpoint(checkpoint: Checkpoint, config: CLIPConfig | None = None, take: bool = False,
+                          **overrides: Any) -> CLIP:
     """A CLIP (fp32, CPU) holding the checkpoint's weights.
 
     The architecture is ``config`` if given, else the checkpoint's own, else inferred from shapes; then
-    ``overrides`` (e.g. ``image_size=336``) are applied and positional embeddings resized to fit.
+    ``overrides`` (e.g. ``image_size=336``) are applied and positional embeddings resized to fit. The
+    model's tensors are copies, unless ``take``: then a float32 tensor that owns all of its storage becomes
+    the model's own, which saves a copy of every weight when nothing else will use the checkpoint.
     """
     if config is None and checkpoint.config is None:
         config = infer_config(checkpoint.state_dict, source=str(checkpoint.path))
@@ -377,14 +380,21 @@ def model_from_checkpoint(checkpoint: Checkpoint, config: CLIPConfig | None = No
     foreign = config.text_cfg.hf_model_name or config.vision_cfg.timm_model_name
     with torch.device("cpu" if foreign else "meta"):  # meta: no random init, every tensor comes from the
         model = CLIP(config)  # checkpoint; Hugging Face and timm towers hold buffers outside the state dict
-    # Copies: the model must not share storage with the checkpoint (which may build another model).
-    state_dict = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+    # Copies: the model must not share storage with a checkpoint that may build another model, nor its
+    # parameters storage with each other (views of one tensor, as a fused qkv split into three).
+    state_dict = {k: v if take and _owns_storage(v) and v.dtype == torch.float32
+                  else v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
                   for k, v in checkpoint.state_dict.items()}
     load_weights(model, state_dict, str(checkpoint.path), assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a non-persistent buffer: not in any state dict, so assign=True cannot fill it
         raise RuntimeError(f"clipforge bug: {left} are not restored from a checkpoint; build the model on CPU")
     return model
+
+
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
 
 
 def save(model: CLIP, folder: str | Path, preprocess: Any = None) -> Path:

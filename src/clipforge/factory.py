@@ -76,10 +76,10 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, jit
     weights = None if path.exists() else pretrained_weights(str(name_or_path))
     if weights is not None:
         checkpoint = read_checkpoint(download(str(name_or_path), download_root))
-        model = model_from_checkpoint(checkpoint, get_model_config(weights.architecture))
+        model = model_from_checkpoint(checkpoint, get_model_config(weights.architecture), take=True)
     elif path.exists():
         checkpoint = read_checkpoint(path)
-        model = model_from_checkpoint(checkpoint)
+        model = model_from_checkpoint(checkpoint, take=True)
     else:
         raise FileNotFoundError(f"{str(name_or_path)!r} is neither an existing file or folder nor a model with "
                                 f"pretrained weights ({', '.join(available_models())})")
