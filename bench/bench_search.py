@@ -114,6 +114,7 @@ def bench_index(count: int, workers: int, batch_size: int, rounds: int) -> list[
             if ts:
                 seconds = statistics.median(ts)
                 rows.append({"bench": "index", "impl": impl, "images": count, "seconds": round(seconds, 2),
+                             "rounds_s": [round(t, 2) for t in ts],
                              "images_per_s": round(count / seconds, 2),
                              "vs_open_clip": round(reference / seconds, 2) if reference else None,
                              **({"top10_overlap_with_exact": round(overlap, 4)} if "fast" in impl else {})})
@@ -202,12 +203,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="photos to index (default 48; quick 12)")
     parser.add_argument("--vectors", type=int, help="vectors to search (default 1,000,000; quick 100,000)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, help="indexing rounds of each implementation, median (default 3; quick 1)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     print(json.dumps(environment("cpu")))
     rows = []
     if "index" in args.parts:
-        rows += bench_index(args.images or (12 if args.quick else 48), args.workers, 16, 1 if args.quick else 2)
+        rows += bench_index(args.images or (12 if args.quick else 48), args.workers, 16,
+                            args.rounds or (1 if args.quick else 3))
     if "vectors" in args.parts:
         rows += bench_vectors(args.vectors or (100_000 if args.quick else 1_000_000), 512, 5 if args.quick else 20)
     for r in rows:
