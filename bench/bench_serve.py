@@ -31,12 +31,11 @@ from common import environment  # noqa: E402
 from clipforge.data import ShapesDataset  # noqa: E402
 from clipforge.factory import create_model, save  # noqa: E402
 from clipforge.search import Index, store  # noqa: E402
-from clipforge.serve.server import start_child  # noqa: E402
+from clipforge.serve.server import DEFAULT_FLOAT32_MIB, start_child  # noqa: E402
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 PLACES = ("on a beach", "at night", "in the snow", "on a table", "in a forest")
-SERVE_FLOAT32_MIB = 1024  # clipforge serve's default --float32-mib
 
 
 def queries(n: int) -> list[str]:
@@ -144,7 +143,7 @@ def run(items: int = 100_000, n_queries: int = 100, concurrent_requests: int = 4
         print(f"built a {items:,}-item ViT-B/32 index in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         process, base = start_child(index_dir)
         try:
-            index = Index.open(index_dir, device="cpu", float32_mib=SERVE_FLOAT32_MIB)
+            index = Index.open(index_dir, device="cpu", float32_mib=DEFAULT_FLOAT32_MIB)
             with client(base) as http:
                 sequential(index, http, texts[:5])  # warm-up: model, page cache, connection
                 times = sequential(index, http, texts[5:5 + n_queries])

@@ -117,9 +117,9 @@ class MLP(nn.Sequential):
                             "c_proj": _PackedLinear(proj.weight, proj.bias)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc, proj = self._packed.get("c_fc"), self._packed.get("c_proj")
-        if fc is not None and proj is not None and fc.usable(x) and proj.usable(x):
-            return proj(fc(x))
+        packed_fc, packed_proj = self._packed.get("c_fc"), self._packed.get("c_proj")
+        if packed_fc is not None and packed_proj is not None and packed_fc.usable(x) and packed_proj.usable(x):
+            return packed_proj(packed_fc(x))
         if not isinstance(self.gelu, QuickGELU) or torch.jit.is_tracing() or torch.jit.is_scripting():
             return super().forward(x)
         fc, proj = self.c_fc, self.c_proj

@@ -17,7 +17,7 @@ from ..data import DescribedImages, collate_described
 from ..encode import encode_images, encode_texts
 from ..train.distributed import DistEnv, barrier, gather_objects, init_distributed
 from . import approximate, store
-from .model import load_model, model_identity
+from .model import load_model, model_identity, model_name
 from .plan import Entry, Plan, hash_all, list_sources, resolve, resolve_sources, triage
 
 
@@ -67,7 +67,7 @@ class _ModelCheck:
         if self.config is None:
             _clear(folder)
             folder.mkdir(parents=True, exist_ok=True)
-        elif self.config["model"] != model_identity(spec, network, preprocess, checksum=False)["model"]:
+        elif self.config["model"] != model_name(spec):
             self.settle()
 
     def settle(self) -> dict:

@@ -21,11 +21,11 @@ def scores(segments: list[np.ndarray], queries: np.ndarray) -> np.ndarray:
     with one intra-op thread: per-chunk operations are too small for torch's own threads, whose
     synchronisation at every operation costs more than the work (most when other processes hold cores).
     """
-    placed, first = [], 0  # (rows, their first row in the output)
+    placed, total = [], 0  # (rows, their first row in the output)
     for segment in segments:
-        placed.append((segment, first))
-        first += len(segment)
-    out = np.empty((first, len(queries)), dtype=np.float32)
+        placed.append((segment, total))
+        total += len(segment)
+    out = np.empty((total, len(queries)), dtype=np.float32)
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).T  # (dim, Q)
     narrow = [(rows, first) for rows, first in placed if rows.dtype != np.float32]
     for rows, first in placed:

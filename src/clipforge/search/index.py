@@ -113,10 +113,10 @@ class Index:
             with_caption = [r for r in found if r[2] is not None]
             self._caption_ids = np.array([r[0] for r in with_caption], dtype=np.int64)
             self._caption_rows = np.array([r[2] for r in with_caption], dtype=np.int64)
-            found = {kind: store.open_identified_segments(self.folder, kind, store.next_row(self._db, kind))
-                     for kind in store.KINDS}
-            self._segments = {kind: [segment for segment, _ in pairs] for kind, pairs in found.items()}
-            self._identities = {kind: [identity for _, identity in pairs] for kind, pairs in found.items()}
+            opened = {kind: store.open_identified_segments(self.folder, kind, store.next_row(self._db, kind))
+                      for kind in store.KINDS}
+            self._segments = {kind: [segment for segment, _ in pairs] for kind, pairs in opened.items()}
+            self._identities = {kind: [identity for _, identity in pairs] for kind, pairs in opened.items()}
             self._scanned: dict[str, list[np.ndarray]] = {}  # kind -> segments as exact search reads them
             self.config = store.read_config(self.folder)
             info = self.config.get("approximate")

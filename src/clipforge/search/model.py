@@ -46,11 +46,15 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def model_identity(spec: str, model: torch.nn.Module, preprocess: Callable, checksum: bool = True) -> dict:
-    """What config.json records about the model: its name or absolute path, weights checksum (None unless
-    ``checksum``), embedding size and preprocessing."""
+def model_name(spec: str) -> str:
+    """How config.json names the model: the absolute path of an existing file or folder, else the name."""
     path = Path(spec).expanduser()
-    return {"model": str(path.resolve()) if path.exists() else spec,
-            "weights_sha256": weights_checksum(model) if checksum else None,
+    return str(path.resolve()) if path.exists() else spec
+
+
+def model_identity(spec: str, model: torch.nn.Module, preprocess: Callable) -> dict:
+    """What config.json records about the model: its name or absolute path, weights checksum,
+    embedding size and preprocessing."""
+    return {"model": model_name(spec), "weights_sha256": weights_checksum(model),
             "dim": int(model.config.embed_dim),
             "preprocess": dataclasses.asdict(preprocess.config)}

@@ -13,6 +13,9 @@ import uvicorn
 from .app import ServeOptions, create_app
 
 
+DEFAULT_FLOAT32_MIB = 1024  # RAM for float32 copies of the vectors (clipforge serve --float32-mib)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -40,7 +43,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
-          device: str | None = None, log_level: str = "warning", float32_mib: float = 1024) -> None:
+          device: str | None = None, log_level: str = "warning", float32_mib: float = DEFAULT_FLOAT32_MIB) -> None:
     """Serve the index in ``index_dir`` until interrupted; prints the address once it is listening.
     ``float32_mib``: RAM for float32 copies of the vectors (see :meth:`clipforge.search.Index.open`)."""
     from ..search import Index
