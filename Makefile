@@ -4,13 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast docs wheel-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,train,plot]'
+	$(PY) -m pip install -q -e '.[test,train,plot,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -18,11 +18,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/clipforge demo --output demo_output
 
+# Everything, including the examples in README.md and docs/ (tests/docs); what CI's .ci/run calls.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The inner loop: the tests not marked slow (under 2 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# The documentation site; --strict turns a broken link or a page missing from the navigation into an error.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# Build the wheel and sdist, install the wheel into a clean virtualenv and smoke-test the installed CLI.
+wheel-check: $(STAMP)
+	bash .ci/wheel_check.sh
 
 bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) demo_output site dist

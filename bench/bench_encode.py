@@ -1,9 +1,9 @@
 """Encoding throughput: clipforge vs OpenCLIP vs Hugging Face transformers on the same weights and inputs.
 
 clipforge's model is built with random weights; its OpenAI-layout state dict is loaded strictly into
-OpenCLIP's model (its config registered from ours) and, converted by ``clipforge.hf``, into
+OpenCLIP's model (its config registered from ours) and, converted by ``clipforge.io.hf``, into
 transformers' ``CLIPModel`` (ViT only: ResNets have no transformers equivalent). ``clipforge-onnx``
-is the same model exported with ``clipforge.export`` and run by ONNX Runtime (CPU, fp32, as many
+is the same model exported with ``clipforge.io.onnx`` and run by ONNX Runtime (CPU, fp32, as many
 threads as torch uses). On a GPU in bf16/fp16, clipforge runs with SDPA's flash-attention kernel
 only; the references keep PyTorch's own kernel choice (their masked text attention cannot use flash).
 Usage: ``python bench/bench_encode.py [--models ViT-B-32 RN50] [--batch-sizes 1 64] [--quick]``.
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from common import DTYPES, add_ratios, compare_outputs, count_flops, environment, report, \
     matmul_peak_gflops, optional_import, row, time_interleaved  # noqa: E402
 
-from clipforge.export import example_images  # noqa: E402
+from clipforge.io.onnx import example_images  # noqa: E402
 from clipforge.models import CLIP, CLIPConfig, get_model_config  # noqa: E402
 from clipforge.models.text import cut_after_end_of_text  # noqa: E402
 
@@ -50,7 +50,7 @@ def hf_model(model: CLIP):
     transformers = optional_import("transformers")
     if transformers is None or model.config.vision_cfg.is_resnet or model.config.text_cfg.encoder != "transformer":
         return None
-    from clipforge.hf import config_to_hf, openai_to_hf
+    from clipforge.io.hf import config_to_hf, openai_to_hf
     hf = transformers.CLIPModel(transformers.CLIPConfig(**config_to_hf(model.config, model.logit_scale.item())))
     hf.load_state_dict(openai_to_hf(model.state_dict()), strict=True)
     return hf
@@ -81,7 +81,7 @@ def build_encoders(name: str, device: str, dtype: str, onnx_dir: Path | None) ->
     if oc is not None:
         oc.load_state_dict(model.state_dict(), strict=True)
     if onnx_dir is not None and dtype == "fp32" and device == "cpu" and optional_import("onnxruntime"):
-        from clipforge.export import OnnxEncoder, export_onnx
+        from clipforge.io.onnx import OnnxEncoder, export_onnx
         export_onnx(model, onnx_dir / name)
         onnx = OnnxEncoder(onnx_dir / name, threads=torch.get_num_threads())  # the threads torch has
         impls["clipforge-onnx"] = {"image": onnx.encode_image, "text": onnx.encode_text}

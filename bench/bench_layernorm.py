@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from common import DTYPES, compare_outputs, environment, time_interleaved  # noqa: E402
 
-from clipforge.export import example_images  # noqa: E402
+from clipforge.io.onnx import example_images  # noqa: E402
 from clipforge.models import CLIP, get_model_config  # noqa: E402
 from clipforge.models.layers import LayerNorm  # noqa: E402
 

@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 
 from common import environment, optional_import  # noqa: E402
 
-from clipforge.factory import create_model, save  # noqa: E402
+from clipforge.io.factory import create_model, save  # noqa: E402
 from clipforge.search import Index  # noqa: E402
 from clipforge.search import store  # noqa: E402
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from common import environment  # noqa: E402
 
 from clipforge.data import ShapesDataset  # noqa: E402
-from clipforge.factory import create_model, save  # noqa: E402
+from clipforge.io.factory import create_model, save  # noqa: E402
 from clipforge.search import Index, store  # noqa: E402
 from clipforge.serve.server import DEFAULT_FLOAT32_MIB, start_child  # noqa: E402
 

@@ -27,7 +27,7 @@ from common import add_ratios, count_flops, environment, matmul_peak_gflops, opt
     row, time_interleaved  # noqa: E402
 
 from bench_encode import open_clip_model  # noqa: E402
-from clipforge.export import example_images, example_tokens  # noqa: E402
+from clipforge.io.onnx import example_images, example_tokens  # noqa: E402
 from clipforge.models import CLIP, get_model_config  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "train_step_config.json"
@@ -148,7 +148,7 @@ def _loss_check(first_loss: dict[str, float], impl: str, precision: str) -> str:
 
 
 # Each library's training step alone in a fresh process, as its own training script would run it: clipforge
-# with the allocator setting its trainer applies (clipforge.allocator), OpenCLIP with glibc's defaults,
+# with the allocator setting its trainer applies (clipforge.runtime.allocator), OpenCLIP with glibc's defaults,
 # and clipforge with glibc's defaults too, so the library's and the setting's shares can be told apart.
 OWN_PROCESS = {"clipforge": ("clipforge", True), "clipforge glibc-default malloc": ("clipforge", False),
                "open_clip": ("open_clip", False)}
@@ -185,7 +185,7 @@ def _child(library: str, model_name: str, batch_size: int, repeats: int, retain:
     """Run in a child process: one warm-up step and ``repeats`` timed steps; print their seconds as JSON."""
     import time
     if retain:
-        from clipforge.allocator import retain_freed_memory
+        from clipforge.runtime.allocator import retain_freed_memory
         if not retain_freed_memory():
             raise SystemExit("retain_freed_memory() did not apply on this platform")
     config = get_model_config(model_name)

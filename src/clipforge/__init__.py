@@ -13,10 +13,10 @@ _API = {
     # models and checkpoints
     "CLIP": "clipforge.models", "CLIPConfig": "clipforge.models", "list_models": "clipforge.models",
     "get_model_config": "clipforge.models",
-    "available_models": "clipforge.factory", "create_model": "clipforge.factory",
-    "create_model_and_transforms": "clipforge.factory", "load": "clipforge.factory", "save": "clipforge.factory",
-    "list_pretrained": "clipforge.pretrained",
-    "export_hf": "clipforge.checkpoints",
+    "available_models": "clipforge.io.factory", "create_model": "clipforge.io.factory",
+    "create_model_and_transforms": "clipforge.io.factory", "load": "clipforge.io.factory", "save": "clipforge.io.factory",
+    "list_pretrained": "clipforge.io.pretrained",
+    "export_hf": "clipforge.io.checkpoints",
     # text and images
     "tokenize": "clipforge.tokenizer", "get_tokenizer": "clipforge.tokenizer", "Tokenizer": "clipforge.tokenizer",
     "model_tokenizer": "clipforge.tokenizer",
@@ -26,9 +26,9 @@ _API = {
     # losses and zero-shot
     "contrastive_loss": "clipforge.loss", "sigmoid_loss": "clipforge.loss",
     "build_zeroshot_classifier": "clipforge.zeroshot", "ZeroShotClassifier": "clipforge.zeroshot",
-    "export_onnx": "clipforge.export", "OnnxEncoder": "clipforge.export",
+    "export_onnx": "clipforge.io.onnx", "OnnxEncoder": "clipforge.io.onnx",
     # process set-up
-    "retain_freed_memory": "clipforge.allocator",
+    "retain_freed_memory": "clipforge.runtime.allocator",
 }
 
 __all__ = sorted(_API) + ["__version__"]

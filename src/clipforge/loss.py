@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_gather_with_grad, world_info
+from clipforge.runtime.distributed import all_gather_with_grad, process_env
 
 SIGLIP_INIT_LOGIT_SCALE = math.log(10)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
@@ -36,7 +36,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     ``local_loss=True`` (with ``gather``) makes rank ``r`` compute only its own image rows and text
     columns against the global batch; the mean over ranks is the global loss and memory grows
     linearly with the global batch. Gradients, once DDP averages them over ranks, equal those of one
-    process on the concatenated batch (see ``clipforge.distributed.all_gather_with_grad``).
+    process on the concatenated batch (see ``clipforge.runtime.distributed.all_gather_with_grad``).
     """
     scale = _check_inputs("contrastive_loss", image_features, text_features, logit_scale)
     if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)
@@ -45,7 +45,8 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     if local_loss and not gather:
         raise ValueError("contrastive_loss: local_loss=True needs gather=True (it only changes how the "
                          "global batch is split over ranks)")
-    rank, world_size, _ = world_info()
+    env = process_env()
+    rank, world_size = env.rank, env.world_size
     if gather and world_size > 1:
         all_images = all_gather_with_grad(image_features)
         all_texts = all_gather_with_grad(text_features)
@@ -72,7 +73,8 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     """
     scale = _check_inputs("sigmoid_loss", image_features, text_features, logit_scale)
     bias = _as_scalar("sigmoid_loss", "logit_bias", logit_bias, image_features)
-    rank, world_size, _ = world_info()
+    env = process_env()
+    rank, world_size = env.rank, env.world_size
     offset = 0
     if gather and world_size > 1:
         offset = rank * text_features.shape[0]

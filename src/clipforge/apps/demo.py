@@ -15,10 +15,10 @@ from ..data import ShapesDataset, class_names, templates, write_classification, 
 from ..encode import encode_images
 from ..evaluate import evaluate
 from ..evaluate.explain import plot_report, similarity_report
-from ..factory import load
+from clipforge.io.factory import load
 from ..models import get_model_config
-from ..runs import claim_output
-from ..threads import threads_beside_workers
+from clipforge.io.runs import claim_output
+from clipforge.runtime.threads import threads_beside_workers
 from ..train import TrainConfig, train
 from ..train.logger import read_metrics
 from ..zeroshot import ZeroShotClassifier

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..factory import load
+from clipforge.io.factory import load
 from ..data.images import load_image
 from ..data.classnames import check_classnames, classname_set_names, load_classnames
 from ..zeroshot import ZeroShotClassifier, load_templates

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from ..evaluate import EVALUATORS, get_evaluator
-from ..factory import load
+from clipforge.io.factory import load
 
 HELP = """Evaluate a model; prints a table of metrics and, with --output, writes them as JSON
 ({"task", "model", "data", "metrics": {name: fraction in [0, 1]}, "details": {...}}).

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..data.classnames import read_text_lines
 from ..evaluate.explain import explanation, format_report, plot_report, similarity_report
-from ..factory import load
+from clipforge.io.factory import load
 from .classify import read_images
 
 HELP = """Show, for some images and texts, every step of CLIP's scoring: the cosine similarity of each

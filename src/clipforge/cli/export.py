@@ -5,10 +5,10 @@ import argparse
 import json
 from pathlib import Path
 
-from ..factory import create_model, load
+from clipforge.io.factory import create_model, load
 from ..models import CLIP
 from ..models.registry import canonical_name
-from ..pretrained import pretrained_weights
+from clipforge.io.pretrained import pretrained_weights
 from ..transforms import PreprocessConfig
 
 HELP = """Export a model for other runtimes.
@@ -17,7 +17,7 @@ onnx: image_encoder.onnx (float32 images (N, 3, H, W) -> features) and text_enco
       tokens (N, L <= context_length) -> features), batch axis dynamic, plus onnx_config.json, which
       describes the preprocessing, tokenizer files, context length and trained logit scale (also stored
       as metadata in each .onnx). Both graphs are run with ONNX Runtime after export and must match
-      PyTorch within --atol. Load them with clipforge.export.OnnxEncoder(folder), or from any language.
+      PyTorch within --atol. Load them with clipforge.io.onnx.OnnxEncoder(folder), or from any language.
       Needs the onnx extra: pip install 'clipforge[onnx]'.
 hf:   a Hugging Face transformers CLIPModel folder (config.json + model.safetensors, tokenizer files and
       preprocessor_config.json): CLIPProcessor, AutoTokenizer and pipeline() load it as is; ViT models only."""
@@ -48,10 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, preprocess = load_model(args.model, args.random_init)
     if args.format == "hf":
-        from ..checkpoints import export_hf
+        from clipforge.io.checkpoints import export_hf
         print(f"wrote {export_hf(model, args.output, preprocess)}")
         return 0
-    from ..export import export_onnx
+    from clipforge.io.onnx import export_onnx
     paths = export_onnx(model, args.output, opset=args.opset, verify=not args.no_verify, atol=args.atol,
                         preprocess=preprocess)
     for name in ("image", "text", "config"):

@@ -10,7 +10,7 @@ import torch
 
 from ..search import Index
 from ..search.store import read_config
-from ..train.distributed import cleanup, init_distributed
+from clipforge.runtime.distributed import cleanup, init_distributed
 
 HELP = """Build or incrementally update a search index of images (see `clipforge search`).
 

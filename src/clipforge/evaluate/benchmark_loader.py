@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..factory import create_model_and_transforms, load
+from clipforge.io.factory import create_model_and_transforms, load
 from ..tokenizer import Tokenizer, model_tokenizer
 
 MODEL_TYPE = "clipforge"

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..threads import single_intraop_thread
+from clipforge.runtime.threads import single_intraop_thread
 from .base import Evaluator
 from ..data.classification import ClassificationData, read_classification
 from .metrics import classification_metrics

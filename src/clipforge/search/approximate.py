@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runs import write_files
+from clipforge.io.runs import write_files
 from . import exact, store
 
 AUTO_THRESHOLD = 200_000  # items above which ``approximate="auto"`` builds it

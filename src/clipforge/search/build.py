@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..data import DescribedImages, collate_described
 from ..encode import encode_images, encode_texts
-from ..train.distributed import DistEnv, barrier, gather_objects, init_distributed
+from clipforge.runtime.distributed import DistEnv, barrier, gather_objects, init_distributed
 from . import approximate, store
 from .model import load_model, model_identity, model_name
 from .plan import Entry, Plan, hash_all, list_sources, resolve, resolve_sources, triage

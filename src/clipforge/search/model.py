@@ -9,10 +9,10 @@ from typing import Callable
 import torch
 
 from ..encode import model_device
-from ..factory import create_model_and_transforms, load
+from clipforge.io.factory import create_model_and_transforms, load
 from ..models import list_models
 from ..models.layers import pack_linear_weights
-from ..pretrained import pretrained_weights
+from clipforge.io.pretrained import pretrained_weights
 
 
 def load_model(spec: str, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Callable]:

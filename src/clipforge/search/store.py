@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runs import write_files
+from clipforge.io.runs import write_files
 
 FORMAT_VERSION = 1
 SEGMENT_ROWS = 65536  # rows per .npy segment file

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from clipforge.checkpoints import save as save_model
+from clipforge.io.checkpoints import save as save_model
 
 from .checkpoint import rng_state, set_rng_state
-from .distributed import gather_objects
+from clipforge.runtime.distributed import gather_objects
 from .validate import validate
 
 PROBE_STEPS = 8  # at least: the first step starts the data workers and warms caches; the rest give the step time

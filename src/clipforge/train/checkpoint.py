@@ -1,6 +1,6 @@
 """Training checkpoints: ``OUTPUT/checkpoints/step_{step:08d}/`` with the model (clipforge's folder
 format, so ``clipforge.load`` reads it) and ``train_state.pt`` (optimiser, scheduler, scaler, RNG states,
-data position), written atomically (``clipforge.runs`` owns the layout), keeping the newest K.
+data position), written atomically (``clipforge.io.runs`` owns the layout), keeping the newest K.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from clipforge.checkpoints import CheckpointError, load_weights, read_checkpoint, torch_load
-from clipforge.checkpoints import save as save_model
+from clipforge.io.checkpoints import CheckpointError, load_weights, read_checkpoint, torch_load
+from clipforge.io.checkpoints import save as save_model
 from clipforge.models import CLIP
-from clipforge.runs import (BEST_RECORD, CONFIG_NAME, STATE_NAME, TRAIN_FILES, WEIGHTS_NAME, best_folder, is_complete,
+from clipforge.io.runs import (BEST_RECORD, CONFIG_NAME, STATE_NAME, TRAIN_FILES, WEIGHTS_NAME, best_folder, is_complete,
                             step_folder, step_folders, write_files, write_folder)
 
 

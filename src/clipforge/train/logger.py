@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clipforge.runs import METRICS_NAME, TENSORBOARD_DIR
+from clipforge.io.runs import METRICS_NAME, TENSORBOARD_DIR
 
 _BAR_FIELDS = {"samples_per_s": "{:.0f}", "loss": "{:.4f}", "lr": "{:.2e}", "logit_scale": "{:.2f}"}
 

@@ -19,19 +19,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import clipforge
-from clipforge.allocator import retain_freed_memory
-from clipforge.checkpoints import CheckpointError
+from clipforge.runtime.allocator import retain_freed_memory
+from clipforge.io.checkpoints import CheckpointError
 from clipforge.data import REASONS, build_train_data
 from clipforge.data.labelled import open_labelled_source
-from clipforge.factory import create_model_and_transforms
-from clipforge.threads import intraop_threads
-from clipforge.runs import (CHECKPOINTS_DIR, METRICS_NAME, RUN_CONFIG_NAME, TRAIN_FILES, checkpoints_dir, is_complete,
+from clipforge.io.factory import create_model_and_transforms
+from clipforge.runtime.threads import intraop_threads
+from clipforge.io.runs import (CHECKPOINTS_DIR, METRICS_NAME, RUN_CONFIG_NAME, TRAIN_FILES, checkpoints_dir, is_complete,
                             is_run_dir, latest_checkpoint, read_best, step_folders)
 from clipforge.tokenizer import model_tokenizer
 
 from .checkpoint import best_mode, load_checkpoint, rng_state, save_best, save_checkpoint, set_rng_state
 from .config import TrainConfig, default_resume, parse_duration
-from .distributed import DistEnv, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
+from clipforge.runtime.distributed import DistEnv, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
 from .logger import RunLogger, truncate_metrics
 from .budget import measure_costs, planned_steps
 from .optim import CosineSchedule, build_optimizer, fitted_lr, fitted_warmup

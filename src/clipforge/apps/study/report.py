@@ -1,0 +1,155 @@
+"""The study's report: ``report.md`` (figures as PNG files beside it) and the same as a self-contained
+``report.html`` (figures inlined as base64), both rendered from one list of blocks; and the figure helpers.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+from clipforge.io.runs import write_files
+
+PERCENT_WORDS = ("top-1", "top1", "accuracy")  # columns whose numbers are fractions shown as percentages
+AGREES = {True: "yes", False: "no", None: "inconclusive"}
+_STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;line-height:1.45}"
+          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.3em .6em;"
+          "text-align:left;vertical-align:top}th{background:#f0f0f0}img{max-width:100%}")
+
+
+# ---------------------------------------------------------------------------------------- figures
+def new_figure(width: float = 6.4, height: float = 4.2):
+    """A new matplotlib Figure (not attached to any GUI backend); matplotlib is the ``plot`` extra."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise RuntimeError("the study's figures need matplotlib: pip install 'clipforge[plot]'") from e
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def bar_figure(title: str, accuracies: dict[str, Sequence[float]], ylabel: str = "zero-shot top-1 (held-out pairs)"):
+    """One bar per variant: the mean over seeds, the seeds' standard deviation as an error bar."""
+    figure = new_figure()
+    axes = figure.add_subplot()
+    names = list(accuracies)
+    means = [statistics.fmean(accuracies[n]) for n in names]
+    spreads = [statistics.stdev(accuracies[n]) if len(accuracies[n]) > 1 else 0.0 for n in names]
+    axes.bar(range(len(names)), means, yerr=spreads, capsize=4)
+    axes.set_xticks(range(len(names)), names, fontsize=8, rotation=10 if max(map(len, names)) > 16 else 0)
+    axes.set(ylabel=ylabel, title=title, ylim=(0, 1))
+    return figure
+
+
+# ----------------------------------------------------------------------------------------- cells
+def format_cell(column: str, value) -> str:
+    """A table value as text: ``mean ± std`` for a per-seed summary, percentages for accuracy columns."""
+    percent = any(word in column.lower() for word in PERCENT_WORDS)
+
+    def number(v: float, digits: str) -> str:
+        return f"{v:.1%}" if percent else format(v, digits)
+
+    if isinstance(value, dict) and {"mean", "std"} <= set(value):
+        return f"{number(value['mean'], '.4g')} ± {number(value['std'], '.2g')}"
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: ""}[value]
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return number(value, ".4g")
+    return str(value)
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    return columns
+
+
+# ---------------------------------------------------------------------------------------- blocks
+def _blocks(results: list, scale, seeds: int) -> list[tuple]:
+    """The report as ("h1"|"h2"|"p"|"table"|"figure", ...) blocks, shared by the Markdown and HTML writers."""
+    from clipforge.apps.study.core import PAPER_ORDER
+
+    blocks = [("h1", "clipforge study: the CLIP paper's claims, measured at laptop scale"),
+              ("p", f"Scale {scale.name!r}: model {_model_name(scale.model)}, {scale.steps} steps of batch "
+                    f"{scale.batch_size} on {scale.train_samples:,} generated images of the {scale.world!r} built-in "
+                    f"world; zero-shot is measured on {scale.eval_samples} images of colour-shape pairs never seen "
+                    f"in training. Every number is a mean over {seeds} seed{'s' if seeds > 1 else ''} "
+                    "(± the seeds' standard deviation). Reproduce with "
+                    f"`clipforge study --scale {scale.name} --seeds {seeds}`."),
+              ("h2", "Summary"),
+              ("table", ["experiment", "paper says", "measured here", "agrees?"],
+               [[f"{r.title} [{r.section}]", r.paper, r.verdict, AGREES[r.agrees]] for r in results])]
+    for result in results:
+        number = f"{PAPER_ORDER.index(result.name) + 1}. " if result.name in PAPER_ORDER else ""
+        columns = _columns(result.table)
+        blocks += [("h2", f"{number}{result.title} [{result.section}]"),
+                   ("p", f"**The paper:** {result.paper}"),
+                   ("table", columns, [[format_cell(c, row.get(c)) for c in columns] for row in result.table]),
+                   ("p", f"Mean ± standard deviation over {result.seeds} seed{'s' if result.seeds != 1 else ''}."),
+                   ("figure", result.figure, result.title),
+                   ("p", f"**Verdict:** {result.verdict}")]
+    return blocks
+
+
+def _model_name(model) -> str:
+    return f"`{model}`" if isinstance(model, str) else "a custom config"
+
+
+def _markdown(blocks: list[tuple]) -> str:
+    lines = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2"):
+            lines += ["#" * int(kind[1]) + " " + content[0], ""]
+        elif kind == "p":
+            lines += [content[0], ""]
+        elif kind == "table":
+            header, rows = content
+            cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines += ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows] + [""]
+        elif kind == "figure":
+            lines += [f"![{content[1]}]({content[0]})", ""]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """Escaped HTML of a paragraph, with Markdown's ``**bold**`` and ```code``` spans."""
+    out, parts = [], html.escape(text).split("`")
+    for i, part in enumerate(parts):
+        if i % 2:
+            out.append(f"<code>{part}</code>")
+        else:
+            bold = part.split("**")
+            out.append("".join(f"<strong>{b}</strong>" if j % 2 else b for j, b in enumerate(bold)))
+    return "".join(out)
+
+
+def _html(blocks: list[tuple], folder: Path) -> str:
+    body = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{html.escape(content[0])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(content[0])}</p>")
+        elif kind == "table":
+            header, rows = content
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+            cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+        elif kind == "figure":
+            data = base64.b64encode((folder / content[0]).read_bytes()).decode("ascii")
+            body.append(f'<p><img alt="{html.escape(content[1])}" src="data:image/png;base64,{data}"></p>')
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>clipforge study</title>"
+            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(output: Path, results: list, scale, seeds: int) -> Path:
+    """Write ``report.md`` and ``report.html`` into ``output`` (figures already saved there); returns report.md."""
+    blocks = _blocks(results, scale, seeds)
+    markdown, page = _markdown(blocks), _html(blocks, output)
+    write_files(output, {"report.html": lambda p: p.write_text(page, encoding="utf-8")})
+    write_files(output, {"report.md": lambda p: p.write_text(markdown, encoding="utf-8")})
+    return output / "report.md"
