@@ -15,8 +15,8 @@ import pytest
 
 from clipforge.cli import main
 from clipforge.apps.study import EXPERIMENTS, SCALES, Result, run_study
-from clipforge.apps.study.core import STUDY_MARKER, Study
-from clipforge.apps.study.experiments import matching_shots
+from clipforge.apps.study.experiments.few_shot import matching_shots
+from clipforge.apps.study.framework import STUDY_MARKER, Study
 from clipforge.apps.study.report import format_cell
 
 SMOKE = ["--scale", "smoke"]
@@ -176,7 +176,7 @@ def test_table_cells():
 
 
 def test_figures_without_matplotlib_name_the_plot_extra(monkeypatch):
-    from clipforge.apps.study.report import new_figure
+    from clipforge.apps.study.figures import new_figure
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if matplotlib were absent
     with pytest.raises(RuntimeError, match=r"pip install 'clipforge\[plot\]'"):

@@ -8,12 +8,15 @@ import math
 import pytest
 
 from clipforge.io.runs import MODEL_FILES, step_folder, step_folders
-from clipforge.apps.study import core
-from clipforge.apps.study.objectives import (CURVE_IMAGES, FIXED_TEMPERATURES, OBJECTIVES, Span, _objectives_verdict,
-                                        chance_floor, curve_evalset, curve_steps, efficiency, images_to_reach,
-                                        mean_curve, noise_margin, objective_steps, objectives, projection, temperature)
-from clipforge.apps.study.robustness import (MODELS, SHIFTED_STYLES, TRAIN_STYLE, Trend, effective_robustness, logit,
-                                        robustness, sigmoid)
+from clipforge.apps.study import framework
+from clipforge.apps.study.experiments.objectives import (CURVE_IMAGES, OBJECTIVE_LABELS, Span, _objectives_verdict,
+                                                         chance_floor, curve_evalset, curve_steps, efficiency,
+                                                         images_to_reach, mean_curve, objective_steps, objectives)
+from clipforge.apps.study.experiments.projection import projection
+from clipforge.apps.study.experiments.robustness import (MODELS, SHIFTED_STYLES, TRAIN_STYLE, Trend,
+                                                         effective_robustness, logit, robustness, sigmoid)
+from clipforge.apps.study.experiments.temperature import FIXED_TEMPERATURES, temperature
+from clipforge.apps.study.framework import noise_margin
 
 FAST = [(100, 0.2), (200, 0.5), (300, 0.6), (400, 0.7)]
 SLOW = [(100, 0.1), (200, 0.2), (300, 0.3), (400, 0.4)]
@@ -86,12 +89,12 @@ def test_effective_robustness_and_the_gap_closed():
 
 # ---------------------------------------------------------------------------- the experiments, run
 # The smoke scale with fewer evaluation images: the caption model's scorer decodes every (image, prompt) pair.
-SCALE = dataclasses.replace(core.SCALES["smoke"], eval_samples=24)
+SCALE = dataclasses.replace(framework.SCALES["smoke"], eval_samples=24)
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    return core.Study(tmp_path_factory.mktemp("study"), SCALE, seeds=1, progress=False)
+    return framework.Study(tmp_path_factory.mktemp("study"), SCALE, seeds=1, progress=False)
 
 
 def _check_result(result, name: str):
@@ -106,7 +109,7 @@ def test_objectives_curves_come_from_the_runs_checkpoints(study):
     result = objectives(study)
     _check_result(result, "objectives")
     curves = result.numbers["curves"]
-    assert set(curves) == set(OBJECTIVES)
+    assert set(curves) == set(OBJECTIVE_LABELS)
     steps = [step for step, _ in step_folders(study.run_dir("objectives", "caption", 0))]
     assert steps == [1, 2, 3]  # every checkpoint kept, one per step at 3 steps
     for name, (curve,) in curves.items():
@@ -165,7 +168,7 @@ def test_robustness_scores_every_model_on_every_style(study):
 
 
 def test_another_seed_changes_the_numbers(study):
-    two = core.Study(study.output, SCALE, seeds=2, progress=False)  # reuses seed 0's runs, trains seed 1
+    two = framework.Study(study.output, SCALE, seeds=2, progress=False)  # reuses seed 0's runs, trains seed 1
     result = projection(two)
     for name, losses in result.numbers["final_loss"].items():
         assert len(losses) == 2 and losses[0] != losses[1], name
@@ -191,7 +194,7 @@ def test_against_a_run_that_learnt_nothing_the_level_is_clearly_above_chance():
 
 
 def test_gap_closed_is_the_mean_robustness_over_the_mean_gap():
-    from clipforge.apps.study.robustness import _mean_effective_robustness
+    from clipforge.apps.study.experiments.robustness import _mean_effective_robustness
     trends = {style: Trend.fit([(0.8, 0.4)]) for style in SHIFTED_STYLES}  # a gap of 0.4 at 0.8 in every style
     trends[SHIFTED_STYLES[0]] = Trend(0.0, 1.0)  # no gap in this one: it must not swamp the fraction
     accuracy = {TRAIN_STYLE: 0.8, **{style: 0.7 for style in SHIFTED_STYLES}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from clipforge.apps.study import EXPERIMENTS, SCALES, run_study
-from clipforge.apps.study.core import CHOICES
+from clipforge.apps.study.framework import CHOICES
 
 HELP = ("Measure the CLIP paper's claims on the built-in data and write a report. "
         "Runs the experiments named (default: all, in paper order: " + ", ".join(EXPERIMENTS) + ") and writes "

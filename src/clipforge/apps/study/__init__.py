@@ -1,5 +1,7 @@
 """``clipforge study``: the CLIP paper's claims (Radford et al. 2021) as experiments on the built-in data,
-each a function of a :class:`Study` returning a :class:`Result`, and a report of them all."""
-from clipforge.apps.study.core import EXPERIMENTS, SCALES, Result, Scale, Study, run_study
+each a function of a :class:`Study` returning a :class:`Result`, and a report of them all (see README.md)."""
+from clipforge.apps.study.framework import SCALES, Result, Scale, Study
+from clipforge.apps.study.registry import EXPERIMENTS
+from clipforge.apps.study.runner import run_study
 
 __all__ = ["EXPERIMENTS", "SCALES", "Result", "Scale", "Study", "run_study"]

@@ -1,44 +1,22 @@
 """The study's report: ``report.md`` (figures as PNG files beside it) and the same as a self-contained
-``report.html`` (figures inlined as base64), both rendered from one list of blocks; and the figure helpers.
+``report.html`` (figures inlined as base64), both rendered from one list of blocks.
 """
 from __future__ import annotations
 
 import base64
 import html
-import statistics
 from pathlib import Path
 from typing import Sequence
 
 from clipforge.io.runs import write_files
+
+from clipforge.apps.study.framework import Result, Scale
 
 PERCENT_WORDS = ("top-1", "top1", "accuracy")  # columns whose numbers are fractions shown as percentages
 AGREES = {True: "yes", False: "no", None: "inconclusive"}
 _STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;line-height:1.45}"
           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.3em .6em;"
           "text-align:left;vertical-align:top}th{background:#f0f0f0}img{max-width:100%}")
-
-
-# ---------------------------------------------------------------------------------------- figures
-def new_figure(width: float = 6.4, height: float = 4.2):
-    """A new matplotlib Figure (not attached to any GUI backend); matplotlib is the ``plot`` extra."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise RuntimeError("the study's figures need matplotlib: pip install 'clipforge[plot]'") from e
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def bar_figure(title: str, accuracies: dict[str, Sequence[float]], ylabel: str = "zero-shot top-1 (held-out pairs)"):
-    """One bar per variant: the mean over seeds, the seeds' standard deviation as an error bar."""
-    figure = new_figure()
-    axes = figure.add_subplot()
-    names = list(accuracies)
-    means = [statistics.fmean(accuracies[n]) for n in names]
-    spreads = [statistics.stdev(accuracies[n]) if len(accuracies[n]) > 1 else 0.0 for n in names]
-    axes.bar(range(len(names)), means, yerr=spreads, capsize=4)
-    axes.set_xticks(range(len(names)), names, fontsize=8, rotation=10 if max(map(len, names)) > 16 else 0)
-    axes.set(ylabel=ylabel, title=title, ylim=(0, 1))
-    return figure
 
 
 # ----------------------------------------------------------------------------------------- cells
@@ -68,10 +46,8 @@ def _columns(rows: list[dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- blocks
-def _blocks(results: list, scale, seeds: int) -> list[tuple]:
+def _blocks(results: list[Result], scale: Scale, seeds: int, paper_order: Sequence[str]) -> list[tuple]:
     """The report as ("h1"|"h2"|"p"|"table"|"figure", ...) blocks, shared by the Markdown and HTML writers."""
-    from clipforge.apps.study.core import PAPER_ORDER
-
     blocks = [("h1", "clipforge study: the CLIP paper's claims, measured at laptop scale"),
               ("p", f"Scale {scale.name!r}: model {_model_name(scale.model)}, {scale.steps} steps of batch "
                     f"{scale.batch_size} on {scale.train_samples:,} generated images of the {scale.world!r} built-in "
@@ -83,7 +59,7 @@ def _blocks(results: list, scale, seeds: int) -> list[tuple]:
               ("table", ["experiment", "paper says", "measured here", "agrees?"],
                [[f"{r.title} [{r.section}]", r.paper, r.verdict, AGREES[r.agrees]] for r in results])]
     for result in results:
-        number = f"{PAPER_ORDER.index(result.name) + 1}. " if result.name in PAPER_ORDER else ""
+        number = f"{paper_order.index(result.name) + 1}. " if result.name in paper_order else ""
         columns = _columns(result.table)
         blocks += [("h2", f"{number}{result.title} [{result.section}]"),
                    ("p", f"**The paper:** {result.paper}"),
@@ -146,9 +122,11 @@ def _html(blocks: list[tuple], folder: Path) -> str:
             f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(output: Path, results: list, scale, seeds: int) -> Path:
-    """Write ``report.md`` and ``report.html`` into ``output`` (figures already saved there); returns report.md."""
-    blocks = _blocks(results, scale, seeds)
+def write_report(output: Path, results: list[Result], scale: Scale, seeds: int, paper_order: Sequence[str]) -> Path:
+    """Write ``report.md`` and ``report.html`` into ``output`` (figures already saved there); returns report.md.
+
+    ``paper_order``: every experiment's name in the paper's order, which numbers the report's sections."""
+    blocks = _blocks(results, scale, seeds, paper_order)
     markdown, page = _markdown(blocks), _html(blocks, output)
     write_files(output, {"report.html": lambda p: p.write_text(page, encoding="utf-8")})
     write_files(output, {"report.md": lambda p: p.write_text(markdown, encoding="utf-8")})

@@ -1,36 +1,36 @@
-"""Experiments 1-3 of ``clipforge study`` (Radford et al. 2021): the training objective's efficiency (sec. 2.3,
-Fig. 2), the projection head (sec. 2.4) and the learned temperature (sec. 2.5), on the built-in data.
+"""Experiment 1 of ``clipforge study`` (Radford et al. 2021, sec. 2.3, Fig. 2): the training objective's
+efficiency, contrastive against bag-of-words prediction and captioning, on the built-in data.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from clipforge.io.runs import RUN_CONFIG_NAME, is_complete, step_folders
-from clipforge.train.logger import read_metrics
+from clipforge.io.runs import is_complete, step_folders
+from clipforge.models.config import OBJECTIVES
 
-from clipforge.apps.study.core import Result, Study, mean_std
-from clipforge.apps.study.report import bar_figure, new_figure
+from clipforge.apps.study.figures import new_figure
+from clipforge.apps.study.framework import (CHECKPOINT_FRACTIONS, Result, Study, mean_std, scored_checkpoints,
+                                            train_with_checkpoints)
 
-OBJECTIVES = {"contrastive": "contrastive (CLIP)", "bow": "bag-of-words prediction",
-              "caption": "Transformer language model"}
+# The objectives compared, by their names in clipforge.models.config.OBJECTIVES (its "classify" is experiment
+# 7's supervised classifier), as the report calls them.
+OBJECTIVE_LABELS = {"contrastive": "contrastive (CLIP)", "bow": "bag-of-words prediction",
+                    "caption": "Transformer language model"}
+assert set(OBJECTIVE_LABELS) <= set(OBJECTIVES), "OBJECTIVE_LABELS names an objective models.config lacks"
 # (more efficient, less efficient, the paper's ratio of images needed: Fig. 2's arrows)
 PAPER_EFFICIENCY = (("contrastive", "bow", 4.0), ("bow", "caption", 3.0))
 # The objectives train for the scale's steps / DIVISOR in whole eighths (at least 3, for a curve). A caption
 # step, the decoder's output over the whole vocabulary at every predicted position, costs over ten
 # contrastive ones; a divisor above 1 trades the curve's length for time.
 OBJECTIVE_STEPS_DIVISOR, MIN_CURVE_STEPS = 1, 3
-CHECKPOINT_FRACTIONS = 8  # a checkpoint every eighth of the run; scored at 1/8, 1/4, 1/2 and the end
 # Each curve point scores at most this many held-out images with one template: the caption model's scorer
 # decodes every (image, class prompt) pair through the full vocabulary, the cost of the whole experiment.
 CURVE_IMAGES = 128
-FIXED_TEMPERATURES = (0.01, 0.07, 0.5)
-MAX_LOGIT_SCALE = 100.0  # CLIP clips exp(logit_scale) here (sec. 2.5)
 Curve = Sequence[tuple[float, float]]  # (images seen, zero-shot top-1) in training order
 
 
@@ -114,41 +114,6 @@ def mean_curve(curves: Sequence[Curve]) -> list[tuple[float, float]]:
     return [(points[0][0], statistics.fmean(a for _, a in points)) for points in zip(*curves)]
 
 
-def noise_margin(a: Sequence[float], b: Sequence[float], num_images: int) -> float:
-    """Two standard errors of the difference of two mean accuracies: each mean's error combines the evaluation
-    images' binomial error (the same images for every seed, so it does not average out) and the seeds' spread."""
-    def variance(values: Sequence[float]) -> float:
-        p = statistics.fmean(values)
-        spread = statistics.variance(values) / len(values) if len(values) > 1 else 0.0
-        return p * (1 - p) / num_images + spread
-    return 2 * math.sqrt(variance(a) + variance(b))
-
-
-def margin_caveat(seeds: int) -> str:
-    """What a noise margin leaves out when there is one seed: the spread between training runs."""
-    return "; one seed, so the spread between training runs is not in it" if seeds == 1 else ""
-
-
-def compare(a: Sequence[float], b: Sequence[float], num_images: int) -> tuple[float, float, bool]:
-    """(mean of a minus mean of b, the noise margin, whether the difference is within it)."""
-    difference = statistics.fmean(a) - statistics.fmean(b)
-    margin = noise_margin(a, b, num_images)
-    return difference, margin, abs(difference) <= margin
-
-
-def images_per_step(run_dir: Path) -> int:
-    """The global batch of a (single-process) run: images seen per optimiser step."""
-    config = json.loads((Path(run_dir) / RUN_CONFIG_NAME).read_text())
-    return int(config["batch_size"]) * int(config.get("accum_freq") or 1)
-
-
-def train_with_checkpoints(study: Study, experiment: str, variant: str, seed: int, **overrides) -> Path:
-    """A run that keeps a checkpoint every eighth of its steps, for accuracy against images seen."""
-    steps = overrides.get("steps") or study.scale.steps
-    every = max(1, steps // CHECKPOINT_FRACTIONS)
-    return study.train(experiment, variant, seed, save_every=every, keep=steps // every + 1, **overrides)
-
-
 def curve_steps(run_dir: Path) -> list[int]:
     """The kept checkpoints' steps at 1, 2, 4, ... times the first one, and the last: spaced evenly on a log
     axis of images seen, so the early, fast-changing part of training has points too."""
@@ -159,44 +124,11 @@ def curve_steps(run_dir: Path) -> list[int]:
     return sorted(set(doubling) | {steps[-1]})
 
 
-def scored_checkpoints(study: Study, run_dir: Path, score, steps: Sequence[int] | None = None) -> list[tuple]:
-    """``(images seen, score(model, preprocess))`` for each kept checkpoint of a run (or those of ``steps``),
-    oldest first."""
-    batch, wanted = images_per_step(run_dir), None if steps is None else set(steps)
-    points = [(float(step * batch), score(*study.load(folder))) for step, folder in step_folders(run_dir)
-              if is_complete(folder) and (wanted is None or step in wanted)]
-    if not points:
-        raise RuntimeError(f"{run_dir} has no complete checkpoint to score; delete it and run the study again")
-    return points
-
-
 def accuracy_curve(study: Study, run_dir: Path, evalset) -> list[tuple[float, float]]:
     """Zero-shot top-1 against images seen, at the checkpoints of :func:`curve_steps`."""
     return scored_checkpoints(study, run_dir, lambda model, preprocess: study.zeroshot_top1(model, preprocess,
                                                                                             evalset),
                               curve_steps(run_dir))
-
-
-def final_top1(study: Study, run_dir: Path, evalset) -> float:
-    """Zero-shot top-1 of a run's newest checkpoint."""
-    model, preprocess = study.load(run_dir)
-    return study.zeroshot_top1(model, preprocess, evalset)
-
-
-def final_loss(run_dir: Path, last: int = 5) -> float:
-    """The training loss averaged over a run's last ``last`` logged records (one record is noisy)."""
-    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and "val" not in r][-last:]
-    if not losses:
-        raise RuntimeError(f"{run_dir} logged no training loss; delete it and run the study again")
-    return statistics.fmean(losses)
-
-
-def against_baseline(study: Study, baseline: str, variant: str, experiment: str, run_name: str,
-                     **overrides) -> dict[str, list[Path]]:
-    """The run directories, per seed, of the shared baseline (named ``baseline``) and of one variant trained
-    with ``overrides`` (named ``variant``; stored as ``runs/<experiment>/<run_name>-seed<k>``)."""
-    return {baseline: [study.baseline(seed) for seed in study.seed_range()],
-            variant: [study.train(experiment, run_name, seed, **overrides) for seed in study.seed_range()]}
 
 
 def objectives(study: Study) -> Result:
@@ -206,7 +138,7 @@ def objectives(study: Study) -> Result:
     steps = objective_steps(study.scale.steps)
     curves = {name: [accuracy_curve(study, train_with_checkpoints(study, "objectives", name, seed, loss=name,
                                                                   steps=steps), evalset)
-                     for seed in study.seed_range()] for name in OBJECTIVES}
+                     for seed in study.seed_range()] for name in OBJECTIVE_LABELS}
     means = {name: mean_curve(runs) for name, runs in curves.items()}
     floor = chance_floor(len(evalset.classnames), len(evalset.labels))
     ratios = {(fast, slow): efficiency(means[fast], means[slow], floor) for fast, slow, _ in PAPER_EFFICIENCY}
@@ -215,7 +147,8 @@ def objectives(study: Study) -> Result:
         name="objectives", title="Objective efficiency", section="2.3, Fig. 2",
         paper="Contrastive training reaches the bag-of-words model's zero-shot ImageNet accuracy with about 4x fewer "
               "images, and bag-of-words prediction the Transformer language model's with about 3x fewer (Fig. 2).",
-        table=_objectives_table(curves, ratios, len(evalset.labels)), figure=_curves_figure(curves, ratios, 1 / len(evalset.classnames)),
+        table=_objectives_table(curves, ratios, len(evalset.labels)),
+        figure=_curves_figure(curves, ratios, 1 / len(evalset.classnames)),
         verdict=verdict, agrees=agrees, numbers=_objectives_numbers(curves, means, ratios, floor))
 
 
@@ -249,13 +182,13 @@ def _objectives_numbers(curves: dict, means: dict, ratios: dict, floor: float) -
 def _objectives_table(curves: dict, ratios: dict, num_images: int) -> list[dict]:
     rows = []
     for name, runs in curves.items():
-        row = {"variant": OBJECTIVES[name], "images seen": int(runs[0][-1][0]),
+        row = {"variant": OBJECTIVE_LABELS[name], "images seen": int(runs[0][-1][0]),
                f"zero-shot top-1 ({num_images} images, 1 template)": mean_std([run[-1][1] for run in runs]),
                "data efficiency": ""}
         for (fast, slow), (level, ratio) in ratios.items():
             if fast == name:
-                row["data efficiency"] = (f"undetermined against {OBJECTIVES[slow]}" if ratio.undetermined
-                                          else f"{ratio.describe(unit='x')} {OBJECTIVES[slow]}'s")
+                row["data efficiency"] = (f"undetermined against {OBJECTIVE_LABELS[slow]}" if ratio.undetermined
+                                          else f"{ratio.describe(unit='x')} {OBJECTIVE_LABELS[slow]}'s")
         rows.append(row)
     return rows
 
@@ -265,10 +198,10 @@ def _ratio_claim(fast: str, slow: str, paper: float, level: float, ratio: Span,
     """One comparison in words, and whether it agrees with the paper's direction (None: the runs cannot tell)."""
     target = "the latter's final accuracy" if level > floor else "an accuracy clearly above chance"
     if ratio.undetermined:
-        return (f"these checkpoints cannot tell whether {OBJECTIVES[fast]} is more data-efficient than "
-                f"{OBJECTIVES[slow]} (images to reach {target}, {level:.1%}; paper: about {paper:g}x)"), None
-    text = (f"{OBJECTIVES[fast]} was {ratio.describe(unit='x')} as data-efficient as {OBJECTIVES[slow]} (images "
-            f"each needed to reach {target}, {level:.1%}; paper: about {paper:g}x)")
+        return (f"these checkpoints cannot tell whether {OBJECTIVE_LABELS[fast]} is more data-efficient than "
+                f"{OBJECTIVE_LABELS[slow]} (images to reach {target}, {level:.1%}; paper: about {paper:g}x)"), None
+    text = (f"{OBJECTIVE_LABELS[fast]} was {ratio.describe(unit='x')} as data-efficient as {OBJECTIVE_LABELS[slow]} "
+            f"(images each needed to reach {target}, {level:.1%}; paper: about {paper:g}x)")
     return text, True if ratio.low > 1 else False if ratio.high < 1 else None
 
 
@@ -286,7 +219,7 @@ def _curves_figure(curves: dict, ratios: dict, chance: float):
     axes = figure.add_subplot()
     for name, runs in curves.items():
         mean = mean_curve(runs)
-        line, = axes.plot([x for x, _ in mean], [a for _, a in mean], marker="o", label=OBJECTIVES[name])
+        line, = axes.plot([x for x, _ in mean], [a for _, a in mean], marker="o", label=OBJECTIVE_LABELS[name])
         for run in runs if len(runs) > 1 else ():
             axes.plot([x for x, _ in run], [a for _, a in run], color=line.get_color(), alpha=0.25, linewidth=0.8)
     for level in {level for level, _ in ratios.values()}:
@@ -302,64 +235,3 @@ def _curves_figure(curves: dict, ratios: dict, chance: float):
     axes.set(xlabel="images seen", ylabel="zero-shot top-1 (held-out pairs)", title="Objective efficiency")
     axes.legend(fontsize=8, loc="upper left")
     return figure
-
-
-def projection(study: Study) -> Result:
-    """Experiment 2 [sec. 2.4]: CLIP's linear projection (the baseline run) against a two-layer MLP head."""
-    evalset = study.heldout()
-    runs = against_baseline(study, "linear", "mlp", "projection", "mlp", projection="mlp")
-    top1 = {name: [final_top1(study, run, evalset) for run in found] for name, found in runs.items()}
-    loss = {name: [final_loss(run) for run in found] for name, found in runs.items()}
-    difference, margin, same = compare(top1["mlp"], top1["linear"], len(evalset.labels))
-    verdict = (f"{'Agrees' if same else 'Does not agree'}: the MLP head's zero-shot top-1 is {difference:+.1%} from "
-               f"the linear projection's, {'within' if same else 'outside'} the noise margin of +/-{margin:.1%} "
-               f"(two standard errors: evaluation images and seeds{margin_caveat(study.seeds)}).")
-    return Result(
-        name="projection", title="Linear against MLP projection head", section="2.4",
-        paper="CLIP maps each encoder's representation to the embedding space with a linear projection only: the "
-              "authors noticed no difference in training efficiency against a non-linear (SimCLR-style MLP) "
-              "projection and chose the linear one (no numbers given).",
-        table=[{"variant": name, "zero-shot top-1": mean_std(top1[name]), "final training loss": mean_std(loss[name])}
-               for name in runs],
-        figure=bar_figure("Projection head", top1), verdict=verdict, agrees=same,
-        numbers={"zeroshot_top1": top1, "final_loss": loss, "difference": difference, "noise_margin": margin})
-
-
-def _top1_and_scale(study: Study, run_dir: Path, evalset) -> tuple[float, float]:
-    """Zero-shot top-1 of a run's newest checkpoint and its logit scale exp(logit_scale) = 1 / temperature."""
-    model, preprocess = study.load(run_dir)
-    return study.zeroshot_top1(model, preprocess, evalset), float(model.logit_scale.detach().exp())
-
-
-def temperature(study: Study) -> Result:
-    """Experiment 3 [sec. 2.5]: the learned temperature (the baseline run) against fixed ones."""
-    evalset = study.heldout()
-    runs = {"learned": [study.baseline(seed) for seed in study.seed_range()]}
-    runs.update({f"fixed {t:g}": [study.train("temperature", f"fixed-{t:g}", seed, fixed_temperature=t)
-                                  for seed in study.seed_range()] for t in FIXED_TEMPERATURES})
-    measured = {name: [_top1_and_scale(study, run, evalset) for run in found] for name, found in runs.items()}
-    top1 = {name: [a for a, _ in pairs] for name, pairs in measured.items()}
-    learned_scale = [s for _, s in measured["learned"]]
-    verdict, agrees = _temperature_verdict(top1, learned_scale, len(evalset.labels))
-    return Result(
-        name="temperature", title="Learned against fixed temperature", section="2.5",
-        paper="CLIP learns the softmax temperature as a log-parameterised scalar, initialised to 0.07 and clipped so "
-              "that it never scales the logits by more than 100, which the authors found necessary to prevent "
-              "training instability; the paper gives no ablation numbers for it.",
-        table=[{"variant": name, "zero-shot top-1": mean_std(values),
-                "final temperature": mean_std([1 / s for _, s in measured[name]])} for name, values in top1.items()],
-        figure=bar_figure("Softmax temperature", top1), verdict=verdict, agrees=agrees,
-        numbers={"zeroshot_top1": top1, "learned_logit_scale": learned_scale})
-
-
-def _temperature_verdict(top1: dict, learned_scale: Sequence[float], num_images: int) -> tuple[str, bool]:
-    """Whether learning the temperature did as well as the best hand-set one (what it is meant to spare)."""
-    best = max((name for name in top1 if name != "learned"), key=lambda n: statistics.fmean(top1[n]))
-    difference, margin, same = compare(top1["learned"], top1[best], num_images)
-    agrees = same or difference > 0
-    scale = statistics.fmean(learned_scale)
-    clipped = sum(s >= MAX_LOGIT_SCALE * (1 - 1e-4) for s in learned_scale)
-    return (f"{'Agrees' if agrees else 'Does not agree'}: the learned temperature (ending at {1 / scale:.3g}, "
-            f"clipped at 1/{MAX_LOGIT_SCALE:g} in {clipped} of {len(learned_scale)} runs) is {difference:+.1%} "
-            f"zero-shot top-1 from the best fixed one ({best}), noise margin +/-{margin:.1%}"
-            f"{margin_caveat(len(learned_scale))}."), agrees

@@ -1,25 +1,29 @@
-"""The framework of ``clipforge study``: scales, the :class:`Study` an experiment trains and evaluates with,
-its :class:`Result`, and :func:`run_study`, which runs experiments in paper order, resumably, and writes the report.
+"""The framework of ``clipforge study``: its scales, the :class:`Study` an experiment trains and evaluates
+with, the :class:`Result` it returns, and the measures the experiments share (noise margins, runs against
+the baseline, checkpoints scored along a run). It knows no experiment: those import it, and the registry
+lists them.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from clipforge.data import shapes
 from clipforge.io.factory import load
+from clipforge.io.runs import MODEL_FILES, RUN_CONFIG_NAME, is_complete, step_folder, step_folders, write_files
 from clipforge.runtime.threads import threads_beside_workers
-from clipforge.io.runs import MODEL_FILES, RUN_CONFIG_NAME, claim_output, is_complete, step_folder, write_files
 from clipforge.train import TrainConfig, train
+from clipforge.train.logger import read_metrics
 from clipforge.train.validate import ZeroShotSet as EvalSet
 from clipforge.transforms import image_transform
 from clipforge.zeroshot import ZeroShotClassifier
@@ -29,6 +33,7 @@ RESULTS_DIR, RUNS_DIR, CONFIGS_DIR = "results", "runs", "model_configs"
 CHECKPOINTS_PER_RUN = 3  # an interrupted run resumes from the newest of these (keep=1: only it stays)
 EVAL_SEED = 1000  # evaluation images are drawn apart from the training data's seed (0)
 BASELINE = ("baseline", "clip")  # the experiment and variant of the scale's default contrastive run
+CHECKPOINT_FRACTIONS = 8  # train_with_checkpoints keeps a checkpoint every eighth of the run
 
 
 @dataclass(frozen=True)
@@ -257,91 +262,70 @@ def _drop_if_other_settings(run_dir: Path, cfg: TrainConfig) -> None:
         shutil.rmtree(run_dir)
 
 
-# ------------------------------------------------------------------------------------------ running
-def run_study(output: str | Path, experiments: Sequence[str] | None = None, scale: str | Scale = "quick",
-              seeds: int | None = None, progress: bool = True) -> Path:
-    """Run ``experiments`` (default: all, in paper order) and write ``report.md`` and ``report.html``.
-
-    Each experiment's result is saved as ``output/results/<name>.json`` (its figure as ``<name>.png``) as
-    soon as it is done; an experiment whose result exists for the same scale and seeds is not run again.
-    ``output`` must be new, empty or an earlier study's folder. Returns the path of ``report.md``.
-    """
-    from clipforge.apps.study.report import write_report
-
-    scale = SCALES[scale] if isinstance(scale, str) else scale
-    names = check_experiments(experiments)
-    study = Study(output, scale, scale.seeds if seeds is None else seeds, progress)
-    claim_output(study.output, STUDY_MARKER, "study")
-    results = []
-    bar = tqdm(names, desc="study", unit="experiment", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        results.append(_result(study, name))
-    bar.close()
-    return write_report(study.output, results, scale, study.seeds)
+# -------------------------------------------------------------------------- measures the experiments share
+def noise_margin(a: Sequence[float], b: Sequence[float], num_images: int) -> float:
+    """Two standard errors of the difference of two mean accuracies: each mean's error combines the evaluation
+    images' binomial error (the same images for every seed, so it does not average out) and the seeds' spread."""
+    def variance(values: Sequence[float]) -> float:
+        p = statistics.fmean(values)
+        spread = statistics.variance(values) / len(values) if len(values) > 1 else 0.0
+        return p * (1 - p) / num_images + spread
+    return 2 * math.sqrt(variance(a) + variance(b))
 
 
-def check_experiments(experiments: Sequence[str] | None) -> list[str]:
-    """The experiments to run, in paper order; ValueError naming unknown ones and listing the known."""
-    if not experiments:
-        return list(EXPERIMENTS)
-    unknown = [n for n in experiments if n not in EXPERIMENTS]
-    if unknown:
-        raise ValueError(f"unknown experiment{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                         f"the experiments are: {', '.join(EXPERIMENTS)}")
-    return [n for n in EXPERIMENTS if n in experiments]
+def margin_caveat(seeds: int) -> str:
+    """What a noise margin leaves out when there is one seed: the spread between training runs."""
+    return "; one seed, so the spread between training runs is not in it" if seeds == 1 else ""
 
 
-def _result(study: Study, name: str) -> Result:
-    """The saved result of ``name`` at this scale and seed count, else a fresh run of it (then saved)."""
-    path = study.output / RESULTS_DIR / f"{name}.json"
-    saved = _read_result(path)
-    if saved is not None and (saved.settings, saved.seeds) == (study.scale.to_dict(), study.seeds) \
-            and (study.output / str(saved.figure)).is_file():
-        return saved
-    study.tasks = tqdm(desc=name, unit="task", leave=False, disable=not study.progress)
-    try:
-        result = EXPERIMENTS[name](study)
-    finally:
-        study.tasks.close()
-        study.tasks = None
-    result.scale, result.seeds, result.settings = study.scale.name, study.seeds, study.scale.to_dict()
-    result.figure = _save_figure(result, study.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_files(path.parent, {path.name: lambda p: p.write_text(result.to_json() + "\n")})
-    return result
+def compare(a: Sequence[float], b: Sequence[float], num_images: int) -> tuple[float, float, bool]:
+    """(mean of a minus mean of b, the noise margin, whether the difference is within it)."""
+    difference = statistics.fmean(a) - statistics.fmean(b)
+    margin = noise_margin(a, b, num_images)
+    return difference, margin, abs(difference) <= margin
 
 
-def _read_result(path: Path) -> Result | None:
-    if not path.is_file():
-        return None
-    try:
-        return Result.from_json(path.read_text())
-    except (ValueError, TypeError):  # a result written by another version: computed again
-        return None
+def images_per_step(run_dir: Path) -> int:
+    """The global batch of a (single-process) run: images seen per optimiser step."""
+    config = json.loads((Path(run_dir) / RUN_CONFIG_NAME).read_text())
+    return int(config["batch_size"]) * int(config.get("accum_freq") or 1)
 
 
-def _save_figure(result: Result, output: Path) -> str:
-    """Write the result's figure as ``output/<name>.png``; returns the file name."""
-    name = f"{result.name}.png"
-    figure = result.figure
-    write_files(output, {name: lambda p: figure.savefig(p, dpi=110, format="png")})
-    return name
+def train_with_checkpoints(study: Study, experiment: str, variant: str, seed: int, **overrides) -> Path:
+    """A run that keeps a checkpoint every eighth of its steps, for accuracy against images seen."""
+    steps = overrides.get("steps") or study.scale.steps
+    every = max(1, steps // CHECKPOINT_FRACTIONS)
+    return study.train(experiment, variant, seed, save_every=every, keep=steps // every + 1, **overrides)
 
 
-# The experiments build on the classes above, hence imported last.
-from clipforge.apps.study.experiments import few_shot, prompts, scaling, text_encoder  # noqa: E402
-from clipforge.apps.study.objectives import objectives, projection, temperature  # noqa: E402
-from clipforge.apps.study.robustness import robustness  # noqa: E402
+def scored_checkpoints(study: Study, run_dir: Path, score, steps: Sequence[int] | None = None) -> list[tuple]:
+    """``(images seen, score(model, preprocess))`` for each kept checkpoint of a run (or those of ``steps``),
+    oldest first."""
+    batch, wanted = images_per_step(run_dir), None if steps is None else set(steps)
+    points = [(float(step * batch), score(*study.load(folder))) for step, folder in step_folders(run_dir)
+              if is_complete(folder) and (wanted is None or step in wanted)]
+    if not points:
+        raise RuntimeError(f"{run_dir} has no complete checkpoint to score; delete it and run the study again")
+    return points
 
-EXPERIMENTS: dict[str, Callable[[Study], Result]] = {
-    "objectives": objectives,
-    "projection": projection,
-    "temperature": temperature,
-    "text-encoder": text_encoder,
-    "prompts": prompts,
-    "few-shot": few_shot,
-    "robustness": robustness,
-    "scaling": scaling,
-}
-PAPER_ORDER = tuple(EXPERIMENTS)  # the report numbers experiments 1-8 by it, as the paper's order
+
+def final_top1(study: Study, run_dir: Path, evalset) -> float:
+    """Zero-shot top-1 of a run's newest checkpoint."""
+    model, preprocess = study.load(run_dir)
+    return study.zeroshot_top1(model, preprocess, evalset)
+
+
+def final_loss(run_dir: Path, last: int = 5) -> float:
+    """The training loss averaged over a run's last ``last`` logged records (one record is noisy)."""
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r and "val" not in r][-last:]
+    if not losses:
+        raise RuntimeError(f"{run_dir} logged no training loss; delete it and run the study again")
+    return statistics.fmean(losses)
+
+
+def against_baseline(study: Study, baseline: str, variant: str, experiment: str, run_name: str,
+                     **overrides) -> dict[str, list[Path]]:
+    """The run directories, per seed, of the shared baseline (named ``baseline``) and of one variant trained
+    with ``overrides`` (named ``variant``; stored as ``runs/<experiment>/<run_name>-seed<k>``)."""
+    return {baseline: [study.baseline(seed) for seed in study.seed_range()],
+            variant: [study.train(experiment, run_name, seed, **overrides) for seed in study.seed_range()]}
