@@ -16,7 +16,8 @@ _API = {
     "available_models": "clipforge.io.factory", "create_model": "clipforge.io.factory",
     "create_model_and_transforms": "clipforge.io.factory", "load": "clipforge.io.factory", "save": "clipforge.io.factory",
     "list_pretrained": "clipforge.io.pretrained",
-    "export_hf": "clipforge.io.checkpoints",
+    "NoWeightsError": "clipforge.io.spec",  # an architecture named without weights (nor random_init=True)
+    "export_hf": "clipforge.io.hf",
     # text and images
     "tokenize": "clipforge.tokenizer", "get_tokenizer": "clipforge.tokenizer", "Tokenizer": "clipforge.tokenizer",
     "model_tokenizer": "clipforge.tokenizer",

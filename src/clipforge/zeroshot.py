@@ -3,12 +3,12 @@
 Each class embedding is the renormalised mean of its L2-normalised prompt embeddings (prompt ensembling);
 templates use ``{}`` or ``{c}`` for the class name, as in OpenAI's notebook and CLIP_benchmark's JSON.
 Models of the predictive objectives (sec. 2.3) score each prompt instead: summed word log-probabilities
-(bag of words) or the prompt's log-likelihood (caption); a classify model reads its own head.
+(bag of words) or the prompt's log-likelihood (caption); a classify model reads its own head (``objectives.py``).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,16 +16,13 @@ import torch.nn.functional as F
 from .assets import read_json
 from .data.classnames import check_classnames, read_text_lines
 from .encode import encode_images, encode_texts
-from .loss import word_token_mask
-from .models.text import cut_after_end_of_text
+from .objectives import image_only, model_objective
 from .tokenizer import model_tokenizer
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 PLACEHOLDERS = ("{c}", "{}")
 TEMPLATE_ALIASES = {"openai": "imagenet1k"}
 TEMPLATES_ASSET = "en_zeroshot_classification_templates.json"
-# The most caption-decoder logits (images x prompt positions x vocabulary) held at once while scoring prompts.
-_CAPTION_LOGITS_BUDGET = 2 ** 24
 
 
 def template_set_names() -> list[str]:
@@ -86,53 +83,13 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: str |
     """
     classnames = check_classnames(classnames, unique=False)
     templates = load_templates(templates)
-    prompts = [fill_template(t, c) for c in classnames for t in templates]  # class-major order
+    prompts = _prompts(classnames, templates)
     per_prompt = encode_texts(model, prompts, tokenizer, batch_size).reshape(len(classnames), len(templates), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1).t().contiguous()  # (C, T, D) -> (D, C)
 
 
-def model_objective(model) -> str:
-    """The model's training objective: "contrastive" (CLIP, and any model that does not say), "bow",
-    "caption" or "classify"."""
-    return getattr(model, "objective", "contrastive")
-
-
 def _prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
     return [fill_template(t, c) for c in classnames for t in templates]  # class-major order
-
-
-def _bow_scorer(model, classnames, templates, tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
-    tokens = tokenizer(_prompts(classnames, templates))  # (C * T, L)
-    counts = torch.zeros(len(tokens), model.config.text_cfg.vocab_size)
-    counts.scatter_add_(1, tokens, word_token_mask(tokens).float())  # (C * T, V) word counts per prompt
-    # sum of log p(w) over a prompt's words = log_probs @ counts: linear, so the mean over templates is one matrix
-    counts = counts.view(len(classnames), len(templates), -1).mean(dim=1).t().contiguous()  # (V, C)
-    return lambda images: F.log_softmax(model.bow_logits(images).float(), dim=-1) @ counts.to(images.device)
-
-
-def _caption_scorer(model, classnames, templates, tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
-    prompts = cut_after_end_of_text(tokenizer(_prompts(classnames, templates)))  # (P, L)
-    per_chunk = max(1, _CAPTION_LOGITS_BUDGET // (prompts.numel() * model.config.text_cfg.vocab_size))
-
-    def score(images: torch.Tensor) -> torch.Tensor:
-        memory = model.decoder.memory(model.image_tokens(images))  # (B, S, width)
-        tokens = prompts.to(memory.device)
-        likelihoods = torch.cat([model.decoder.prompt_log_likelihoods(chunk, tokens) for chunk in memory.split(per_chunk)])
-        return likelihoods.view(len(images), len(classnames), len(templates)).mean(dim=-1)  # (B, P) -> (B, C)
-    return score
-
-
-def _classify_scorer(model, classnames, templates, tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
-    known = model.config.classnames
-    unknown = [c for c in classnames if c not in known]
-    if unknown:
-        raise ValueError(f"class name(s) {unknown[:10]} are not among the {len(known)} classes this classify "
-                         f"model was trained on ({', '.join(known[:10])}{', ...' if len(known) > 10 else ''})")
-    columns = torch.tensor([known.index(c) for c in classnames])
-    return lambda images: model.class_logits(images).float()[:, columns.to(images.device)]
-
-
-_SCORERS = {"bow": _bow_scorer, "caption": _caption_scorer, "classify": _classify_scorer}
 
 
 class _ScoresAsFeatures(torch.nn.Module):
@@ -187,7 +144,8 @@ class ZeroShotClassifier:
         if self.objective != "contrastive":
             self.weights = self.neutral_weights = None
             tokenizer = self.tokenizer or model_tokenizer(self.model)
-            self._score_batch = _SCORERS[self.objective](self.model, self.classnames, self.templates, tokenizer)
+            prompts = _prompts(self.classnames, self.templates)
+            self._score_batch = image_only(self.objective).scorer(self.model, self.classnames, prompts, tokenizer)
             return
         self._score_batch = lambda images: self.logits(self.model.encode_image(images))
         self.weights = build_zeroshot_classifier(self.model, self.classnames, self.templates, self.tokenizer,

@@ -79,7 +79,7 @@ def test_the_search_index_reader_skips_a_strip(good_image):
     from clipforge.data import DescribedImages, collate_described
     from clipforge.search.model import load_model
 
-    _, preprocess = load_model("tiny-vit", "cpu")
+    _, preprocess = load_model("tiny-vit", "cpu", random_init=True)
     refs = [good_image, str(HOSTILE / "strip_1x100000.png")]
     indices, batch, _, errors = collate_described([DescribedImages(refs, preprocess)[i] for i in range(2)])
     assert list(indices) == [0] and batch.shape[0] == 1

@@ -201,7 +201,7 @@ def test_caption_scorer_chunks_pairs_without_changing_scores(monkeypatch, one_th
     model = _model("caption")
     images = _images(2)
     whole = zeroshot_scores(model, images, CLASSES, TEMPLATES)
-    monkeypatch.setattr("clipforge.zeroshot._CAPTION_LOGITS_BUDGET", 1)  # one image at a time
+    monkeypatch.setattr("clipforge.objectives._CAPTION_LOGITS_BUDGET", 1)  # one image at a time
     torch.testing.assert_close(zeroshot_scores(model, images, CLASSES, TEMPLATES, batch_size=2), whole)
 
 

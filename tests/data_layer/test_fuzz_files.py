@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
-from clipforge.io.checkpoints import CheckpointError, read_tensors
+from clipforge.io.tensors import CheckpointError, read_tensors
 from clipforge.data import BadSample, load_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
@@ -115,7 +115,7 @@ import random, resource, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import test_fuzz_files as fuzz
-from clipforge.io.checkpoints import CheckpointError, read_tensors
+from clipforge.io.tensors import CheckpointError, read_tensors
 from clipforge.data import BadSample, load_image
 folder = Path(sys.argv[2])
 checkpoints = {k: p.read_bytes() for k, p in fuzz._checkpoints(folder).items()}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import clipforge
-from clipforge.io.checkpoints import export_hf
+from clipforge.io.hf import export_hf
 from clipforge.text_clean import clean_text
 from clipforge.tokenizer import Tokenizer
 from clipforge.transforms import PreprocessConfig, image_transform

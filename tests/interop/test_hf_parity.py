@@ -6,7 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 import clipforge
-from clipforge.io.checkpoints import CheckpointError, export_hf, read_checkpoint
+from clipforge.io.checkpoints import read_checkpoint
+from clipforge.io.hf import export_hf
+from clipforge.io.tensors import CheckpointError
 from clipforge.models import CLIP, get_model_config
 from clipforge.tokenizer import tokenize
 

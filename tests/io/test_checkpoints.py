@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipforge
-from clipforge.io import checkpoints, runs
-from clipforge.io.checkpoints import (CheckpointError, infer_config, model_from_checkpoint, read_checkpoint,
-                                   resize_positional_embeddings)
+from clipforge.io import checkpoints, runs, tensors
+from clipforge.io.checkpoints import infer_config, model_from_checkpoint, read_checkpoint, resize_positional_embeddings
+from clipforge.io.tensors import CheckpointError
 from clipforge.models import CLIP, CLIPConfig, get_model_config
 from clipforge.transforms import PreprocessConfig
 
@@ -82,7 +82,7 @@ def test_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
     def crash_writing(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoints, "save_file", crash_writing)
+    monkeypatch.setattr(tensors, "save_file", crash_writing)
     with pytest.raises(KeyboardInterrupt):
         clipforge.save(_tiny(seed=1), folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no temporaries

@@ -70,4 +70,5 @@ def test_public_api_is_documented():
         "(name_or_config: 'str | Path | dict | CLIPConfig', pretrained: 'str | Path | None' = None, "
         "device: 'str | torch.device | None' = None, precision: 'str' = 'fp32', **overrides: 'Any') -> 'CLIP'")
     assert list(inspect.signature(clipforge.load).parameters) == ["name_or_path", "device", "jit", "download_root",
-                                                                  "precision"]  # OpenAI's order first
+                                                              "precision",  # OpenAI's order first
+                                                              "pretrained", "random_init"]  # then the model-spec rule's

@@ -10,7 +10,9 @@ import torch
 
 import clipforge
 from clipforge.apps.demo import DEMO_MARKER, DemoConfig, _claim_output
-from clipforge.io.checkpoints import CheckpointError, export_hf, read_checkpoint
+from clipforge.io.checkpoints import read_checkpoint
+from clipforge.io.hf import export_hf
+from clipforge.io.tensors import CheckpointError
 from clipforge.cli import main
 from clipforge.io.factory import create_model, save
 

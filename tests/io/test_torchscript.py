@@ -12,7 +12,8 @@ from PIL import Image
 from test_checkpoints import _torchscript_archive
 
 import clipforge
-from clipforge.io.checkpoints import CheckpointError, read_checkpoint
+from clipforge.io.checkpoints import read_checkpoint
+from clipforge.io.tensors import CheckpointError
 from clipforge.cli import main
 from clipforge.io.openai import TorchScriptError, read_torchscript
 

@@ -36,7 +36,7 @@ def test_recorded_recall_is_the_measured_recall(tmp_path, one_thread):
 def test_index_uses_a_current_approximate_index_only(tmp_path, one_thread):
     photos = tmp_path / "photos"
     write_folder(photos, 10)
-    index = Index.build(tmp_path / "idx", [photos], model="tiny-vit", workers=0, progress=False,
+    index = Index.build(tmp_path / "idx", [photos], model="tiny-vit", random_init=True, workers=0, progress=False,
                         approximate="always")
     info = json.loads((tmp_path / "idx" / "config.json").read_text())["approximate"]
     assert info["items"] == 10 and info["recall@10"] == 1.0
@@ -45,7 +45,7 @@ def test_index_uses_a_current_approximate_index_only(tmp_path, one_thread):
     assert [r.id for r in close] == [r.id for r in exact]
     np.testing.assert_allclose([r.score for r in close], [r.score for r in exact], atol=1e-3)
     write_folder(photos / "more", 2, start=30)
-    updated = Index.build(tmp_path / "idx", [photos], model="tiny-vit", workers=0, progress=False,
+    updated = Index.build(tmp_path / "idx", [photos], model="tiny-vit", random_init=True, workers=0, progress=False,
                           approximate="never")
     assert updated.config["approximate"] is None and not (tmp_path / "idx" / approximate.FILE).exists()
     with pytest.raises(ValueError, match="no current approximate index"):
@@ -57,11 +57,11 @@ def test_auto_builds_the_approximate_index_once_the_index_passes_the_threshold(t
     monkeypatch.setattr(approximate, "AUTO_THRESHOLD", 12)
     photos = tmp_path / "photos"
     write_folder(photos, 10)
-    small = Index.build(tmp_path / "idx", [photos], model="tiny-vit", workers=0, progress=False)  # "auto"
+    small = Index.build(tmp_path / "idx", [photos], model="tiny-vit", random_init=True, workers=0, progress=False)  # "auto"
     assert small.config.get("approximate") is None and not (tmp_path / "idx" / approximate.FILE).exists()
     small.close()
     write_folder(photos / "more", 2, start=30)
-    grown = Index.build(tmp_path / "idx", [photos], model="tiny-vit", workers=0, progress=False)
+    grown = Index.build(tmp_path / "idx", [photos], model="tiny-vit", random_init=True, workers=0, progress=False)
     info = json.loads((tmp_path / "idx" / "config.json").read_text())["approximate"]
     assert info["items"] == 12 and (tmp_path / "idx" / approximate.FILE).exists()
     exact = grown.search("a blue photo", top_k=12, approximate=False)

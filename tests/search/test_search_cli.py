@@ -17,8 +17,8 @@ def built(tmp_path, one_thread, capsys):
     write_folder(photos, 8)
     (photos / "broken.jpg").write_bytes(b"nope")
     index = tmp_path / "idx"
-    assert main(["index", str(photos), "--model", "tiny-vit", "--index", str(index), "--workers", "0",
-                 "--no-progress"]) == 0
+    assert main(["index", str(photos), "--model", "tiny-vit", "--random-init", "--index", str(index), "--workers",
+                 "0", "--no-progress"]) == 0
     return photos, index, capsys.readouterr().out
 
 

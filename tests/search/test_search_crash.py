@@ -24,7 +24,7 @@ def _committed(index_dir) -> int:
 
 
 def _start(photos, index_dir):
-    command = [sys.executable, "-m", "clipforge", "index", str(photos), "--model", "tiny-vit", "--index",
+    command = [sys.executable, "-m", "clipforge", "index", str(photos), "--model", "tiny-vit", "--random-init", "--index",
                str(index_dir), "--workers", "0", "--batch-size", "4", "--threads", "1"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

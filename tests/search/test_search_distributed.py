@@ -34,9 +34,9 @@ def test_two_ranks_build_the_index_one_process_builds(tmp_path, one_thread):
     shards.mkdir()
     write_shard(shards / "000.tar", 200, 6)
     sources = [str(photos), str(shards / "000.tar")]
-    single = Index.build(tmp_path / "one", sources, model="tiny-vit", workers=0, batch_size=4, progress=False)
+    single = Index.build(tmp_path / "one", sources, model="tiny-vit", random_init=True, workers=0, batch_size=4, progress=False)
     command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-               str(_free_port()), "-m", "clipforge", "index", *sources, "--model", "tiny-vit", "--index",
+               str(_free_port()), "-m", "clipforge", "index", *sources, "--model", "tiny-vit", "--random-init", "--index",
                str(tmp_path / "two"), "--workers", "0", "--batch-size", "4", "--no-progress", "--json"]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)

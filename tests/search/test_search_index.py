@@ -52,7 +52,7 @@ def write_shard(path, start: int, count: int, captions=True) -> None:
 
 def fresh_vectors(index: Index, ids) -> np.ndarray:
     """Each item's image encoded again from its stored bytes, with the index's own model: (N, dim)."""
-    model, preprocess = load_model(index.config["model"], "cpu")
+    model, preprocess = load_model(index.config["model"], "cpu", index.config.get("random_init", False))
     batch = torch.stack([preprocess(load_image(index.image_bytes(i))) for i in ids])
     return encode_images(model, batch).numpy()
 
@@ -79,7 +79,8 @@ def photos(tmp_path):
 
 
 def _build(tmp_path, sources, model="tiny-vit", **options):  # photos/skipme is indexed unless excluded
-    return Index.build(tmp_path / "index", sources, model=model, workers=0, batch_size=5, progress=False, **options)
+    return Index.build(tmp_path / "index", sources, model=model, workers=0, batch_size=5, progress=False,
+                       random_init=model == "tiny-vit", **options)
 
 
 def test_folder_index_holds_every_image_once_with_its_own_vector(tmp_path, photos, one_thread):
@@ -101,7 +102,7 @@ def test_exact_search_equals_a_direct_computation(tmp_path, photos, one_thread):
     index = _build(tmp_path, [photos])
     ids = [int(i) for i in index._ids]
     vectors = stored_vectors(index, ids)
-    model, _ = load_model("tiny-vit", "cpu")
+    model, _ = load_model("tiny-vit", "cpu", random_init=True)
     text = encode_texts(model, ["a red photo"])[0].numpy()
     by_id = vectors[ids.index(3)]
     combined = text - 0.5 * by_id
@@ -217,7 +218,7 @@ def test_csv_and_shards_with_captions(tmp_path, photos, one_thread):
     assert_every_vector_matches_its_file(index)
     shard_item = next(index.item(i) for i in index._ids if index.item(i).key == "000102")
     assert shard_item.caption == "a photo of colour 2" and shard_item.location.endswith("000.tar:000102")
-    model, _ = load_model("tiny-vit", "cpu")
+    model, _ = load_model("tiny-vit", "cpu", random_init=True)
     captioned = [int(i) for i in index._caption_ids]
     assert len(captioned) == 8
     texts = [index.item(i).caption for i in captioned]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from clipforge.io.checkpoints import CheckpointError
+from clipforge.io.tensors import CheckpointError
 from clipforge.cli import main
 from clipforge.data import DataSourceError, build_train_data
 from clipforge.train import TrainConfig, train

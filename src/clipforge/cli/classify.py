@@ -8,17 +8,17 @@ from typing import Callable
 
 import torch
 
-from clipforge.io.factory import load
 from ..data.images import load_image
 from ..data.classnames import check_classnames, classname_set_names, load_classnames
 from ..zeroshot import ZeroShotClassifier, load_templates
+from .options import add_device_option, add_json_option, add_model_options, load_model
 
 HELP = """Zero-shot classify images against labels you name, as in CLIP's README example.
 
 Each label is put into the prompt templates (default "a photo of a {}."; --no-template, the same as
 --templates '{}', scores each label's text as given, as OpenAI's README example does), the prompt embeddings are
 averaged per label, and each image gets softmax(exp(logit_scale) * cosine(image, label)) over the labels:
-the probabilities of one image sum to 1.
+the probabilities of one image sum to 1. --json prints one object per image, best label first.
 
 --multi-label scores every label on its own instead: the two-way softmax between the label and a neutral
 label (--negative, default "thing", through the same templates), i.e.
@@ -38,8 +38,7 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--model", required=True,
-                        help="model name with weights (ViT-B/32, RN50, ...) or a saved model / run directory")
+    add_model_options(parser)
     labels = parser.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help='comma-separated labels, e.g. "a diagram,a dog,a cat"')
     labels.add_argument("--classes", metavar="FILE|NAME",
@@ -55,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labels shown per image (default 5; all labels with --multi-label)")
     parser.add_argument("--multi-label", action="store_true", help="score each label on its own (see above)")
     parser.add_argument("--negative", default="thing", help="the neutral label for --multi-label (default: thing)")
-    parser.add_argument("--json", action="store_true", help="print JSON: one object per image, best label first")
+    add_json_option(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images encoded at once (default 32)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_device_option(parser)
 
 
 def parse_labels(text: str) -> list[str]:
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    model, preprocess = load(args.model, device=args.device)
+    model, preprocess = load_model(args)
     classifier = ZeroShotClassifier(model, labels, templates, negative=args.negative,
                                     allow_duplicates=args.classes in classname_set_names())
     top_k = args.top_k or (len(labels) if args.multi_label else 5)

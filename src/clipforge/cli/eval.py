@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..evaluate import EVALUATORS, get_evaluator
 from clipforge.io.factory import load
+from .options import add_device_option, add_model_options, model_spec
 
 HELP = """Evaluate a model; prints a table of metrics and, with --output, writes them as JSON
 ({"task", "model", "data", "metrics": {name: fraction in [0, 1]}, "details": {...}}).
@@ -56,7 +57,7 @@ _OPTIONS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
-    parser.add_argument("--model", required=True, help="model name with weights or a saved model / run directory")
+    add_model_options(parser)
     parser.add_argument("--task", required=True, choices=list(EVALUATORS))
     parser.add_argument("--data", required=True, help="the evaluation (test) set")
     parser.add_argument("--output", metavar="FILE.json", help="write the results here as JSON")
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="robustness: score each shifted set over only the classes it contains")
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once (default 64)")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    add_device_option(parser)
 
 
 def _parse_shifted(items: list[str]) -> dict[str, str]:
@@ -122,8 +123,9 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    spec = model_spec(args)  # an architecture without weights is refused before the data is read
     evaluator = get_evaluator(args.task, **evaluator_options(args))
-    model, preprocess = load(args.model, device=args.device)
+    model, preprocess = load(spec, device=args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = evaluator.run(model, preprocess)
@@ -135,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {evaluator.details['num_skipped_images']} unreadable images (listed in the JSON)",
               file=sys.stderr)
     if args.output:
-        result = {"task": args.task, "model": str(args.model), "data": str(args.data), "metrics": metrics,
+        model_name = str(args.model) if args.pretrained is None else spec.text  # "ARCH:TAG" with --pretrained
+        result = {"task": args.task, "model": model_name, "data": str(args.data), "metrics": metrics,
                   "details": evaluator.details}
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..data.classnames import read_text_lines
 from ..evaluate.explain import explanation, format_report, plot_report, similarity_report
-from clipforge.io.factory import load
 from .classify import read_images
+from .options import add_device_option, add_model_options, load_model
 
 HELP = """Show, for some images and texts, every step of CLIP's scoring: the cosine similarity of each
 image-text pair, the temperature-scaled logits, the softmax over the texts and the chosen text, with a
@@ -29,10 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     texts = parser.add_mutually_exclusive_group(required=True)
     texts.add_argument("--texts", nargs="+", metavar="TEXT", help="candidate texts, one argument each")
     texts.add_argument("--texts-file", metavar="FILE", help="a file with one candidate text per line")
-    parser.add_argument("--model", required=True,
-                        help="model name with weights (ViT-B/32, RN50, ...) or a saved model / run directory")
+    add_model_options(parser)
     parser.add_argument("--output", metavar="FILE.png", help="write the heatmap figure here")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    add_device_option(parser)
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
@@ -50,7 +49,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     texts = _texts(args)
-    model, preprocess = load(args.model, device=args.device)
+    model, preprocess = load_model(args)
     paths, images, batch, errors = read_images(args.images, preprocess)
     for message in errors:
         print(f"clipforge explain: skipped {message}", file=sys.stderr)

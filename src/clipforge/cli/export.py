@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from clipforge.io.factory import create_model, load
+from clipforge.io.factory import build_from_spec, load
+from clipforge.io.spec import resolve_spec
 from ..models import CLIP
-from ..models.registry import canonical_name
-from clipforge.io.pretrained import pretrained_weights
 from ..transforms import PreprocessConfig
+from .options import add_model_options
 
 HELP = """Export a model for other runtimes.
 
@@ -32,13 +31,8 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.add_argument("format", choices=["onnx", "hf"], help="what to write")
-    parser.add_argument("--model", required=True, metavar="NAME|PATH",
-                        help="a model name with published weights (ViT-B/32, RN50, ...), a checkpoint file or "
-                             "folder, a training run directory, or (with --random-init) any architecture "
-                             "name or JSON config")
+    add_model_options(parser)
     parser.add_argument("--output", required=True, metavar="DIR", help="folder to write into (created)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="build the architecture with random weights instead of loading any (tests, benchmarks)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest allowed ONNX-vs-PyTorch feature difference (default 1e-4)")
@@ -46,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, preprocess = load_model(args.model, args.random_init)
+    model, preprocess = load_model(args.model, args.random_init, args.pretrained)
     if args.format == "hf":
-        from clipforge.io.checkpoints import export_hf
+        from clipforge.io.hf import export_hf
         print(f"wrote {export_hf(model, args.output, preprocess)}")
         return 0
     from clipforge.io.onnx import export_onnx
@@ -63,19 +57,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(spec: str, random_init: bool = False) -> tuple[CLIP, PreprocessConfig | None]:
-    """The model ``--model`` names and its preprocessing: loaded weights, or with ``random_init`` a
-    random-init architecture (preprocessing None: OpenAI's at the model's size)."""
-    path = Path(spec).expanduser()
-    if random_init:
-        return create_model(spec), None
-    if path.suffix == ".json" and path.is_file():
-        raise ValueError(f"{spec} is an architecture config without weights; pass --random-init to export it "
-                         f"with random weights, or give a checkpoint")
-    if path.exists() or pretrained_weights(spec) is not None:
-        model, transform = load(spec, device="cpu", precision="fp32")
-        return model, transform.config
-    if canonical_name(spec) is not None:
-        raise ValueError(f"{spec!r} is an architecture without published weights; pass a checkpoint path, "
-                         f"or --random-init to export it with random weights")
-    raise FileNotFoundError(f"--model {spec!r} is neither an existing file or folder nor a known model name")
+def load_model(spec: str, random_init: bool = False,
+               pretrained: str | None = None) -> tuple[CLIP, PreprocessConfig | None]:
+    """The model ``--model`` names (by the model-spec rule, :mod:`clipforge.io.spec`) and its preprocessing:
+    loaded weights, or with ``random_init`` the architecture (a name or JSON config) with seed-0 random
+    weights (preprocessing None: OpenAI's at the model's size). Float32, on the CPU."""
+    resolved = resolve_spec(spec, pretrained, random_init)
+    if resolved.random_init:
+        return build_from_spec(resolved)[0], None
+    model, transform = load(resolved, device="cpu", precision="fp32")
+    return model, transform.config

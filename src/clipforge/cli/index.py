@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from ..search import Index
+from ..search.model import indexed_spec
 from ..search.store import read_config
 from clipforge.runtime.distributed import cleanup, init_distributed
+from .options import add_device_option, add_json_option, add_model_options, model_spec
 
 HELP = """Build or incrementally update a search index of images (see `clipforge search`).
 
@@ -22,6 +24,10 @@ Captions are encoded into a second set of vectors (`clipforge search --captions`
 Running it again encodes only new or changed files (size + mtime, then content hash), drops deleted
 ones and reuses the vectors of renamed or duplicated content. Unreadable files are skipped and counted
 by reason, and retried only once they change. Killing it loses at most the batch in flight.
+
+--model follows the rule of every command (a name with weights, ARCH:TAG, a saved model or run directory,
+RUN@best; --random-init for seed-0 random weights); without it, the existing index's model is used again.
+The index records the model in its config.json and refuses another one's. --json prints the summary.
 
 Many GPUs or machines: torchrun --nproc_per_node K -m clipforge index ... splits the encoding over the
 ranks; rank 0 writes the same index one process would. On a CPU, --workers processes decode and
@@ -37,8 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.add_argument("sources", nargs="+", metavar="SOURCE", help="image folders, CSV/TSV files, .tar shards")
     parser.add_argument("--index", required=True, metavar="DIR", help="the index folder (created if new)")
-    parser.add_argument("--model", help="model name with weights (ViT-B/32, ...) or a saved model / run "
-                                        "directory; default: the model of the existing index")
+    add_model_options(parser, required=False)
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="leave out folder paths matching GLOB (relative to the folder; repeatable)")
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once (default 64)")
@@ -51,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--approximate", choices=["auto", "always", "never"], default="auto",
                         help="build a faiss HNSW index too: always, never, or auto (above 200,000 items)")
     parser.add_argument("--rebuild", action="store_true", help="discard the existing index and start over")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_device_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json_option(parser)
 
 
 def _default_workers() -> int:
@@ -66,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
                          f"and {args.workers}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = args.model or _existing_model(args.index)
+    model, random_init = _model(args)  # refused here, before anything is written
     env = init_distributed(args.device or "auto")
     try:
         index = Index.build(args.index, args.sources, model=model, device=args.device, batch_size=args.batch_size,
                             workers=args.workers, exclude=args.exclude, max_pixels=args.max_pixels,
                             rebuild=args.rebuild, progress=not args.no_progress, fast_decode=args.fast_decode,
-                            approximate=args.approximate)
+                            approximate=args.approximate, random_init=random_init)
     finally:
         cleanup(env)
     if env.is_master:
@@ -80,11 +85,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_model(folder: str) -> str:
-    config = read_config(Path(folder))
+def _model(args: argparse.Namespace) -> tuple[str, bool]:
+    """(model spec in one string, random_init): --model's, else the existing index's."""
+    if args.model is not None:
+        spec = model_spec(args)
+        return spec.text, spec.random_init
+    if args.pretrained is not None or args.random_init:
+        raise ValueError("--pretrained and --random-init go with --model")
+    config = read_config(Path(args.index))
     if config is None:
-        raise ValueError(f"--model is needed to create a new index in {folder}")
-    return config["model"]
+        raise ValueError(f"--model is needed to create a new index in {args.index}")
+    return indexed_spec(config)
 
 
 def summary_line(summary: dict, folder: str) -> str:

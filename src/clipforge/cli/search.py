@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from ..search import Index
+from .options import add_device_option, add_json_option
 
 HELP = """Search an index built by `clipforge index`.
 
@@ -15,8 +16,9 @@ alone between spaces; W:term weights a term; text in double quotes is always tex
 the weighted sum of the terms' L2-normalised embeddings, renormalised; results are ranked by cosine
 similarity to it, exactly (or with the approximate index, when the index has one).
 
-Output: score, id and path (shard.tar:key inside a shard) per line, or --json, or --paths-only for
-piping (e.g. into xargs)."""
+Output: score, id and path (shard.tar:key inside a shard) per line, or --json (a list of results), or
+--paths-only for piping (e.g. into xargs). Queries are encoded with the model the index was built with
+(its config.json), on --device."""
 
 EXAMPLES = """examples:
   clipforge search ~/.clipforge/pictures "a dog on a beach" --top 5
@@ -38,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--captions", action="store_true", help="search the caption vectors instead of images")
     parser.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
     output = parser.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print a JSON list of results")
+    add_json_option(output)
     output.add_argument("--paths-only", action="store_true", help="print only the paths, one per line")
-    parser.add_argument("--device", help="cpu, cuda, ... for encoding the query (default: cuda when available)")
+    add_device_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .options import add_device_option
+
 HELP = """Serve an index over HTTP: a web page at / to search by text, by image or by example, and a JSON API
 (POST /api/search, GET /api/items/ID, GET /thumbnails/ID, GET /healthz, GET /metrics; schema at
 /openapi.json). Listens on 127.0.0.1 unless --host says otherwise; --token (or the CLIPFORGE_TOKEN
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=40_000_000,
                         help="largest query or thumbnail image decoded, in pixels (default 40,000,000)")
     parser.add_argument("--cache-dir", metavar="DIR", help="where thumbnails are kept (default INDEX/thumbnails)")
-    parser.add_argument("--device", help="device to encode queries on (default: cuda if available, else cpu)")
+    add_device_option(parser)
     parser.add_argument("--float32-mib", type=float, default=1024, metavar="MIB",
                         help="RAM for float32 copies of the vectors, which exact search scans without widening "
                              "them per query (default 1024; an index of N vectors of size D needs N*D*4 bytes; "

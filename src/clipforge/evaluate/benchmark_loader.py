@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from clipforge.io.factory import create_model_and_transforms, load
+from clipforge.io.factory import load
 from ..tokenizer import Tokenizer, model_tokenizer
 
 MODEL_TYPE = "clipforge"
@@ -25,15 +25,15 @@ def load_clipforge(model_name: str, pretrained: str | None = None, cache_dir: st
     """``(model, transform, tokenizer)`` as CLIP_benchmark expects: the model has ``encode_image`` and
     ``encode_text``, ``transform`` maps a PIL image to a (3, H, W) tensor and ``tokenizer(texts)`` returns ids.
 
-    ``pretrained="openai"`` loads OpenAI's weights for ``model_name`` (cached in ``cache_dir``); another
-    ``pretrained`` is a checkpoint path loaded into the architecture ``model_name``; with no ``pretrained``
-    (``""``/``"none"``) ``model_name`` is a saved model or run directory, loaded with its own config.
+    ``model_name`` and ``pretrained`` follow the model-spec rule of every clipforge command
+    (:mod:`clipforge.io.spec`), as ``--model`` and ``--pretrained``: ``pretrained`` is an OpenCLIP tag of
+    ``model_name`` ('openai', 'laion2b_s34b_b79k'; downloaded into ``cache_dir``) or a checkpoint loaded into
+    that architecture; with no ``pretrained`` (``""``/``"none"``) ``model_name`` is a name with weights, ``ARCH:TAG``,
+    a saved model or run directory, or ``RUN@best``. An architecture without weights is refused.
     """
-    if pretrained in _NO_WEIGHTS or pretrained == "openai":
-        model, transform = load(model_name, device=device, download_root=cache_dir, precision="fp32")
-    else:
-        model, _, transform = create_model_and_transforms(model_name, pretrained=pretrained, device=device)
-    model.eval()
+    pretrained = None if pretrained in _NO_WEIGHTS else pretrained
+    model, transform = load(model_name, device=device, download_root=cache_dir, precision="fp32",
+                            pretrained=pretrained)
     return model, transform, model_tokenizer(model)
 
 

@@ -8,7 +8,8 @@ from typing import Callable
 
 import torch
 
-from ..zeroshot import ZeroShotClassifier, build_zeroshot_classifier, load_templates, model_objective, template_set_names
+from ..objectives import model_objective
+from ..zeroshot import ZeroShotClassifier, build_zeroshot_classifier, load_templates, template_set_names
 from .base import Evaluator
 from ..data.classification import ClassificationData, read_classification
 from .metrics import classification_metrics

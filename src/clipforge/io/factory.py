@@ -12,10 +12,12 @@ from typing import Any, Callable
 
 import torch
 
-from clipforge.io.checkpoints import Checkpoint, model_from_checkpoint, read_checkpoint, save
+from clipforge.io.checkpoints import model_from_checkpoint, read_checkpoint
+from clipforge.io.folder import save
+from clipforge.io.tensors import Checkpoint
 from clipforge.models import CLIP, CLIPConfig, get_model_config
-from clipforge.io.pretrained import PRETRAINED, PretrainedWeights, download, download_weights, pretrained_tags, pretrained_weights
-from clipforge.io.runs import checkpoint_path
+from clipforge.io.pretrained import PRETRAINED, PretrainedWeights, download_weights
+from clipforge.io.spec import ModelSpec, resolve_spec, resolve_weights, split_spec
 from clipforge.runtime.device import resolve_device
 from clipforge.transforms import PreprocessConfig, image_transform
 
@@ -37,9 +39,11 @@ def create_model(name_or_config: str | Path | dict | CLIPConfig, pretrained: str
                  device: str | torch.device | None = None, precision: str = "fp32", **overrides: Any) -> CLIP:
     """Build a CLIP from a registered name, a JSON path, a config dict or a ``CLIPConfig``.
 
-    ``pretrained``: None (random init), "openai" (OpenAI's weights for this name), an OpenCLIP tag
-    (``"laion2b_s34b_b79k"``; see ``list_pretrained()``), both downloaded and checked, or a path to any
-    checkpoint ``load`` reads. Names mean what OpenCLIP's do: ``ViT-B-32`` is GELU, ``ViT-B-32-quickgelu``
+    ``pretrained``: None (random init, for training), "openai" (OpenAI's weights for this name), an OpenCLIP tag
+    (``"laion2b_s34b_b79k"``; see ``list_pretrained()``), both downloaded and checked, or any weights the
+    model-spec rule names (``clipforge.io.spec``): a checkpoint file or folder, a run directory, ``RUN@best``,
+    another name with weights. The name may carry its tag in one string: ``"ViT-H-14:laion2b_s32b_b79k"``.
+    Names mean what OpenCLIP's do: ``ViT-B-32`` is GELU, ``ViT-B-32-quickgelu``
     QuickGELU; weights trained with the other activation than the name's give a warning, as in OpenCLIP.
     ``overrides`` change the config (``image_size=336`` interpolates the checkpoint's positional
     embeddings). ``precision``: "fp32", "fp16" or "bf16".
@@ -57,14 +61,19 @@ def create_model_and_transforms(name_or_config: str | Path | dict | CLIPConfig,
     return model, _transform(preprocess, model, is_train=True), _transform(preprocess, model, is_train=False)
 
 
-def load(name_or_path: str | Path, device: str | torch.device | None = None, jit: bool = False,
-         download_root: str | Path | None = None, precision: str | None = None) -> tuple[CLIP, Callable]:
+def load(name_or_path: str | Path | ModelSpec, device: str | torch.device | None = None, jit: bool = False,
+         download_root: str | Path | None = None, precision: str | None = None, pretrained: str | Path | None = None,
+         random_init: bool = False) -> tuple[CLIP, Callable]:
     """Load a model in eval mode and its preprocessing, like OpenAI's ``clip.load(name, device, jit, download_root)``.
 
-    ``name_or_path``: a name from ``available_models()`` (downloaded into ``download_root``, default
-    ``$CLIPFORGE_CACHE`` or ``~/.cache/clipforge``), or a path: a clipforge or Hugging Face folder, an
-    OpenAI/OpenCLIP file, or a training run directory (its newest complete checkpoint; ``RUN@best``: its best
-    one, kept by ``--keep-best``). ``device``
+    ``name_or_path`` follows the model-spec rule (``clipforge.io.spec``), as every command's ``--model``: a name from
+    ``available_models()`` (downloaded into ``download_root``, default ``$CLIPFORGE_CACHE`` or
+    ``~/.cache/clipforge``); an OpenCLIP architecture with a pretrained tag, as ``pretrained="laion2b_s32b_b79k"``
+    or in one string ``"ViT-H-14:laion2b_s32b_b79k"``; or a path: a clipforge or Hugging Face folder, an
+    OpenAI/OpenCLIP file, a training run directory (its newest complete checkpoint; ``RUN@best``: its best one,
+    kept by ``--keep-best``). An architecture without weights (``"ViT-H-14"``, ``"tiny-vit"``) raises
+    :class:`~clipforge.io.spec.NoWeightsError` listing its tags, unless ``random_init=True`` asks for seed-0
+    random weights (tests and demos). ``device``
     defaults to CUDA when available; ``precision`` to fp16 on CUDA and fp32 elsewhere, as OpenAI's.
     Returns ``(model, preprocess)`` where ``preprocess`` maps a PIL image to a (3, H, W) tensor.
     The model is always the built one: ``jit=True`` raises ValueError (see ``_JIT_UNSUPPORTED``).
@@ -73,29 +82,42 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, jit
         raise ValueError(_JIT_UNSUPPORTED)
     device = resolve_device(device)
     precision = precision or ("fp16" if device.type == "cuda" else "fp32")
-    path = checkpoint_path(Path(name_or_path).expanduser())
-    weights = None if path.exists() else pretrained_weights(str(name_or_path))
-    if weights is not None:
-        checkpoint = read_checkpoint(download(str(name_or_path), download_root))
-        model = model_from_checkpoint(checkpoint, get_model_config(weights.architecture), take=True)
-    elif path.exists():
-        checkpoint = read_checkpoint(path)
-        model = model_from_checkpoint(checkpoint, take=True)
-    else:
-        raise FileNotFoundError(f"{str(name_or_path)!r} is neither an existing file or folder nor a model with "
-                                f"pretrained weights ({', '.join(available_models())})")
+    model, preprocess = build_from_spec(resolve_spec(name_or_path, pretrained, random_init), download_root)
     model = _place(model, device, precision).eval()
-    return model, _transform(checkpoint.preprocess, model, is_train=False)
+    return model, _transform(preprocess, model, is_train=False)
+
+
+def build_from_spec(spec: ModelSpec, download_root: str | Path | None = None,
+                    config: CLIPConfig | None = None) -> tuple[CLIP, PreprocessConfig | None]:
+    """The model a resolved spec names (float32, on the CPU, train mode) and its preprocessing (None: OpenAI's).
+    Downloaded weights go into the architecture they were trained with (``ViT-B-32:openai`` is QuickGELU, as
+    OpenAI trained it); ``config``: build this architecture instead (``create_model``: the name's, with its
+    overrides; other weights than it was trained for give a warning)."""
+    if config is None:
+        architecture = spec.weights.architecture if spec.weights is not None else spec.architecture
+        config = None if architecture is None else get_model_config(architecture)
+    if spec.random_init:
+        with torch.random.fork_rng(devices=[]):  # the same seed-0 weights every time, the caller's RNG untouched
+            torch.manual_seed(0)
+            return CLIP(config), None
+    checkpoint = read_checkpoint(spec.path) if spec.path is not None else _downloaded(spec, config, download_root)
+    return model_from_checkpoint(checkpoint, config, take=True), checkpoint.preprocess
 
 
 def _create(name_or_config: Any, pretrained: str | Path | None,
             overrides: dict[str, Any]) -> tuple[CLIP, PreprocessConfig | None]:
+    if isinstance(name_or_config, str) and not Path(name_or_config).exists():
+        name, weights = split_spec(name_or_config)  # "ViT-H-14:laion2b_s32b_b79k"
+        if weights is not None and pretrained is not None and str(pretrained) != weights:
+            raise ValueError(f"{name_or_config!r} names its weights and pretrained={str(pretrained)!r} others: "
+                             f"give them once")
+        name_or_config, pretrained = name, weights if weights is not None else pretrained
     config = _resolve_config(name_or_config)
     config = config.replace(**overrides) if overrides else config
     if pretrained is None:
         return CLIP(config), None
-    checkpoint = _pretrained_checkpoint(name_or_config, pretrained, config)
-    return model_from_checkpoint(checkpoint, config), checkpoint.preprocess
+    arch = str(name_or_config) if isinstance(name_or_config, (str, Path)) else None
+    return build_from_spec(resolve_weights(arch, pretrained), config=config)
 
 
 def _resolve_config(name_or_config: Any) -> CLIPConfig:
@@ -108,29 +130,16 @@ def _resolve_config(name_or_config: Any) -> CLIPConfig:
     raise TypeError(f"expected a model name, JSON path, dict or CLIPConfig, got {type(name_or_config).__name__}")
 
 
-def _pretrained_checkpoint(name_or_config: Any, pretrained: str | Path, config: CLIPConfig) -> Checkpoint:
-    if Path(pretrained).exists() or isinstance(pretrained, Path) or _looks_like_path(str(pretrained)):
-        return read_checkpoint(pretrained)
-    tag = str(pretrained)
-    weights = pretrained_weights(name_or_config, tag) if isinstance(name_or_config, str) else None
-    if weights is None:
-        if tag == "openai":
-            raise ValueError(f"pretrained='openai' needs a model name with published weights "
-                             f"({', '.join(available_models())}), got {name_or_config!r}")
-        tags = pretrained_tags(name_or_config) if isinstance(name_or_config, str) else []
-        raise FileNotFoundError(f"pretrained={tag!r} is neither an existing checkpoint path nor a pretrained tag of "
-                                f"{name_or_config!r} (its tags: {', '.join(tags) or 'none'}; all pairs: "
-                                f"clipforge.list_pretrained())")
-    _warn_activation_mismatch(config, weights, f"{name_or_config!r} with pretrained={tag!r}")
-    checkpoint = read_checkpoint(download_weights(weights))
+def _downloaded(spec: ModelSpec, config: CLIPConfig | None, download_root: str | Path | None) -> Checkpoint:
+    """The checkpoint of a spec's downloadable weights, fetched and checked (or from the cache)."""
+    weights = spec.weights
+    if config is not None:
+        _warn_activation_mismatch(config, weights, f"{spec.architecture!r} with pretrained={spec.tag or spec.text!r}")
+    checkpoint = read_checkpoint(download_weights(weights, download_root))
     if weights.preprocess is not None:
         size = config.vision_cfg.image_size
         checkpoint.preprocess = PreprocessConfig.from_dict({**weights.preprocess, "image_size": size})
     return checkpoint
-
-
-def _looks_like_path(text: str) -> bool:
-    return "/" in text or "\\" in text or Path(text).suffix in (".pt", ".pth", ".bin", ".safetensors")
 
 
 def _warn_activation_mismatch(config: CLIPConfig, weights: PretrainedWeights, what: str) -> None:

@@ -1,19 +1,25 @@
-"""Conversion between OpenAI's CLIP state-dict layout and Hugging Face ``transformers.CLIPModel``'s.
+"""Hugging Face ``transformers.CLIPModel`` folders in and out, and the conversion between OpenAI's CLIP
+state-dict layout and HF's.
 
 HF splits each fused attention input projection into ``q_proj``/``k_proj``/``v_proj``, stores the
 two output projections as transposed ``nn.Linear`` weights and renames every module; the config is
 HF's ``CLIPConfig`` JSON (``text_config``, ``vision_config``, ``projection_dim``). ViT models only.
-The tokenizer and image-processor files that ``CLIPProcessor`` reads are built from clipforge's own BPE
-merges and preprocessing.
+A folder holds ``config.json`` + ``model.safetensors`` (or ``pytorch_model.bin``); ``export_hf`` adds the
+tokenizer and image-processor files that ``CLIPProcessor`` reads, built from clipforge's own BPE merges
+and preprocessing.
 """
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from clipforge.io.runs import CONFIG_NAME
+from clipforge.io.tensors import Checkpoint, cpu_tensors, read_tensors, weights_file, write_model_folder
+from clipforge.models.clip import CLIP
 from clipforge.models.config import CLIPConfig
 from clipforge.tokenizer import _WORD_PATTERN, EOT_TEXT, SOT_TEXT, _shared_bpe
 from clipforge.transforms import PreprocessConfig
@@ -52,6 +58,44 @@ _FROM_HF = {hf: ours for ours, hf in _TOP_LEVEL.items()}
 _PROJECTIONS_FROM_HF = {hf: ours for ours, hf in _PROJECTIONS.items()}
 _BLOCK_FROM_HF = {hf: ours for ours, hf in _BLOCK.items()}
 _HF_BLOCK = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hf_config(meta: dict[str, Any]) -> bool:
+    """Whether a folder's ``config.json`` contents are a ``CLIPModel``'s."""
+    return meta.get("model_type") == "clip" or "vision_config" in meta
+
+
+def read_hf_folder(path: Path, meta: dict[str, Any]) -> Checkpoint:
+    """A ``CLIPModel`` folder's weights in OpenAI's layout, with its architecture; ``meta`` is its ``config.json``."""
+    tensors, _ = read_tensors(weights_file(path, HF_WEIGHTS))
+    return Checkpoint(to_openai_layout(tensors), config_from_hf(meta, source=str(path / CONFIG_NAME)), None,
+                      path, "hf")
+
+
+def export_hf(model: CLIP, folder: str | Path, preprocess: PreprocessConfig | None = None) -> Path:
+    """Write ``model`` as a Hugging Face ``CLIPModel`` folder: ``config.json``, ``model.safetensors``, the
+    tokenizer files and ``preprocessor_config.json`` (``preprocess``, default OpenAI's at the model's size).
+
+    ``CLIPModel``, ``CLIPProcessor``/``AutoProcessor``, ``CLIPTokenizer``/``AutoTokenizer`` and
+    ``pipeline("zero-shot-image-classification", model=folder)`` then work from the folder alone and give
+    clipforge's features and ids. ViT models with the Transformer text tower only: HF has no ResNet or CBOW CLIP.
+    """
+    if model.config.objective != "contrastive" or model.config.projection != "linear":
+        raise ValueError(f"a Hugging Face CLIPModel has two towers with linear projections; this model is "
+                         f"objective={model.config.objective!r}, projection={model.config.projection!r}: "
+                         f"save it with clipforge.save instead")
+    meta = config_to_hf(model.config, model.logit_scale.item())
+    preprocess = getattr(preprocess, "config", preprocess) or PreprocessConfig(image_size=model.image_size)
+    files = {**hf_tokenizer_files(model.context_length),
+             "preprocessor_config.json": json.dumps(hf_preprocessor_config(preprocess), indent=2)}
+    extra = {name: (lambda p, text=text: p.write_text(text, encoding="utf-8")) for name, text in files.items()}
+    return write_model_folder(Path(folder), openai_to_hf(cpu_tensors(model.state_dict())), meta, extra)
+
+
+def to_openai_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` in OpenAI's layout: converted if it is in HF's, else as it is."""
+    return hf_to_openai(state_dict) if is_hf_state_dict(state_dict) else state_dict
 
 
 def is_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:

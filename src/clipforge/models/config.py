@@ -27,6 +27,17 @@ _NEUTRAL_VALUES = {
     "text_mask": ("first", "last"),
 }
 
+# The option tables of the configs below, each defined here only.
+OBJECTIVES = ("contrastive", "bow", "caption", "classify")  # CLIPConfig.objective: CLIP, then sec. 2.3's baselines
+PROJECTIONS = ("linear", "mlp")  # CLIPConfig.projection: CLIP's linear, or SimCLR's MLP after it (sec. 2.4)
+TEXT_ENCODERS = ("transformer", "cbow")  # TextConfig.encoder
+# TextConfig.hf_pooler_type: OpenCLIP's pooler names and the short names clipforge also accepts -> the pooling
+# models/hf_text.py applies; TextConfig.hf_proj_type (None: no projection when the widths are equal).
+HF_POOLERS = {"mean_pooler": "mean", "mean": "mean", "cls_pooler": "cls_pooler", "cls": "cls",
+              "cls_last_hidden_state_pooler": "cls", "last_token_pooler": "last-token", "last-token": "last-token"}
+HF_PROJECTIONS = ("linear", "mlp", None)
+TIMM_PROJECTIONS = ("linear", "mlp", None, "")  # VisionConfig.timm_proj (None or "": none)
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -76,8 +87,6 @@ class TextConfig:
     hf_proj_type: str | None = "mlp"
 
 
-OBJECTIVES = ("contrastive", "bow", "caption", "classify")
-PROJECTIONS = ("linear", "mlp")
 # Top-level fields left out of ``to_dict`` at their defaults, so configs of CLIP models stay as they were.
 _OMITTED_AT_DEFAULT = {"objective": "contrastive", "projection": "linear", "learn_logit_scale": True,
                        "classnames": None}
@@ -158,7 +167,7 @@ class CLIPConfig:
         elif vision.get("patch_size", 32) is None:
             raise ValueError(f"{source}: a ViT (integer vision_cfg.layers) needs a patch_size")
         _check_foreign_towers(vision, text, source)
-        if text.get("encoder", "transformer") not in ("transformer", "cbow"):
+        if text.get("encoder", "transformer") not in TEXT_ENCODERS:
             raise ValueError(f"{source}: text_cfg.encoder must be 'transformer' or 'cbow', got {text['encoder']!r}")
         try:
             return cls(vision_cfg=VisionConfig(**vision), text_cfg=TextConfig(**text), **top)
@@ -206,16 +215,14 @@ def _hf_aliases(text: Any) -> Any:
 
 
 def _check_foreign_towers(vision: dict[str, Any], text: dict[str, Any], source: str) -> None:
-    from .hf_text import POOLERS, PROJECTIONS  # the tower files own their option names
-
     if text.get("hf_model_name"):
-        if text.get("hf_pooler_type", "mean_pooler") not in POOLERS:
-            raise ValueError(f"{source}: text_cfg.hf_pooler_type must be one of {sorted(POOLERS)}, "
+        if text.get("hf_pooler_type", "mean_pooler") not in HF_POOLERS:
+            raise ValueError(f"{source}: text_cfg.hf_pooler_type must be one of {sorted(HF_POOLERS)}, "
                              f"got {text['hf_pooler_type']!r}")
-        if text.get("hf_proj_type", "mlp") not in PROJECTIONS:
+        if text.get("hf_proj_type", "mlp") not in HF_PROJECTIONS:
             raise ValueError(f"{source}: text_cfg.hf_proj_type must be 'linear', 'mlp' or null, "
                              f"got {text['hf_proj_type']!r}")
-    if vision.get("timm_model_name") and vision.get("timm_proj", "linear") not in ("linear", "mlp", None, ""):
+    if vision.get("timm_model_name") and vision.get("timm_proj", "linear") not in TIMM_PROJECTIONS:
         raise ValueError(f"{source}: vision_cfg.timm_proj must be 'linear', 'mlp' or null, got {vision['timm_proj']!r}")
 
 

@@ -6,12 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import TextConfig
-
-# OpenCLIP's pooler names, and the short names clipforge also accepts.
-POOLERS = {"mean_pooler": "mean", "mean": "mean", "cls_pooler": "cls_pooler", "cls": "cls",
-           "cls_last_hidden_state_pooler": "cls", "last_token_pooler": "last-token", "last-token": "last-token"}
-PROJECTIONS = ("linear", "mlp", None)
+from .config import HF_POOLERS, TextConfig
 
 
 def require_transformers():
@@ -55,7 +50,7 @@ class HFTextTower(nn.Module):
         super().__init__()
         transformers = require_transformers()
         self.hf_config = transformers.AutoConfig.from_pretrained(cfg.hf_model_name)
-        self.pooler_type = POOLERS[cfg.hf_pooler_type or "mean_pooler"]
+        self.pooler_type = HF_POOLERS[cfg.hf_pooler_type or "mean_pooler"]
         pooled = {"add_pooling_layer": self.pooler_type == "cls_pooler"} if _takes_pooling_flag(self.hf_config) else {}
         if cfg.hf_model_pretrained:
             self.transformer = transformers.AutoModel.from_pretrained(cfg.hf_model_name, **pooled)

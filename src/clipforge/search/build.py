@@ -37,12 +37,15 @@ class BuildOptions:
     approximate: str = "auto"
 
 
-def build(folder: str | os.PathLike, sources, model: str, device: str | None, options: BuildOptions) -> dict:
-    """Create or incrementally update the index in ``folder``; returns the run's summary (rank 0's)."""
+def build(folder: str | os.PathLike, sources, model: str, device: str | None, options: BuildOptions,
+          random_init: bool = False) -> dict:
+    """Create or incrementally update the index in ``folder`` with the model spec ``model`` (``random_init``:
+    seed-0 random weights); returns the run's summary (rank 0's)."""
     folder, sources = Path(folder), resolve_sources(sources)
     env = init_distributed(device or "auto")
-    network, preprocess = load_model(str(model), env.device)
-    model_check = _ModelCheck(folder, str(model), network, preprocess, options.rebuild) if env.is_master else None
+    network, preprocess = load_model(str(model), env.device, random_init)
+    model_check = (_ModelCheck(folder, str(model), network, preprocess, options.rebuild, random_init)
+                   if env.is_master else None)
     barrier(env)
     plan = _plan(folder, sources, options, env)
     summary = _run(folder, plan, network, preprocess, model_check, options, env)
@@ -60,14 +63,14 @@ class _ModelCheck:
     computed at once, so that a wrong model is refused before the sources are listed.
     """
 
-    def __init__(self, folder: Path, spec: str, network, preprocess, rebuild: bool):
-        self.folder, self._args = folder, (spec, network, preprocess)
+    def __init__(self, folder: Path, spec: str, network, preprocess, rebuild: bool, random_init: bool = False):
+        self.folder, self._args = folder, (spec, network, preprocess, random_init)
         self.config = None if rebuild else store.read_config(folder)
         self.identity = None
         if self.config is None:
             _clear(folder)
             folder.mkdir(parents=True, exist_ok=True)
-        elif self.config["model"] != model_name(spec):
+        elif self.config["model"] != model_name(spec, random_init):
             self.settle()
 
     def settle(self) -> dict:

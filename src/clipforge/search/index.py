@@ -15,7 +15,7 @@ from ..encode import encode_images, encode_texts
 from . import exact, store
 from .approximate import is_current, load as load_approximate
 from .build import BuildOptions, build
-from .model import load_model, prepare_for_queries, weights_checksum
+from .model import indexed_spec, load_indexed_model, prepare_for_queries, weights_checksum
 from .query import Query, parse_query
 
 
@@ -86,12 +86,15 @@ class Index:
     @classmethod
     def build(cls, folder: str | os.PathLike, sources, model: str, device: str | None = None, batch_size: int = 64,
               workers: int = 2, exclude=(), max_pixels: int | None = None, rebuild: bool = False,
-              progress: bool = True, fast_decode: bool = False, approximate: str = "auto") -> "Index":
+              progress: bool = True, fast_decode: bool = False, approximate: str = "auto",
+              random_init: bool = False) -> "Index":
         """Create the index, or update it incrementally; the run's summary is on ``last_update``.
-        ``approximate``: build the faiss index "always", "never", or "auto" (above 200,000 items)."""
+        ``model`` is a model spec (:mod:`clipforge.io.spec`); ``random_init``: seed-0 random weights of an
+        architecture (tests and demos; recorded in config.json). ``approximate``: build the faiss index
+        "always", "never", or "auto" (above 200,000 items)."""
         options = BuildOptions(batch_size, workers, tuple(exclude), max_pixels, fast_decode, progress, rebuild,
                                approximate)
-        summary = build(folder, sources, str(model), device, options)
+        summary = build(folder, sources, str(model), device, options, random_init)
         index = cls(folder, device)
         index.last_update = summary
         return index
@@ -100,7 +103,8 @@ class Index:
         """Update this index from ``sources`` (options as :meth:`build`, with this index's model)."""
         device = options.pop("device", self.device)
         options = BuildOptions(**{"rebuild": False, **options})
-        self.last_update = build(self.folder, sources, self.config["model"], device, options)
+        spec, random_init = indexed_spec(self.config)
+        self.last_update = build(self.folder, sources, spec, device, options, random_init)
         self.refresh()
         return self.last_update
 
@@ -140,7 +144,7 @@ class Index:
         """(model, preprocess), loaded once and checked against the weights checksum in config.json."""
         with self._lock:
             if self._model is None:
-                model, preprocess = load_model(self.config["model"], self.device)
+                model, preprocess = load_indexed_model(self.config, self.device)
                 if weights_checksum(model) != self.config["weights_sha256"]:
                     raise ValueError(f"model {self.config['model']} has changed since this index was built "
                                      "(weights checksum differs); rebuild the index with --rebuild")

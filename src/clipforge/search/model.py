@@ -3,31 +3,51 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..encode import model_device
-from clipforge.io.factory import create_model_and_transforms, load
-from ..models import list_models
+from clipforge.io.factory import load
+from clipforge.io.spec import NoWeightsError, no_weights_message, resolve_spec
 from ..models.layers import pack_linear_weights
-from clipforge.io.pretrained import pretrained_weights
 
 
-def load_model(spec: str, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Callable]:
-    """(model in eval mode, OpenAI-exact preprocessing) for a model name with weights, a saved model or run
-    directory, or a registered architecture without weights (``tiny-vit``: seed-0 random weights, for
-    tests and demos). Always float32, so that vectors do not depend on the device that encoded them."""
-    if Path(spec).expanduser().exists() or pretrained_weights(spec) is not None:
-        return load(spec, device=device, precision="fp32")
-    if spec in list_models():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model, _, preprocess = create_model_and_transforms(spec)
-        return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), preprocess
-    raise FileNotFoundError(f"model {spec!r} is neither an existing file or folder nor a model name "
-                            f"({', '.join(list_models())})")
+def load_model(spec: str, device: str | torch.device | None = None,
+               random_init: bool = False) -> tuple[torch.nn.Module, Callable]:
+    """(model in eval mode, OpenAI-exact preprocessing) for a model spec, by the rule every command follows
+    (:mod:`clipforge.io.spec`): a name with weights, ``ARCH:TAG``, a saved model, checkpoint or run directory,
+    ``RUN@best``; an architecture without weights only with ``random_init`` (seed-0 random weights, for tests
+    and demos), else :class:`~clipforge.io.spec.NoWeightsError`. Always float32, so that vectors do not
+    depend on the device that encoded them."""
+    return load(spec, device=device, precision="fp32", random_init=random_init)
+
+
+def indexed_spec(config: dict) -> tuple[str, bool]:
+    """(model spec, random_init) that an index's config.json names. An index written before random weights were
+    recorded names an architecture without weights and no ``random_init``: it was built with the seed-0
+    weights, if at all, which the weights checksum then verifies (:func:`load_indexed_model`)."""
+    random_init = bool(config.get("random_init", False))
+    if not random_init:
+        try:
+            resolve_spec(config["model"])
+        except NoWeightsError:
+            random_init = True
+    return config["model"], random_init
+
+
+def load_indexed_model(config: dict, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Callable]:
+    """:func:`load_model` for the model an index's config.json names (``random_init`` as recorded). An older
+    index that names an architecture without weights, without ``random_init``, is opened only when its weights
+    checksum is the seed-0 weights' (then those are exactly what it was indexed with); else ValueError."""
+    spec, random_init = indexed_spec(config)
+    model, preprocess = load_model(spec, device, random_init)
+    if random_init and not config.get("random_init") and weights_checksum(model) != config["weights_sha256"]:
+        raise ValueError(f"this index was built with {spec!r}, an architecture without weights, and its weights "
+                         f"checksum is not that of the seed-0 random weights, so its queries cannot be encoded as "
+                         f"its images were. Rebuild it with a model that has weights (clipforge index ... --model "
+                         f"SPEC --rebuild). {no_weights_message(spec)}")
+    return model, preprocess
 
 
 def prepare_for_queries(model: torch.nn.Module) -> None:
@@ -46,15 +66,17 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def model_name(spec: str) -> str:
-    """How config.json names the model: the absolute path of an existing file or folder, else the name."""
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
+def model_name(spec: str, random_init: bool = False) -> str:
+    """How config.json names the model: the spec in one string (:attr:`clipforge.io.spec.ModelSpec.text`): the
+    absolute path of an existing file or folder, ``ARCH:TAG``, else the name."""
+    return resolve_spec(spec, random_init=random_init).text
 
 
-def model_identity(spec: str, model: torch.nn.Module, preprocess: Callable) -> dict:
-    """What config.json records about the model: its name or absolute path, weights checksum,
-    embedding size and preprocessing."""
-    return {"model": model_name(spec), "weights_sha256": weights_checksum(model),
+def model_identity(spec: str, model: torch.nn.Module, preprocess: Callable, random_init: bool = False) -> dict:
+    """What config.json records about the model: its spec in one string (the name, ``ARCH:TAG`` or absolute
+    path), ``"random_init": true`` for seed-0 random weights (only then), weights checksum, embedding size and
+    preprocessing."""
+    return {"model": model_name(spec, random_init), **({"random_init": True} if random_init else {}),
+            "weights_sha256": weights_checksum(model),
             "dim": int(model.config.embed_dim),
             "preprocess": dataclasses.asdict(preprocess.config)}

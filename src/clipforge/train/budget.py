@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clipforge.io.checkpoints import save as save_model
+from clipforge.io.folder import save as save_model
 
 from .checkpoint import rng_state, set_rng_state
 from clipforge.runtime.distributed import gather_objects

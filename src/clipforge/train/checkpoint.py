@@ -13,8 +13,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from clipforge.io.checkpoints import CheckpointError, load_weights, read_checkpoint, torch_load
-from clipforge.io.checkpoints import save as save_model
+from clipforge.io.checkpoints import load_weights, read_checkpoint
+from clipforge.io.folder import save as save_model
+from clipforge.io.tensors import CheckpointError, torch_load
 from clipforge.models import CLIP
 from clipforge.io.runs import (BEST_RECORD, CONFIG_NAME, STATE_NAME, TRAIN_FILES, WEIGHTS_NAME, best_folder, is_complete,
                             step_folder, step_folders, write_files, write_folder)

@@ -12,13 +12,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipforge.models.config import OBJECTIVES, PROJECTIONS
+
 from .optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LOSSES = ("contrastive", "sigmoid", "bow", "caption", "classify")
-CONTRASTIVE_LOSSES = ("contrastive", "sigmoid")  # two-tower objectives; the others have no text tower
-PROJECTIONS = ("linear", "mlp")
+# --loss: the two-tower losses train a "contrastive" model (CLIP's softmax loss, SigLIP's sigmoid loss); each
+# other loss is an image-only objective of the same name, with no text tower.
+TWO_TOWER_LOSSES = ("contrastive", "sigmoid")
+LOSSES = (*TWO_TOWER_LOSSES, *(o for o in OBJECTIVES if o != "contrastive"))
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def objective_of(loss: str) -> str:
+    """The model objective a training loss trains: "contrastive" for both two-tower losses, else the loss."""
+    return "contrastive" if loss in TWO_TOWER_LOSSES else loss
 
 
 def _opt(default: Any, help: str, type: Any = None, choices: tuple | None = None, metavar: str | None = None):
@@ -33,8 +41,10 @@ class TrainConfig:
     # model
     model: str = _opt(None, "architecture name (clipforge.list_models()) or a model-config JSON file", str,
                        metavar="NAME|JSON")
-    pretrained: str | None = _opt(None, "initial weights to fine-tune: 'openai' or any checkpoint file/folder "
-                                  "clipforge.load accepts", str, metavar="openai|PATH")
+    pretrained: str | None = _opt(None, "initial weights to fine-tune: a pretrained tag of --model (openai, "
+                                  "laion2b_s34b_b79k, ...; clipforge.list_pretrained()), a checkpoint file or folder, "
+                                  "a run directory (its newest checkpoint), RUN@best, or a model with weights "
+                                  "(ViT-B/32, ViT-B-32:laion2b_s34b_b79k)", str, metavar="TAG|SPEC")
     lock_image: bool = _opt(False, "freeze the image tower (LiT: train the text tower only)")
     lock_text: bool = _opt(False, "freeze the text tower (a Hugging Face tower keeps its new projection trainable)")
     lock_text_unlocked_layers: int = _opt(0, "with --lock-text: leave the text tower's last N blocks trainable "
@@ -179,7 +189,7 @@ class TrainConfig:
         if self.classnames and self.loss != "classify":
             raise ValueError(f"--classnames names the labels of a --loss classify run's data; --loss {self.loss} "
                              "trains on captions")
-        if self.loss in CONTRASTIVE_LOSSES:
+        if self.loss in TWO_TOWER_LOSSES:
             return
         if self.fixed_temperature is not None:
             raise ValueError(f"--fixed-temperature applies to --loss contrastive and sigmoid; a --loss {self.loss} "

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import clipforge
 from clipforge.runtime.allocator import retain_freed_memory
-from clipforge.io.checkpoints import CheckpointError
+from clipforge.io.tensors import CheckpointError
 from clipforge.data import REASONS, build_train_data
 from clipforge.data.labelled import open_labelled_source
 from clipforge.io.factory import create_model_and_transforms
@@ -30,12 +30,12 @@ from clipforge.io.runs import (CHECKPOINTS_DIR, METRICS_NAME, RUN_CONFIG_NAME, T
 from clipforge.tokenizer import model_tokenizer
 
 from .checkpoint import best_mode, load_checkpoint, rng_state, save_best, save_checkpoint, set_rng_state
-from .config import TrainConfig, default_resume, parse_duration
+from .config import TWO_TOWER_LOSSES, TrainConfig, default_resume, objective_of, parse_duration
 from clipforge.runtime.distributed import DistEnv, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
 from .logger import RunLogger, truncate_metrics
 from .budget import measure_costs, planned_steps
 from .optim import CosineSchedule, build_optimizer, fitted_lr, fitted_warmup
-from .step import PAIRWISE_LOSSES, Stepper, TrainingLoss, TrainModule, objective_of
+from .step import Stepper, TrainingLoss, TrainModule
 from .validate import (HELDOUT, heldout_zeroshot_set, label_by_classnames, load_val_pairs, validate,
                        zeroshot_from_val)
 
@@ -111,8 +111,9 @@ def _check_paths(cfg: TrainConfig) -> None:
     if not existing.is_dir():
         raise ValueError(f"--output {cfg.output}: {existing} is a file, not a folder; --output names the run "
                          "directory (created if missing): choose another path")
-    if cfg.pretrained and cfg.pretrained != "openai" and not Path(cfg.pretrained).exists():
-        raise FileNotFoundError(f"--pretrained {cfg.pretrained}: no such file or folder (or use 'openai')")
+    if cfg.pretrained:  # the model-spec rule's weights (a tag, a path, a run, RUN@best, a name), checked unread
+        from clipforge.io.spec import resolve_weights
+        resolve_weights(cfg.model, cfg.pretrained)
     if cfg.zeroshot_classes and cfg.zeroshot_classes != HELDOUT:
         if not Path(cfg.zeroshot_classes).is_file():
             raise FileNotFoundError(f"--zeroshot-classes {cfg.zeroshot_classes}: no such file (one class name "
@@ -169,7 +170,7 @@ class Trainer:
                              f"{objective_of(cfg.loss)!r} one: give a model config without 'objective'")
         if cfg.lock_image or cfg.lock_text:
             clip.freeze(image=cfg.lock_image, text=cfg.lock_text, text_unlocked_layers=cfg.lock_text_unlocked_layers)
-        if cfg.loss not in PAIRWISE_LOSSES:
+        if cfg.loss not in TWO_TOWER_LOSSES:
             clip.logit_scale.requires_grad_(False)  # an image-only loss has no temperature: nothing to learn
         clip.set_grad_checkpointing(cfg.grad_checkpointing)
         self.clip, self.train_transform, self.eval_transform = clip, train_tf, eval_tf
@@ -184,7 +185,7 @@ class Trainer:
         """What the run sets in the model config: the loss's objective, the projection head, a fixed
         temperature (``init_logit_scale = log(1 / T)``, not learned) and a classifier's classes."""
         cfg, overrides = self.cfg, {}
-        if cfg.loss not in PAIRWISE_LOSSES:
+        if cfg.loss not in TWO_TOWER_LOSSES:
             overrides["objective"] = objective_of(cfg.loss)
         if cfg.projection is not None:
             overrides["projection"] = cfg.projection
@@ -415,7 +416,7 @@ class Trainer:
         world = self.env.world_size
         loss, grad_norm = (v / world for v in all_reduce_sum([out["loss"].item(), out["grad_norm"].item()], self.env))
         elapsed = time.perf_counter() - self._interval.start
-        temperature = {"logit_scale": self.clip.logit_scale.exp().item()} if self.cfg.loss in PAIRWISE_LOSSES else {}
+        temperature = {"logit_scale": self.clip.logit_scale.exp().item()} if self.cfg.loss in TWO_TOWER_LOSSES else {}
         record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, **temperature, "grad_norm": grad_norm,
                   "samples_per_s": self._interval.steps * self.global_batch / max(elapsed, 1e-9),
                   "data_s": self._interval.data_s / self._interval.steps, "samples": self.step * self.global_batch}

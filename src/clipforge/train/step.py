@@ -16,50 +16,16 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from clipforge import loss as losses
 from clipforge.loss import (SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, clamp_logit_scale_, contrastive_loss,
                             sigmoid_loss)
 from clipforge.models import CLIP
-from clipforge.models.text import cut_after_end_of_text
+from clipforge.objectives import image_only, prediction_loss, predictions
+
+from .config import TWO_TOWER_LOSSES, objective_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W), tokens (B, L) or class labels (B,)
-PAIRWISE_LOSSES = ("contrastive", "sigmoid")  # losses of the two towers' features; the others are image-only
-
-
-def objective_of(loss: str) -> str:
-    """The model objective a training loss trains: "contrastive" for both two-tower losses, else the loss."""
-    return "contrastive" if loss in PAIRWISE_LOSSES else loss
-
-
-def predictions(clip: CLIP, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The logits an image-only model's loss scores: (N, V) words, (P, V) next tokens at the P predicted
-    positions, or (N, C) classes."""
-    if clip.objective == "bow":
-        return clip.bow_logits(images)
-    if clip.objective == "caption":
-        # teacher-forced on its own tokens, the output layer only where the loss counts a prediction
-        return clip.caption_logits(images, cut_after_end_of_text(targets), predicted_only=True)
-    if clip.objective == "classify":
-        return clip.class_logits(images)
-    raise ValueError(f"a {clip.objective!r} model gives features, not predictions; use its two towers")
-
-
-def prediction_loss(objective: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The mean loss of an image-only objective: bag-of-words or next-token cross-entropy, or classification."""
-    logits = logits.float()
-    if objective == "bow":
-        return losses.bow_loss(logits, targets)
-    if objective == "caption":  # positions after the batch's last end-of-text predict nothing: cut, as predictions does
-        return losses.caption_loss(logits, cut_after_end_of_text(targets))
-    return F.cross_entropy(logits, targets)
-
-
-def predicted_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """How many tokens ``caption_loss`` predicts in (N, L) captions."""
-    return losses.predicted_token_mask(tokens).sum()
 
 
 class TrainModule(nn.Module):
@@ -109,17 +75,12 @@ class TrainingLoss:
     @property
     def pairwise(self) -> bool:
         """Whether the loss pairs image and text features of the whole batch (so needs cached accumulation)."""
-        return self.kind in PAIRWISE_LOSSES
+        return self.kind in TWO_TOWER_LOSSES
 
     def shares(self, micro_batches: list[Batch]) -> list[float]:
         """Each micro-batch's share of the batch's mean loss: the share of the terms the mean is over
         (predicted tokens for caption, captions with a word for bow, samples for classify)."""
-        if self.kind == "caption":
-            counts = [float(predicted_tokens(targets)) for _, targets in micro_batches]
-        elif self.kind == "bow":
-            counts = [float(losses.word_token_mask(targets).any(dim=-1).sum()) for _, targets in micro_batches]
-        else:
-            counts = [float(len(targets)) for _, targets in micro_batches]
+        counts = [image_only(self.kind).terms(targets) for _, targets in micro_batches]
         total = sum(counts) or 1.0  # no term at all: every micro-batch's loss is 0
         return [count / total for count in counts]
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
-import torch.nn.functional as F
 
 from clipforge.data import shapes
 from clipforge.data.sources import SkipCounter, iter_pairs
@@ -18,10 +17,9 @@ from clipforge.encode import encode_images, encode_texts, model_device
 from clipforge.evaluate.metrics import retrieval_metrics, topk_accuracy
 from clipforge.loss import contrastive_loss
 from clipforge.models import CLIP
+from clipforge.objectives import prediction_loss, predictions
 from clipforge.data.classnames import load_classnames
 from clipforge.zeroshot import ZeroShotClassifier, build_zeroshot_classifier
-
-from .step import prediction_loss, predictions
 
 HELDOUT = "builtin-heldout"
 HELDOUT_SAMPLES = 512  # images of the held-out pairs scored for "builtin-heldout"
@@ -162,7 +160,7 @@ def _zeroshot_metrics(model: CLIP, zeroshot: ZeroShotSet, batch_size: int, autoc
             scores = classifier.scores(zeroshot.images).float().cpu()
     metrics = {f"zeroshot_{k}": v for k, v in topk_accuracy(scores, zeroshot.labels, (1, 5)).items()}
     if model.objective == "classify":
-        metrics["loss"] = F.cross_entropy(scores, zeroshot.labels).item()
+        metrics["loss"] = prediction_loss(model.objective, scores, zeroshot.labels).item()
     metrics["zeroshot_samples"] = len(zeroshot.images)
     metrics["zeroshot_classes"] = len(zeroshot.classnames)
     return metrics

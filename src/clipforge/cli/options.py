@@ -1,0 +1,53 @@
+"""The options every subcommand shares, each defined once with one help text: the model (``--model``,
+``--pretrained``, ``--random-init``, read by the model-spec rule of :mod:`clipforge.io.spec`), ``--device`` and
+``--json``; and loading the model the parsed options name."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+
+from clipforge.io.factory import load
+from clipforge.io.spec import ModelSpec, resolve_spec
+
+MODEL_HELP = ("the model: a name with weights (ViT-B/32, RN50, ...), an architecture and pretrained tag in one "
+              "string (ViT-H-14:laion2b_s32b_b79k), a saved model folder or checkpoint file, a training run "
+              "directory (its newest checkpoint) or RUN@best. An architecture without weights (ViT-H-14, "
+              "tiny-vit) is refused unless --random-init asks for random weights")
+PRETRAINED_HELP = ("weights for --model's architecture: an OpenCLIP pretrained tag (laion2b_s32b_b79k; "
+                   "clipforge.list_pretrained() lists them), 'openai', or a checkpoint / run directory")
+RANDOM_INIT_HELP = ("seed-0 random weights for --model's architecture (a name or model-config JSON), instead of "
+                    "any published or saved weights: for tests and demos")
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda when available)"
+JSON_HELP = "print the result as JSON instead of text"
+
+
+def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--model SPEC``, ``--pretrained TAG`` and ``--random-init``."""
+    parser.add_argument("--model", required=required, metavar="SPEC", help=MODEL_HELP)
+    parser.add_argument("--pretrained", metavar="TAG|PATH", help=PRETRAINED_HELP)
+    parser.add_argument("--random-init", action="store_true", help=RANDOM_INIT_HELP)
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs."""
+    parser.add_argument("--device", help=DEVICE_HELP)
+
+
+def add_json_option(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup) -> None:
+    """``--json``: machine-readable output (its shape is described in the command's help)."""
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The model the parsed options name, by the model-spec rule; reads and downloads nothing. Raises
+    :class:`~clipforge.io.spec.NoWeightsError` (a ValueError) for an architecture without weights."""
+    return resolve_spec(args.model, args.pretrained, args.random_init)
+
+
+def load_model(args: argparse.Namespace, **options) -> tuple[torch.nn.Module, Callable]:
+    """(model in eval mode, preprocessing) that the parsed options name, on ``--device`` (``options``:
+    :func:`clipforge.load`'s others, e.g. ``precision``)."""
+    options.setdefault("device", getattr(args, "device", None))
+    return load(model_spec(args), **options)
