@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 
 # The documentation site; --strict turns a broken link or a page missing from the navigation into an error.
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # Build the wheel and sdist, install the wheel into a clean virtualenv and smoke-test the installed CLI.
 wheel-check: $(STAMP)
