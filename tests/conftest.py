@@ -1,6 +1,18 @@
-"""Shared fixtures. Add yours below; do not remove others'."""
+"""Shared fixtures, and the one rule for what `make test-fast` leaves out. Add yours below; do not remove others'.
+
+A test is ``slow`` when it is marked so (each test that took a second or more on two idle cores) or when it uses
+one of the session fixtures below that train a model first (about 15 s the first time).
+"""
 import pytest
 import torch
+
+SLOW_FIXTURES = {"trained_tiny_model", "search_index", "search_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -1,9 +1,12 @@
 """The built-in demo end to end through the command line, shortened: data, training, evaluation, report."""
 import json
 
+import pytest
+
 from clipforge.cli import main
 
 
+@pytest.mark.slow
 def test_demo_trains_evaluates_and_writes_a_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--output", str(out), "--steps", "100", "--eval-samples", "64", "--workers", "0"]) == 0

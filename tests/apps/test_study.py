@@ -70,6 +70,7 @@ def _sections(markdown: str) -> dict[str, str]:
     return {part.split("\n", 1)[0]: part for part in parts}
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_at_the_experiment_it_was_in(killed):
     first = killed.out / "results" / f"{next(iter(EXPERIMENTS))}.json"
     assert first.read_bytes() == killed.first_result and first.stat().st_mtime_ns == killed.first_stamp

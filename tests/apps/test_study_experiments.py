@@ -105,6 +105,7 @@ def _check_result(result, name: str):
     json.dumps(result.numbers)  # saved with the result
 
 
+@pytest.mark.slow
 def test_objectives_curves_come_from_the_runs_checkpoints(study):
     result = objectives(study)
     _check_result(result, "objectives")
@@ -137,6 +138,7 @@ def test_projection_compares_the_baseline_with_an_mlp_head(study):
     assert result.agrees == (abs(result.numbers["difference"]) <= result.numbers["noise_margin"])
 
 
+@pytest.mark.slow
 def test_temperature_runs_fixed_temperatures_against_the_learned_one(study):
     result = temperature(study)
     _check_result(result, "temperature")

@@ -73,6 +73,7 @@ def test_retrieval_from_csv_and_karpathy_json(saved_tiny_model, data, tmp_path, 
     assert (karpathy["details"]["num_images"], karpathy["details"]["num_captions"]) == (8, 16)
 
 
+@pytest.mark.slow
 def test_linear_probe_beats_chance_on_builtin_data(saved_tiny_model, data, tmp_path, capsys):
     result = run_eval(saved_tiny_model, tmp_path, capsys, "--task", "linear-probe", "--data", data["folder"],
                       "--train-data", data["train"])

@@ -25,6 +25,7 @@ def _eval(model, tmp_path, *args):
     return json.loads(output.read_text())["metrics"]
 
 
+@pytest.mark.slow
 def test_zeroshot_transfers_to_unseen_pairs(trained_tiny_model, heldout, tmp_path):
     metrics = _eval(trained_tiny_model, tmp_path, "--task", "zeroshot", "--data", heldout["test"])
     assert metrics["top1"] > 0.5 and metrics["mean_per_class_recall"] > 0.5

@@ -294,6 +294,7 @@ def test_serve_refuses_an_index_it_cannot_encode_queries_for(legacy_index, capsy
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_serve_queries_an_index_built_with_random_init(images, tmp_path):
     pytest.importorskip("uvicorn")
     import urllib.request
@@ -353,6 +354,7 @@ def test_export_refuses_downloads_and_takes_random_init(tmp_path, capsys, hub):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_train_pretrained_takes_every_spec_form(tmp_path, capsys, hub, run_dir, one_thread):
     run, _, _ = run_dir

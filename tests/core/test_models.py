@@ -183,6 +183,7 @@ def _onednn():
         pytest.skip("this torch has no oneDNN")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-vit", "ViT-B-32"])  # QuickGELU and exact GELU MLPs
 def test_packed_text_weights_give_the_plain_features(name):
     """oneDNN-packed products (activation fused) equal the plain ones up to float32 rounding, for queries of

@@ -35,6 +35,7 @@ def reference():
 
 @pytest.mark.parametrize("pooler, proj", [("mean_pooler", "linear"), ("cls", "mlp"), ("last-token", "linear"),
                                           ("cls_pooler", "linear")])
+@pytest.mark.slow
 def test_features_equal_automodel_pooled_and_projected(reference, pooler, proj):
     torch.manual_seed(0)
     model = clipforge.create_model(_config(pooler, proj)).eval()
@@ -76,6 +77,7 @@ def test_lock_text_leaves_the_last_layers_and_the_projection_trainable():
     assert {n for n, p in model.text.named_parameters() if p.requires_grad} == {"proj.weight"}
 
 
+@pytest.mark.slow
 def test_lit_style_training_run_keeps_the_locked_tower(tmp_path):
     config = tmp_path / "lit.json"
     config.write_text(json.dumps(_config()))

@@ -145,6 +145,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_over_many_mutations(tmp_path):
     """A child process decodes 600 mutated images and reads 600 mutated checkpoints; its peak RSS may grow
     by at most 300 MiB (a decoded image is bounded by max_pixels; these files declare at most 64 KiB

@@ -65,6 +65,7 @@ def exported(tmp_path_factory):
     return model, pre, folder
 
 
+@pytest.mark.slow
 def test_folder_describes_itself(exported):
     model, pre, folder = exported
     meta = json.loads((folder / META_FILE).read_text())

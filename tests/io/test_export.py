@@ -33,6 +33,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+@pytest.mark.slow
 def test_export_writes_both_graphs_and_config(exported):
     model, folder, paths = exported
     assert paths["image"] == folder / IMAGE_FILE and paths["text"] == folder / TEXT_FILE
@@ -104,6 +105,7 @@ def test_bad_inputs_are_rejected_with_clear_errors(exported, tmp_path):
         OnnxEncoder(tmp_path)
 
 
+@pytest.mark.slow
 def test_export_leaves_the_model_as_it_was(tmp_path):
     model = _model("tiny-vit").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -112,6 +114,7 @@ def test_export_leaves_the_model_as_it_was(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_cli_exports_a_saved_checkpoint(tmp_path, capsys):
     from clipforge import save
     model = _model("tiny-vit-cbow")

@@ -27,6 +27,7 @@ def _run(env_value: str | None) -> tuple[bool, int]:
     return applied == "True", int(kept)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_blocks_stay_in_the_process_unless_turned_off():
     applied, kept_mib = _run(None)

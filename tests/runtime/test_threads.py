@@ -52,6 +52,7 @@ def test_the_count_is_restored_after_an_error():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow
 def test_training_runs_with_the_threads_asked_for_and_restores_the_count(tmp_path, monkeypatch):
     from clipforge.train import TrainConfig, loop, train
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from clipforge.search import Index
 
 from test_search_index import assert_every_vector_matches_its_file, write_folder
@@ -47,6 +49,7 @@ def _kill_at_random_moment(photos, index_dir, rng, while_encoding: bool) -> None
     proc.communicate(timeout=60)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_never_leaves_a_wrong_vector(tmp_path, one_thread):
     photos, index_dir = tmp_path / "photos", tmp_path / "index"
     write_folder(photos, IMAGES)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import numpy as np
 
 from clipforge.search import Index
@@ -27,6 +29,7 @@ def _rows(index_dir):
         return db.execute("SELECT * FROM items ORDER BY id").fetchall()
 
 
+@pytest.mark.slow
 def test_two_ranks_build_the_index_one_process_builds(tmp_path, one_thread):
     photos, shards = tmp_path / "photos", tmp_path / "shards"
     write_folder(photos, 23)

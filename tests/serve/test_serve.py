@@ -76,6 +76,7 @@ def _search(client, body, status=200):
     return response.json()
 
 
+@pytest.mark.slow
 def test_text_search_matches_a_direct_computation(client, direct):
     found = _search(client, {"query": "a red circle", "top_k": 8})
     _check_exact(found["results"], direct, direct["text"]("a red circle")[0], 8)
@@ -323,6 +324,7 @@ def test_token_is_required_when_set(search_index, tmp_path):
         assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200
 
 
+@pytest.mark.slow
 def test_cli_warns_without_a_token_on_other_addresses_and_fails_cleanly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CLIPFORGE_TOKEN"}
     done = subprocess.run([sys.executable, "-m", "clipforge", "serve", str(tmp_path / "none"), "--host", "0.0.0.0"],
@@ -369,6 +371,7 @@ def test_cli_refuses_bad_options_before_serving(tmp_path, capsys, options, says)
     assert says in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_load_2000_requests_from_16_clients(search_server):
     """2,000 mixed requests (text searches, items, thumbnails) from 16 concurrent clients, stopping after 90 s
     on a machine too busy to finish them: no errors, and at least a tenth of them answered."""

@@ -60,6 +60,7 @@ def _wait_for_results(page, first_id=None):
                            ".every(img => img.complete && img.naturalWidth > 0)")
 
 
+@pytest.mark.slow
 def test_typed_query_shows_thumbnails_and_survives_a_reload(page, search_server, tmp_path):
     page.goto("/")
     page.fill("#q", "a red circle")
@@ -77,6 +78,7 @@ def test_typed_query_shows_thumbnails_and_survives_a_reload(page, search_server,
     assert _shown_ids(page) == expected and page.input_value("#q") == "a red circle"
 
 
+@pytest.mark.slow
 def test_click_a_result_for_more_like_it_and_back(page, search_server):
     page.goto("/?q=" + "a blue square".replace(" ", "+"))
     _wait_for_results(page)
@@ -109,6 +111,7 @@ def test_keyboard_only(page, search_server):
     assert _shown_ids(page) == _api_ids(search_server, {"query": f"id:{shown[1]}"})
 
 
+@pytest.mark.slow
 def test_upload_and_drop_an_image(page, search_server, search_photos):
     photo = search_photos / "a" / "00007.jpg"
     page.goto("/")
@@ -133,6 +136,7 @@ def test_upload_and_drop_an_image(page, search_server, search_photos):
     assert page.locator(".result").first.get_attribute("title").startswith(str(search_photos / "b" / "00030.jpg"))
 
 
+@pytest.mark.slow
 def test_infinite_scroll_loads_every_result(page):
     page.goto("/?q=a+shape")
     _wait_for_results(page)

@@ -101,6 +101,7 @@ def test_output_that_is_a_file_is_refused(tmp_path, micro_json, capsys):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_resume_advice_after_a_run_that_failed_before_its_first_checkpoint(tmp_path, micro_json, capsys):
     spec = _csv(tmp_path / "data", 0, ["empty.png"] * 8)
     args = ["train", "--model", micro_json, "--train-data", spec, "--output", str(tmp_path / "run"), "--steps", "2",
@@ -121,6 +122,7 @@ class _Payload:
         return (os.mkdir, (os.environ["HOSTILE_MARKER"],))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "malicious", "not_a_state"])
 def test_a_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(tmp_path, micro_json, damage, caplog,
                                                                          monkeypatch):

@@ -55,6 +55,7 @@ def test_fitted_rules_follow_the_references():
     assert best_mode("loss:max") == ("loss", "max")
 
 
+@pytest.mark.slow
 def test_cli_fits_the_schedule_and_warns_of_a_long_warmup(tmp_path, micro_json):
     fitted = _cli(_train(micro_json, tmp_path / "fitted", "--steps", "20"))
     assert fitted.returncode == 0, fitted.stderr[-2000:]
@@ -68,6 +69,7 @@ def test_cli_fits_the_schedule_and_warns_of_a_long_warmup(tmp_path, micro_json):
     assert "clipforge train: warning: the warm-up (4 steps) covers most of the run (6 steps)" in long.stderr
 
 
+@pytest.mark.slow
 def test_time_budget_run_ends_within_it_with_the_schedule_finished(tmp_path, micro_json):
     start = time.perf_counter()
     done = _cli(_train(micro_json, tmp_path / "run", "--time-budget", "12s"))
@@ -82,6 +84,7 @@ def test_time_budget_run_ends_within_it_with_the_schedule_finished(tmp_path, mic
     assert (tmp_path / "run" / "checkpoints" / f"step_{total:08d}").is_dir()
 
 
+@pytest.mark.slow
 def test_time_budgeted_run_resumes_to_its_plan(tmp_path, micro_json):
     broken, whole = tmp_path / "broken", tmp_path / "whole"
     budget = _train(micro_json, broken, "--time-budget", "8s", "--save-every", "3", "--workers", "2")
@@ -148,6 +151,7 @@ def test_shards_with_a_json_caption_list(tmp_path):
     assert captions == [["red", "a red square"], "blue"]
 
 
+@pytest.mark.slow
 def test_keep_best_keeps_the_best_validation_checkpoint(tmp_path, micro_json):
     run = tmp_path / "run"
     done = _cli(_train(micro_json, run, "--steps", "8", "--lr", "1e-2", "--val-data", "builtin:16",

@@ -208,6 +208,7 @@ def test_argument_errors(argv, message):
         _parse("--model", "tiny-vit", "--train-data", "builtin", "--output", "x", *argv)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_runs_clearly(tmp_path, capsys, micro_json):
     base = ["train", "--train-data", "builtin:64", "--steps", "2", "--warmup", "0", "--workers", "0"]
     assert cli_main(base + ["--model", "no-such-model", "--output", str(tmp_path / "a")]) == 2
@@ -258,6 +259,7 @@ def test_sigmoid_loss_run_learns_a_bias(tmp_path, micro_json):
 
 # ------------------------------------------------------------------- the ~1-minute test: it really learns
 
+@pytest.mark.slow
 def test_tiny_model_learns_builtin_data_and_transfers_zero_shot(tmp_path):
     """About a minute on a CPU: tiny-vit on the built-in shapes; the loss falls far below ln(batch) and
     zero-shot accuracy on the colour-shape pairs never seen in training is far above chance (1/8)."""

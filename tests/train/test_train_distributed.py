@@ -60,6 +60,7 @@ def _launch_like_srun(args, output):
 @pytest.mark.parametrize("launch, extra", [(_launch_torchrun, []),
                                            (_launch_like_srun, ["--local-loss", "--accum-freq", "2"])],
                          ids=["torchrun", "srun-local-loss-accum"])
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, launch, extra):
     model = tmp_path / "micro.json"
     model.write_text(json.dumps(MICRO))

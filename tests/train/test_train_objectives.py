@@ -42,6 +42,7 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in read_metrics(run) if "split" not in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["bow", "caption", "classify"])
 def test_each_objective_trains_and_its_checkpoint_scores_zero_shot(tmp_path, micro_json, loss):
     # zero-shot scoring of a caption model runs its decoder over images x classes x templates prompts: the
@@ -66,6 +67,7 @@ def test_each_objective_trains_and_its_checkpoint_scores_zero_shot(tmp_path, mic
     assert scores.shape == (8, len(classes)) and torch.isfinite(scores).all()
 
 
+@pytest.mark.slow
 def test_classify_on_a_labelled_folder_beats_chance(tmp_path, micro_json):
     root = write_classification(tmp_path / "colours", "train", 256, by="colour", image_size=32, seed=0)
     train(_cfg(tmp_path, micro_json, loss="classify", train_data=root, steps=120, lr=5e-3, batch_size=32))
@@ -98,6 +100,7 @@ def test_classify_on_a_builtin_world_and_style_takes_its_pairs(tmp_path, micro_j
     assert len(model.config.classnames) < len(class_names("train"))  # the hard world holds out more pairs
 
 
+@pytest.mark.slow
 def test_time_budget_plans_a_caption_run(tmp_path, micro_json):
     result = train(_cfg(tmp_path, micro_json, loss="caption", steps=None, warmup=None, time_budget="10s",
                         val_data="builtin:16", batch_size=8))
@@ -141,6 +144,7 @@ def test_accumulation_is_exact_for_per_sample_losses(objective, one_thread):
             assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-7), name
 
 
+@pytest.mark.slow
 def test_caption_trains_data_parallel(tmp_path, micro_json):
     from test_train_distributed import _args, _launch_torchrun  # the data-parallel tests' launcher
     run = tmp_path / "ddp"
@@ -154,6 +158,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_stopped_bow_run_resumes_to_the_same_weights(tmp_path, micro_json, monkeypatch):
     settings = dict(loss="bow", steps=10, save_every=4, keep=3, train_data="builtin:96")
     train(_cfg(tmp_path, micro_json, "whole", **settings))
@@ -199,6 +204,7 @@ def test_mlp_projection_trains_and_round_trips(tmp_path, micro_json):
     assert {k for k in saved if k.startswith(("image_mlp.", "text_mlp."))}
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_objective_settings(tmp_path, micro_json):
     train(_cfg(tmp_path, micro_json, steps=2, warmup=1))
     for change, shown in (({"projection": "mlp"}, "projection: None -> 'mlp'"),

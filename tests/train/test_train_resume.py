@@ -58,6 +58,7 @@ def _cli(args, **env):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path, micro_json):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     done = _cli(_args(micro_json, whole))
@@ -89,6 +90,7 @@ def _cfg(tmp_path, model, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_checkpoints_are_pruned_and_hold_a_weights_only_state(tmp_path, micro_json):
     train(_cfg(tmp_path, micro_json))
     folders = sorted((tmp_path / "run" / "checkpoints").iterdir())
@@ -99,6 +101,7 @@ def test_checkpoints_are_pruned_and_hold_a_weights_only_state(tmp_path, micro_js
     assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
 
 
+@pytest.mark.slow
 def test_resume_errors(tmp_path, micro_json):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(_cfg(tmp_path, micro_json, resume="latest"))
@@ -109,6 +112,7 @@ def test_resume_errors(tmp_path, micro_json):
         train(_cfg(tmp_path, micro_json, steps=2, resume="latest", lr=2e-3))
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_or_continues(tmp_path, micro_json):
     first = train(_cfg(tmp_path, micro_json, steps=3, save_every=2, resume="auto"))  # nothing yet: starts
     assert first["step"] == 3
