@@ -97,7 +97,7 @@ def bow_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Bag-of-words prediction (CLIP sec. 2.3): ``mean_n -sum_v target[n, v] * log_softmax(logits[n])[v]``.
 
     ``target[n]`` is the multi-hot vector of the word tokens of caption ``n`` (each distinct word once, see
-    :func:`word_token_mask`) divided by its sum. ``logits`` (N, V); ``tokens`` (N, L). Captions without a
+    ``word_token_mask``) divided by its sum. ``logits`` (N, V); ``tokens`` (N, L). Captions without a
     word are left out of the mean (a batch of only such captions gives 0 with a zero gradient).
     """
     _check_token_logits("bow_loss", logits, tokens, 2)
@@ -123,7 +123,7 @@ def caption_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Teacher-forced language-model loss (CLIP sec. 2.3, VirTex): the next-token cross-entropy of
     positions 1..end-of-text (inclusive), averaged over all predicted tokens of the batch.
 
-    ``logits`` are (N, L, V), or (P, V) at only the P positions of :func:`predicted_token_mask` in row-major
+    ``logits`` are (N, L, V), or (P, V) at only the P positions of ``predicted_token_mask`` in row-major
     order (``CLIP.caption_logits(..., predicted_only=True)``), which gives the same loss for less work.
     """
     if logits.ndim == 2:
@@ -143,7 +143,7 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 def predicted_token_mask(tokens: torch.Tensor) -> torch.Tensor:
     """(N, L - 1) True at the positions t whose target token t + 1 lies at or before the row's end-of-text:
-    the positions :func:`caption_loss` counts."""
+    the positions ``caption_loss`` counts."""
     positions = torch.arange(1, tokens.shape[1], device=tokens.device)[None, :]
     return positions <= tokens.argmax(dim=-1, keepdim=True)
 

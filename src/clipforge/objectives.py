@@ -2,7 +2,7 @@
 "bow", "caption" and "classify" (``models.config.OBJECTIVES`` after "contrastive"), what the model predicts
 from a batch, the loss of those predictions, how many terms that mean is over, and how the model scores
 zero-shot prompts. Training and validation (``train/``) and zero-shot classification (``zeroshot.py``) call
-:func:`image_only`; a "contrastive" model has two towers instead, whose features ``loss.py`` scores.
+``image_only``; a "contrastive" model has two towers instead, whose features ``loss.py`` scores.
 """
 from __future__ import annotations
 

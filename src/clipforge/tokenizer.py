@@ -79,7 +79,7 @@ class _BPE:
         """The first ``count`` tokens of ``merge(word)`` (all of them if fewer; maybe a few more), exactly, merging
         about ``window`` characters at a time rather than the whole word.
 
-        Each window yields the tokens that :meth:`_settled_tokens` proves final. The rest of the word starts at a
+        Each window yields the tokens that ``_settled_tokens`` proves final. The rest of the word starts at a
         boundary between the whole word's tokens, where BPE splits into the BPE of each side, so it is tokenized
         on its own. The work depends on how far merges reach back across a window's end (in practice a few
         tokens with CLIP's merges); a window with no settled token is doubled, up to the whole word.
@@ -195,7 +195,7 @@ class TextTooLongError(RuntimeError, ValueError):
 class Tokenizer:
     """CLIP's tokenizer: texts -> zero-padded id tensors ``[49406, ..., 49407, 0, ...]``.
 
-    ``context_length`` and ``truncate`` are the defaults of :meth:`__call__`. By default the literal
+    ``context_length`` and ``truncate`` are the defaults of ``__call__``. By default the literal
     strings ``<|startoftext|>`` / ``<|endoftext|>`` inside a text are tokenized as ordinary text, as
     OpenCLIP does (a stray end-of-text id would move the text tower's pooling position); pass
     ``special_tokens_in_text=True`` to map them to their special ids, as OpenAI's original code does.
@@ -370,7 +370,7 @@ def get_tokenizer(name_or_context_length: str | int | None = None, context_lengt
     """A tokenizer for a registered model's context length (``"ViT-B-32"`` -> 77), or for a given length.
 
     ``get_tokenizer()`` uses 77 tokens; an int first argument is the context length; ``context_length``
-    overrides a model's. Unlike :func:`tokenize`, it truncates by default, since training and zero-shot
+    overrides a model's. Unlike ``tokenize``, it truncates by default, since training and zero-shot
     callers want long captions cut rather than an error; pass ``truncate=False`` to get a ValueError
     instead. All tokenizers share one parsed vocabulary and its caches.
     """

@@ -32,7 +32,7 @@ class PreprocessConfig:
     """How a model's images are preprocessed; saved beside the architecture in a checkpoint's config.
 
     Keys follow clipforge's names; OpenCLIP's ``preprocess_cfg`` keys (``size``, and ``mode``/``fill_color``
-    at their only supported values "RGB"/0) are accepted by :meth:`from_dict`.
+    at their only supported values "RGB"/0) are accepted by ``from_dict``.
     """
 
     image_size: int = 224
@@ -54,7 +54,7 @@ class PreprocessConfig:
             raise ValueError(f"resize_mode must be one of {list(_RESIZE_MODES)}, got {self.resize_mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists) that :meth:`from_dict` reads back."""
+        """A JSON-ready dict (tuples become lists) that ``from_dict`` reads back."""
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
@@ -192,8 +192,8 @@ class EvalTransform:
         return self._normalize(_center_crop(img, n))
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """The (width, height) an image is resized to before the centre crop; raises :class:`BadSample`
-        (``too_many_pixels``) when that has more pixels than the decoder's limit :data:`DEFAULT_MAX_PIXELS`.
+        """The (width, height) an image is resized to before the centre crop; raises ``BadSample``
+        (``too_many_pixels``) when that has more pixels than the decoder's limit ``DEFAULT_MAX_PIXELS``.
 
         Only ``"shortest"`` can exceed it: a thin strip's shorter side is scaled up to ``image_size``, so a
         1x10000 image would become 224x2240000 before being cropped back to 224x224.
@@ -220,7 +220,7 @@ class TrainTransform:
     Randomness comes from ``generator`` (per call, else the one given here, else torch's global RNG, which
     DataLoader seeds differently in each worker). A generator given here is copied into every worker, so
     workers would repeat each other's crops: for per-sample determinism pass a seeded generator per call.
-    With ``draft=True``, JPEG paths/bytes decode at reduced scale (see :func:`load_image`); faster, but the
+    With ``draft=True``, JPEG paths/bytes decode at reduced scale (see ``load_image``); faster, but the
     pixels then differ slightly from a full decode.
     """
 

@@ -26,7 +26,7 @@ TEMPLATES_ASSET = "en_zeroshot_classification_templates.json"
 
 
 def template_set_names() -> list[str]:
-    """Names accepted by :func:`load_templates`: CLIP_benchmark's per-dataset sets plus 'openai' and 'default'."""
+    """Names accepted by ``load_templates``: CLIP_benchmark's per-dataset sets plus 'openai' and 'default'."""
     return sorted({*read_json(TEMPLATES_ASSET), *TEMPLATE_ALIASES, "default"})
 
 
@@ -79,7 +79,7 @@ def build_zeroshot_classifier(model, classnames: Sequence[str], templates: str |
 
     Column ``c`` is ``normalize(mean_t normalize(encode_text(template_t filled with class c))))``. Prompts
     are encoded in batches of ``batch_size``. Repeated names are allowed here (OpenAI's ImageNet list names
-    two classes 'missile'); :class:`ZeroShotClassifier` rejects them.
+    two classes 'missile'); ``ZeroShotClassifier`` rejects them.
     """
     classnames = check_classnames(classnames, unique=False)
     templates = load_templates(templates)
@@ -107,7 +107,7 @@ class _ScoresAsFeatures(torch.nn.Module):
 
 def zeroshot_scores(model, images: torch.Tensor, classnames: Sequence[str],
                     templates: str | Sequence[str] | None = None, tokenizer=None, batch_size: int = 256) -> torch.Tensor:
-    """Class scores (N, C) of preprocessed images for a model of any objective; see :meth:`ZeroShotClassifier.scores`."""
+    """Class scores (N, C) of preprocessed images for a model of any objective; see ``ZeroShotClassifier.scores``."""
     return ZeroShotClassifier(model, classnames, templates, tokenizer, batch_size=batch_size,
                               allow_duplicates=True).scores(images)
 
@@ -123,7 +123,7 @@ class ZeroShotClassifier:
 
     ``weights`` (embed_dim, num_classes) and ``neutral_weights`` (embed_dim, 1) are computed when the
     classifier is built and kept: after the model's weights change (inside a training loop, after
-    ``load_state_dict``), call :meth:`refresh`. Prompts and images are encoded ``batch_size`` at a time.
+    ``load_state_dict``), call ``refresh``. Prompts and images are encoded ``batch_size`` at a time.
     Repeated class names raise ValueError unless ``allow_duplicates`` (OpenAI's ImageNet list has two).
     """
 
@@ -180,7 +180,7 @@ class ZeroShotClassifier:
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores (N, num_classes) of preprocessed images (N, 3, H, W), higher = more likely, encoded
-        ``batch_size`` at a time: contrastive, :meth:`logits`; bow, the mean over templates of the prompt's
+        ``batch_size`` at a time: contrastive, ``logits``; bow, the mean over templates of the prompt's
         summed word log-probabilities; caption, the mean over templates of the prompt's log-likelihood;
         classify, the model's class logits of these class names (templates unused)."""
         if self.objective == "contrastive":
@@ -195,7 +195,7 @@ class ZeroShotClassifier:
     def predict(self, images: torch.Tensor, top_k: int = 5,
                 multi_label: bool = False) -> list[list[tuple[str, float]]]:
         """For each preprocessed image, its ``top_k`` (label, score) pairs, best first: softmax of
-        :meth:`scores`, or with ``multi_label`` (contrastive models) :meth:`multilabel_scores`."""
+        ``scores``, or with ``multi_label`` (contrastive models) ``multilabel_scores``."""
         if multi_label and self.objective != "contrastive":
             raise ValueError(f"multi-label scores compare each class with a neutral prompt in CLIP's joint "
                              f"space; a {self.objective!r} model has none: use multi_label=False")

@@ -48,7 +48,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     """Generate data, train, evaluate and write ``report.md``; returns the report's path.
 
     Every setting is checked before anything is written, and ``cfg.output`` must be new, empty or a
-    previous demo's folder (it holds the :data:`DEMO_MARKER` file): the demo never replaces other files.
+    previous demo's folder (it holds the ``DEMO_MARKER`` file): the demo never replaces other files.
     """
     out = Path(cfg.output)
     train_cfg = _train_config(cfg, out / "run")

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 def load_model(spec: str, random_init: bool = False,
                pretrained: str | None = None) -> tuple[CLIP, PreprocessConfig | None]:
-    """The model ``--model`` names (by the model-spec rule, :mod:`clipforge.io.spec`) and its preprocessing:
+    """The model ``--model`` names (by the model-spec rule, ``clipforge.io.spec``) and its preprocessing:
     loaded weights, or with ``random_init`` the architecture (a name or JSON config) with seed-0 random
     weights (preprocessing None: OpenAI's at the model's size). Float32, on the CPU."""
     resolved = resolve_spec(spec, pretrained, random_init)

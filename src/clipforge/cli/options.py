@@ -1,5 +1,5 @@
 """The options every subcommand shares, each defined once with one help text: the model (``--model``,
-``--pretrained``, ``--random-init``, read by the model-spec rule of :mod:`clipforge.io.spec`), ``--device`` and
+``--pretrained``, ``--random-init``, read by the model-spec rule of ``clipforge.io.spec``), ``--device`` and
 ``--json``; and loading the model the parsed options name."""
 from __future__ import annotations
 
@@ -42,12 +42,12 @@ def add_json_option(parser: argparse.ArgumentParser | argparse._MutuallyExclusiv
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The model the parsed options name, by the model-spec rule; reads and downloads nothing. Raises
-    :class:`~clipforge.io.spec.NoWeightsError` (a ValueError) for an architecture without weights."""
+    ``clipforge.io.spec.NoWeightsError`` (a ValueError) for an architecture without weights."""
     return resolve_spec(args.model, args.pretrained, args.random_init)
 
 
 def load_model(args: argparse.Namespace, **options) -> tuple[torch.nn.Module, Callable]:
     """(model in eval mode, preprocessing) that the parsed options name, on ``--device`` (``options``:
-    :func:`clipforge.load`'s others, e.g. ``precision``)."""
+    ``clipforge.load``'s others, e.g. ``precision``)."""
     options.setdefault("device", getattr(args, "device", None))
     return load(model_spec(args), **options)

@@ -1,6 +1,6 @@
 """The one data layer: listing, opening and decoding images and captions from folders, CSV/TSV files,
 WebDataset shards and the built-in shapes data, for training (skip and count bad samples), evaluation
-and search (clear errors). Every reader decodes through :func:`load_image`.
+and search (clear errors). Every reader decodes through ``load_image``.
 
 Names are imported lazily, so that a module needing one reader does not load the training loader.
 """

@@ -41,7 +41,7 @@ def _check_unique(names: list[str], where: str) -> None:
 
 
 def classname_set_names() -> list[str]:
-    """Names accepted by :func:`load_classnames`: the class-name lists shipped in ``assets/en_classnames.json``."""
+    """Names accepted by ``load_classnames``: the class-name lists shipped in ``assets/en_classnames.json``."""
     return sorted(read_json(CLASSNAMES_ASSET))
 
 

@@ -1,5 +1,5 @@
 """Finding and decoding images: the one list of image file types, the one recursive folder scan, and the one
-decoder, whose errors carry a reason code (:data:`~clipforge.data.samples.REASONS`) so that training can skip
+decoder, whose errors carry a reason code (``clipforge.data.samples.REASONS``) so that training can skip
 and count a bad image while evaluation and inference report it.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct
 
 
 class MissingImage(BadSample, FileNotFoundError):
-    """An image path that does not exist: a :class:`BadSample` (``missing_file``) and a FileNotFoundError."""
+    """An image path that does not exist: a ``BadSample`` (``missing_file``) and a FileNotFoundError."""
 
     def __init__(self, detail: str):
         BadSample.__init__(self, "missing_file", detail)
@@ -63,7 +63,7 @@ def is_image_name(name: str) -> bool:
 def list_images(folder: str | os.PathLike, exclude: Iterable[str] = ()) -> list[str]:
     """Image files under ``folder``, recursively, in a fixed (sorted) order.
 
-    Hidden files and folders and :data:`SKIPPED_FOLDERS` are passed over, as are paths (relative to
+    Hidden files and folders and ``SKIPPED_FOLDERS`` are passed over, as are paths (relative to
     ``folder``, with ``/``) matching any glob in ``exclude``.
     """
     exclude = list(exclude)
@@ -84,9 +84,9 @@ def _excluded(relative: str, patterns: list[str]) -> bool:
 
 def load_image(source: ImageSource, max_pixels: int | None = None, draft_size: int | None = None,
                name: str | None = None) -> Image.Image:
-    """Open and fully decode an image: a path, encoded bytes, a binary file object or an :class:`ImageRef`.
+    """Open and fully decode an image: a path, encoded bytes, a binary file object or an ``ImageRef``.
 
-    Every failure is a :class:`BadSample` (a ValueError) naming the image, with a reason code:
+    Every failure is a ``BadSample`` (a ValueError) naming the image, with a reason code:
     ``missing_file`` (also a FileNotFoundError), ``unreadable_file``, ``empty_file``, ``unreadable_image``
     (corrupt, truncated, not an image) or ``too_many_pixels`` (more than ``max_pixels``, default PIL's
     limit of 89,478,485, checked before decoding). ``draft_size`` lets JPEGs decode at 1/2, 1/4 or 1/8
@@ -140,7 +140,7 @@ def _decode(f: IO[bytes], size: int | None, name: str, max_pixels: int | None, d
 
 class ImageFiles(torch.utils.data.Dataset):
     """Images by reference, decoded and preprocessed for encoding: item ``i`` is ``(i, tensor, None)``, or
-    ``(i, None, message)`` for an image that cannot be read; :func:`collate_images` batches them."""
+    ``(i, None, message)`` for an image that cannot be read; ``collate_images`` batches them."""
 
     def __init__(self, refs: Sequence[ImageSource], preprocess: Callable, max_pixels: int | None = None):
         self.refs, self.preprocess, self.max_pixels = refs, preprocess, max_pixels
@@ -157,7 +157,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def read_image_bytes(source: str | os.PathLike | ImageRef, name: str | None = None) -> bytes:
-    """The encoded bytes of an image file or shard member, as stored; a :class:`BadSample` naming the image
+    """The encoded bytes of an image file or shard member, as stored; a ``BadSample`` naming the image
     (``name``, default the path or member) if it is missing or cannot be read."""
     name = name or str(source)
     try:
@@ -198,9 +198,9 @@ def image_info(img: Image.Image) -> ImageInfo:
 
 
 class DescribedImages(ImageFiles):
-    """:class:`ImageFiles` for indexing: item ``i`` is ``(i, tensor, ImageInfo, None)``, or
-    ``(i, None, None, (reason, message))`` for an image that cannot be used (a :data:`REASONS` code).
-    ``draft_size`` decodes JPEGs at reduced scale, as in :func:`load_image`."""
+    """``ImageFiles`` for indexing: item ``i`` is ``(i, tensor, ImageInfo, None)``, or
+    ``(i, None, None, (reason, message))`` for an image that cannot be used (a ``REASONS`` code).
+    ``draft_size`` decodes JPEGs at reduced scale, as in ``load_image``."""
 
     def __init__(self, refs: Sequence[ImageSource], preprocess: Callable, max_pixels: int | None = None,
                  draft_size: int | None = None):
@@ -219,7 +219,7 @@ class DescribedImages(ImageFiles):
 
 def collate_described(items) -> tuple[list[int], torch.Tensor | None, list[ImageInfo], list[tuple[int, str, str]]]:
     """(indices of the usable images, their stacked tensors or None, their infos, (index, reason, message)
-    of the others), for :class:`DescribedImages`."""
+    of the others), for ``DescribedImages``."""
     good = [(i, x, info) for i, x, info, problem in items if problem is None]
     bad = [(i, *problem) for i, _, _, problem in items if problem is not None]
     tensors = torch.stack([x for _, x, _ in good]) if good else None

@@ -1,5 +1,5 @@
 """Labelled training sources for a supervised classifier (``--loss classify``): any set that
-:func:`~clipforge.data.classification.read_classification` reads, or the built-in shapes labelled by pair.
+``clipforge.data.classification.read_classification`` reads, or the built-in shapes labelled by pair.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class ShapesLabelledSource(LabelledSource):
 def open_labelled_source(spec: str, classnames=None, *, max_pixels: int | None = None,
                          builtin_samples: int | None = None, builtin_image_size: int = 64) -> LabelledSource:
     """Open ``spec`` as a labelled source: ``builtin[...]`` (the same spec as for image-caption training) or
-    a path :func:`read_classification` reads, with ``classnames`` as it takes them (numbered labels need them)."""
+    a path ``read_classification`` reads, with ``classnames`` as it takes them (numbered labels need them)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"labelled training data must be a non-empty string, got {spec!r}")
     if "::" in spec:

@@ -41,7 +41,7 @@ def _label_tensor(labels: list[int]) -> torch.Tensor:
 
 
 class _RngStream(IntEnum):
-    """The purpose key that :func:`_seed` mixes in last, one per random stream. The values are part of
+    """The purpose key that ``_seed`` mixes in last, one per random stream. The values are part of
     every data order (and so of every checkpoint's resume position): never renumber them."""
 
     EPOCH_ORDER = 1  # random-access sources: one pass's permutation of the epoch's sample ids
@@ -56,7 +56,7 @@ class _RngStream(IntEnum):
 
 
 def _seed(*keys: int) -> int:
-    """A 64-bit seed mixing ``keys`` (seed, epoch, rank, batch, :class:`_RngStream` ...), all non-negative."""
+    """A 64-bit seed mixing ``keys`` (seed, epoch, rank, batch, ``_RngStream`` ...), all non-negative."""
     return int(np.random.SeedSequence([int(key) % 2 ** 64 for key in keys]).generate_state(1, np.uint64)[0])
 
 
@@ -101,7 +101,7 @@ def _fill(pairs: list, draw: Callable[[], tuple | None], rng: random.Random, cou
 
 
 class _WorkerFailure:
-    """A worker's :class:`DataSourceError`, sent in-band as its last item, so that the main process raises
+    """A worker's ``DataSourceError``, sent in-band as its last item, so that the main process raises
     it again and stops the workers cleanly."""
 
     def __init__(self, message: str):
@@ -165,7 +165,7 @@ class _Producer:
 
     def slot_batches(self, epoch: int, worker_slot: int, num_slots: int, start: int, total: int | None) -> Iterator:
         """(images, tokens, counts) for the batches ``batch_index >= start`` of this rank with
-        ``batch_index % num_slots == worker_slot``; a :class:`_WorkerFailure` last if the data fails."""
+        ``batch_index % num_slots == worker_slot``; a ``_WorkerFailure`` last if the data fails."""
         seen = SkipCounter(self.max_bad_fraction)
         try:
             for batch_index, pairs, counts in self._slot_pairs(epoch, worker_slot, num_slots, start, total):
@@ -459,13 +459,13 @@ def build_train_data(spec: str, preprocess, tokenize, batch_size: int, *, seed: 
     """Open ``spec`` (CSV/TSV, caption folder, WebDataset shards, ``builtin[:N]``; ``::`` mixes sources,
     ``weights`` are per-source upsampling factors) as this rank's training batches.
 
-    ``labelled``: ``spec`` opened as a labelled set by :func:`~clipforge.data.labelled.open_labelled_source`
+    ``labelled``: ``spec`` opened as a labelled set by ``clipforge.data.labelled.open_labelled_source``
     (class folders, a CSV with labels, ``.cls`` shards or ``builtin``); batches are then (images, labels
     LongTensor[B]), ``tokenize`` is not used, and ``TrainData.classnames`` names the labels.
 
     ``preprocess`` maps a PIL image to FloatTensor[3, H, W]; ``tokenize`` a list of captions to
     LongTensor[B, L]. ``num_samples`` sets the samples per epoch (all ranks); resampled without it is an
-    endless stream. See :class:`TrainData`.
+    endless stream. See ``TrainData``.
     """
     if batch_size < 1 or workers < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1, workers >= 0 and 0 <= rank < world_size; got batch_size="

@@ -1,5 +1,5 @@
 """Bad samples: the reason codes every reader uses, caption checks, and the skip counter that stops a run
-once most of a source is bad. Image decoding, with the same reason codes, is in :mod:`.images`."""
+once most of a source is bad. Image decoding, with the same reason codes, is in ``.images``."""
 from __future__ import annotations
 
 from collections import Counter
@@ -19,7 +19,7 @@ REASONS = {
 
 
 class BadSample(ValueError):
-    """One sample or image cannot be used; ``reason`` is a key of :data:`REASONS`, the message names it."""
+    """One sample or image cannot be used; ``reason`` is a key of ``REASONS``, the message names it."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
@@ -31,7 +31,7 @@ class DataSourceError(ValueError):
 
 
 class SkipCounter:
-    """Samples seen and skipped, per source and reason; :meth:`check` raises once a source is mostly bad.
+    """Samples seen and skipped, per source and reason; ``check`` raises once a source is mostly bad.
 
     A source is mostly bad when more than ``max_bad_fraction`` of at least ``min_seen`` samples seen
     from it were skipped.
@@ -58,7 +58,7 @@ class SkipCounter:
                 "examples": dict(self.examples)}
 
     def merge(self, counts: dict) -> None:
-        """Add counts produced by :meth:`to_dict` (e.g. from a worker)."""
+        """Add counts produced by ``to_dict`` (e.g. from a worker)."""
         self.seen.update(counts["seen"])
         for source, reasons in counts["skipped"].items():
             self.skipped.setdefault(source, Counter()).update(reasons)
@@ -66,7 +66,7 @@ class SkipCounter:
             self.examples.setdefault(reason, detail)
 
     def take(self) -> dict:
-        """:meth:`to_dict`, then reset to zero."""
+        """``to_dict``, then reset to zero."""
         counts = self.to_dict()
         self.seen, self.skipped, self.examples = Counter(), {}, {}
         return counts
@@ -79,7 +79,7 @@ class SkipCounter:
         return dict(sorted(total.items()))
 
     def check(self) -> None:
-        """Raise :class:`DataSourceError` if any source is mostly bad."""
+        """Raise ``DataSourceError`` if any source is mostly bad."""
         for source, reasons in self.skipped.items():
             seen, bad = self.seen[source], sum(reasons.values())
             if seen >= self.min_seen and bad > self.max_bad_fraction * seen:
@@ -90,7 +90,7 @@ class SkipCounter:
 
 
 def check_caption(text: str | None, name: str) -> str:
-    """The stripped caption; raises :class:`BadSample` if missing, empty or not UTF-8 (lone surrogates
+    """The stripped caption; raises ``BadSample`` if missing, empty or not UTF-8 (lone surrogates
     from reading with ``errors="surrogateescape"``)."""
     if text is None:
         raise BadSample("missing_caption", f"{name} has no caption")
@@ -105,7 +105,7 @@ def check_caption(text: str | None, name: str) -> str:
 
 
 def decode_caption(data: bytes | None, name: str) -> str:
-    """Decode caption bytes (UTF-8); raises :class:`BadSample` if missing, empty or not UTF-8."""
+    """Decode caption bytes (UTF-8); raises ``BadSample`` if missing, empty or not UTF-8."""
     if data is None:
         return check_caption(None, name)
     return check_caption(data.decode("utf-8", errors="surrogateescape"), name)

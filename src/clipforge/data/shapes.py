@@ -242,7 +242,7 @@ class ShapesDataset:
 
     Metadata for all samples is drawn at construction (vectorised, instant); images are rendered on
     access from (seed, split, index), so sample ``i`` is the same in any dataset length. Indexing
-    returns ``(PIL.Image RGB of image_size x image_size, caption)``. ``style`` is one of :data:`STYLES`
+    returns ``(PIL.Image RGB of image_size x image_size, caption)``. ``style`` is one of ``STYLES``
     or several (a tuple, or names joined by "+"): then each sample's style is drawn among them. A sample's
     attributes, caption and geometry do not depend on its style.
     """
@@ -306,7 +306,7 @@ class ShapesDataset:
         return _CAPTIONS_PLAIN[template % len(_CAPTIONS_PLAIN)].format(thing=thing, bare=bare)
 
     def class_names(self, by: str = "pair") -> list[str]:
-        """Sorted class names of this split (see the module-level :func:`class_names`)."""
+        """Sorted class names of this split (see the module-level ``class_names``)."""
         return class_names(self.split, by, self.config)
 
     @cached_property
@@ -320,7 +320,7 @@ class ShapesDataset:
         return {"pair": f"{a['colour']} {a['shape']}", "colour": f"{a['colour']} shape", "shape": a["shape"]}[by]
 
     def label(self, i: int, by: str = "pair") -> int:
-        """The index of sample ``i``'s class in :meth:`class_names` for the same labelling."""
+        """The index of sample ``i``'s class in ``class_names`` for the same labelling."""
         return self._class_index[by][self.class_name(i, by)]
 
     def image(self, i: int) -> Image.Image:
@@ -441,7 +441,7 @@ _PAINTED_RING_WIDTH = 4
 
 
 def _ink_on(scene: _Scene, ink: Image.Image, paint, base: Image.Image | None = None) -> Image.Image:
-    """``paint`` (an RGB colour, or an (h, w, 3) array covering :func:`_shape_grid`'s box) through ``ink``
+    """``paint`` (an RGB colour, or an (h, w, 3) array covering ``_shape_grid``'s box) through ``ink``
     over ``base`` (default: the background)."""
     base = base if base is not None else _blank(scene, "RGB", scene.background)
     layer = _blank(scene, "RGB", scene.fill if isinstance(paint, np.ndarray) else paint)
@@ -459,7 +459,7 @@ def _shape_box(scene: _Scene) -> tuple[int, int, int, int]:
 
 
 def _shape_grid(scene: _Scene) -> tuple[np.ndarray, np.ndarray]:
-    """(y, x) coordinates of the pixel centres in :func:`_shape_box`, relative to the shape's centre."""
+    """(y, x) coordinates of the pixel centres in ``_shape_box``, relative to the shape's centre."""
     x0, y0, x1, y1 = _shape_box(scene)
     y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
     return y - scene.cy, x - scene.cx
@@ -574,7 +574,7 @@ def write_shapes(folder: str | Path, num_samples: int, split: str = "train", fmt
     ``fmt="csv"``: ``images/*.png`` and ``captions.csv`` (filepath,caption; paths relative to the CSV);
     ``"folder"``: ``KEY.png`` + ``KEY.txt`` pairs; ``"wds"``: WebDataset tar shards in img2dataset's
     layout (``KEY.png``, ``KEY.txt``, ``KEY.json``) plus ``sizes.json``, spec ``folder/{00000..0000N}.tar``.
-    ``style`` and ``config`` are those of :class:`ShapesDataset` (e.g. ``config=world("hard")``).
+    ``style`` and ``config`` are those of ``ShapesDataset`` (e.g. ``config=world("hard")``).
     """
     data = ShapesDataset(num_samples, split, seed, image_size, config=config, style=style)
     samples = ((f"{i:09d}", data.image(i), data.caption(i), {"caption": data.caption(i), **data.attributes(i)})
@@ -605,7 +605,7 @@ def write_classification(folder: str | Path, split: str, num_samples: int, fmt: 
     ``test/nshards.txt``, and ``zeroshot_classification_templates.txt`` with ``{c}`` (returns ``root``, its
     ``--dataset_root``). Every format also writes ``classnames.txt`` (one name per line, in label order) and
     ``templates.txt``. The default ``seed=1`` keeps these images apart from the built-in training data (seed 0).
-    ``style`` and ``config`` are those of :class:`ShapesDataset`.
+    ``style`` and ``config`` are those of ``ShapesDataset``.
     """
     _check_labelling(by)
     data = ShapesDataset(num_samples, split, seed, image_size, config=config, style=style)

@@ -74,7 +74,7 @@ def sample_key(member_name: str) -> tuple[str, str] | None:
 
 
 def scan_tar(path: str | os.PathLike) -> dict[str, dict[str, Member]]:
-    """The samples of a local tar file from its headers alone: key -> extension -> :class:`Member`.
+    """The samples of a local tar file from its headers alone: key -> extension -> ``Member``.
 
     Raises ``tarfile.TarError`` or ``OSError`` for a shard that cannot be read from the start; a
     damaged tail ends the scan with the samples read so far.
@@ -125,7 +125,7 @@ def shard_images(path: str | os.PathLike) -> tuple[list[ShardImage], list[str]]:
     """(the image samples of a local shard in tar order, the keys of samples with no image member).
 
     A caption that is not UTF-8 or is blank counts as none. A shard that cannot be read from the start
-    raises :class:`~clipforge.data.samples.BadSample` (``unreadable_shard``).
+    raises ``clipforge.data.samples.BadSample`` (``unreadable_shard``).
     """
     images, imageless = [], []
     try:

@@ -2,7 +2,7 @@
 shards in img2dataset's layout (``KEY.jpg`` + ``KEY.txt``) and the built-in shapes data.
 
 Bad samples (unreadable image, missing file, empty caption, ...) are skipped and counted by reason in a
-:class:`~clipforge.data.samples.SkipCounter`, which stops with ``DataSourceError`` once most of a source is bad.
+``clipforge.data.samples.SkipCounter``, which stops with ``DataSourceError`` once most of a source is bad.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class _Strings:
 class MapSource:
     """A source with random access: ``len(source)`` samples, ``source.load(i) -> (image, caption)``.
 
-    ``load`` raises :class:`BadSample` for an unusable sample.
+    ``load`` raises ``BadSample`` for an unusable sample.
     """
 
     name: str
@@ -179,7 +179,7 @@ class FolderSource(MapSource):
 
 class BuiltinSource(MapSource):
     """The generated shapes data (training split), ``num_samples`` samples rendered at ``image_size`` in
-    ``style`` (one of :data:`~clipforge.data.shapes.STYLES` or several) from ``world`` ("default" or "hard")."""
+    ``style`` (one of ``clipforge.data.shapes.STYLES`` or several) from ``world`` ("default" or "hard")."""
 
     def __init__(self, num_samples: int = DEFAULT_BUILTIN_SAMPLES, image_size: int = 64, seed: int = 0,
                  style: str | tuple = "filled", world: str = "default"):
@@ -198,7 +198,7 @@ class ShardSource:
     """WebDataset tar shards in img2dataset's layout: ``KEY.jpg`` (or another image type) + ``KEY.txt``.
 
     ``spec`` is a shard path or URL with brace ranges (``shards/{00000..00127}.tar``) or a folder of
-    ``.tar`` files (see :func:`~clipforge.data.shards.expand_shards`). Shards are streamed with the
+    ``.tar`` files (see ``clipforge.data.shards.expand_shards``). Shards are streamed with the
     ``webdataset`` package, so remote URLs (``pipe:``, ``https://``) work too.
     """
 
@@ -242,7 +242,7 @@ class ShardSource:
         return f"{raw.get('__url__')}:{raw.get('__key__')}"
 
     def decode(self, raw: dict) -> tuple[Image.Image, str]:
-        """The (image, caption) of a raw sample; raises :class:`BadSample`."""
+        """The (image, caption) of a raw sample; raises ``BadSample``."""
         name = self.describe(raw)
         ext = next((e for e in SHARD_IMAGE_KEYS if e in raw), None)
         if ext is None:
@@ -290,10 +290,10 @@ def source_kind(part: str) -> str:
 def open_sources(spec: str, *, counter: SkipCounter | None = None, max_pixels: int | None = None,
                  csv_img_key: str = "filepath", csv_caption_key: str = "caption", csv_separator: str | None = None,
                  builtin_samples: int | None = None, builtin_image_size: int = 64) -> list:
-    """Open each ``::``-separated part of ``spec`` as a :class:`MapSource` or :class:`ShardSource`.
+    """Open each ``::``-separated part of ``spec`` as a ``MapSource`` or ``ShardSource``.
 
     ``builtin[:N][:STYLE[+STYLE...]]`` and ``builtin-hard[...]`` (see
-    :func:`~clipforge.data.shapes.parse_builtin_spec`) use ``builtin_samples`` (default 10,000) unless N is
+    ``clipforge.data.shapes.parse_builtin_spec``) use ``builtin_samples`` (default 10,000) unless N is
     written. Problems found while indexing (e.g. CSV rows with empty captions) are recorded in ``counter``.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -319,7 +319,7 @@ def open_sources(spec: str, *, counter: SkipCounter | None = None, max_pixels: i
 def iter_pairs(spec: str, *, counter: SkipCounter | None = None, **options) -> Iterator[tuple[Image.Image, str]]:
     """Every good (image, caption) pair of ``spec`` in source order, skipping and counting bad samples.
 
-    ``options`` are those of :func:`open_sources`. Raises :class:`DataSourceError` once a source is
+    ``options`` are those of ``open_sources``. Raises ``DataSourceError`` once a source is
     mostly bad. Pass a ``counter`` to read the skip counts afterwards.
     """
     counter = counter if counter is not None else SkipCounter()

@@ -65,7 +65,7 @@ def table_images(path: str | os.PathLike, separator: str | None = None,
                  caption_key: str = "caption") -> list[tuple[int, str, str | None]]:
     """(line number, image path, caption or None) of every row of a CSV/TSV, for indexing a photo list.
 
-    The image column is any of :data:`IMAGE_COLUMNS`; the caption column is optional. Relative paths
+    The image column is any of ``IMAGE_COLUMNS``; the caption column is optional. Relative paths
     resolve against the table's folder; a row without an image path gives ``""``.
     """
     table = read_table(path, separator)

@@ -28,7 +28,7 @@ class EncodedImages:
 
 @dataclass(kw_only=True)
 class Evaluator:
-    """Base of all evaluators: batching options, and ``details`` filled by :meth:`run`."""
+    """Base of all evaluators: batching options, and ``details`` filled by ``run``."""
 
     batch_size: int = 64
     workers: int = 0

@@ -26,7 +26,7 @@ def load_clipforge(model_name: str, pretrained: str | None = None, cache_dir: st
     ``encode_text``, ``transform`` maps a PIL image to a (3, H, W) tensor and ``tokenizer(texts)`` returns ids.
 
     ``model_name`` and ``pretrained`` follow the model-spec rule of every clipforge command
-    (:mod:`clipforge.io.spec`), as ``--model`` and ``--pretrained``: ``pretrained`` is an OpenCLIP tag of
+    (``clipforge.io.spec``), as ``--model`` and ``--pretrained``: ``pretrained`` is an OpenCLIP tag of
     ``model_name`` ('openai', 'laion2b_s34b_b79k'; downloaded into ``cache_dir``) or a checkpoint loaded into
     that architecture; with no ``pretrained`` (``""``/``"none"``) ``model_name`` is a name with weights, ``ARCH:TAG``,
     a saved model or run directory, or ``RUN@best``. An architecture without weights is refused.
@@ -38,7 +38,7 @@ def load_clipforge(model_name: str, pretrained: str | None = None, cache_dir: st
 
 
 def register_with_clip_benchmark(model_type: str = MODEL_TYPE) -> None:
-    """Add :func:`load_clipforge` to CLIP_benchmark's loaders, so ``--model_type clipforge`` selects it."""
+    """Add ``load_clipforge`` to CLIP_benchmark's loaders, so ``--model_type clipforge`` selects it."""
     try:
         import clip_benchmark.models as benchmark_models
     except ImportError as e:

@@ -1,7 +1,7 @@
 """How CLIP scores images against texts, shown step by step: cosine similarities, temperature-scaled logits,
 softmax over the texts and the chosen text, printed and plotted as in OpenAI's CLIP notebook figure.
 
-Plotting needs matplotlib (the ``plot`` extra), imported only inside :func:`plot_report`.
+Plotting needs matplotlib (the ``plot`` extra), imported only inside ``plot_report``.
 """
 from __future__ import annotations
 

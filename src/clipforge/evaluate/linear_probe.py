@@ -56,7 +56,7 @@ def _single_thread_if_small(numel: int):
 @torch.no_grad()
 def fit_logistic_regression(features: torch.Tensor, targets: torch.Tensor, num_classes: int, l2: float,
                             max_iter: int = 1000, init: LinearClassifier | None = None) -> LinearClassifier:
-    """Minimise :func:`logistic_objective` with full-batch L-BFGS (strong Wolfe line search)."""
+    """Minimise ``logistic_objective`` with full-batch L-BFGS (strong Wolfe line search)."""
     x = features.double()
     weight = init.weight.clone() if init else torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device)
     bias = init.bias.clone() if init else torch.zeros(num_classes, dtype=x.dtype, device=x.device)

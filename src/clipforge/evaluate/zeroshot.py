@@ -25,7 +25,7 @@ def resolve_templates(templates, classnames=None) -> list[str]:
 
 def zeroshot_weights(model, classnames: list[str], templates: list[str]) -> torch.Tensor | ZeroShotClassifier:
     """A contrastive model's classifier weights (embed_dim, C); for the other objectives, which score
-    images rather than features, a :class:`ZeroShotClassifier`."""
+    images rather than features, a ``ZeroShotClassifier``."""
     if model_objective(model) == "contrastive":
         return build_zeroshot_classifier(model, classnames, templates)
     return ZeroShotClassifier(model, classnames, templates, allow_duplicates=True)
@@ -34,7 +34,7 @@ def zeroshot_weights(model, classnames: list[str], templates: list[str]) -> torc
 def zeroshot_logits(evaluator: Evaluator, model, preprocess: Callable, data: ClassificationData,
                     weights: torch.Tensor | ZeroShotClassifier,
                     columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class scores (N, C), targets (N,)) of the readable images of ``data`` from :func:`zeroshot_weights`:
+    """(class scores (N, C), targets (N,)) of the readable images of ``data`` from ``zeroshot_weights``:
     cosine logits against weights, or the classifier's scores; only the classes ``columns`` if given."""
     if isinstance(weights, ZeroShotClassifier):
         encoded = evaluator.encode(weights.as_encoder(), preprocess, data.images, data.source, normalize=False)
@@ -50,7 +50,7 @@ def zeroshot_logits(evaluator: Evaluator, model, preprocess: Callable, data: Cla
 class ZeroShotEvaluator(Evaluator):
     """Zero-shot ``top1``, ``top5`` and ``mean_per_class_recall`` on a classification set.
 
-    ``data``: an image folder, CSV or WebDataset shards (see :func:`read_classification`); ``classnames``:
+    ``data``: an image folder, CSV or WebDataset shards (see ``read_classification``); ``classnames``:
     a shipped set name or mapping file; ``templates``: a set name, a file or a list.
     """
 

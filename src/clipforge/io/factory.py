@@ -72,7 +72,7 @@ def load(name_or_path: str | Path | ModelSpec, device: str | torch.device | None
     or in one string ``"ViT-H-14:laion2b_s32b_b79k"``; or a path: a clipforge or Hugging Face folder, an
     OpenAI/OpenCLIP file, a training run directory (its newest complete checkpoint; ``RUN@best``: its best one,
     kept by ``--keep-best``). An architecture without weights (``"ViT-H-14"``, ``"tiny-vit"``) raises
-    :class:`~clipforge.io.spec.NoWeightsError` listing its tags, unless ``random_init=True`` asks for seed-0
+    ``clipforge.io.spec.NoWeightsError`` listing its tags, unless ``random_init=True`` asks for seed-0
     random weights (tests and demos). ``device``
     defaults to CUDA when available; ``precision`` to fp16 on CUDA and fp32 elsewhere, as OpenAI's.
     Returns ``(model, preprocess)`` where ``preprocess`` maps a PIL image to a (3, H, W) tensor.

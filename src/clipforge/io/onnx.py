@@ -181,7 +181,7 @@ def verify_onnx(model: CLIP, folder: str | Path, batch: int = 3) -> dict[str, fl
 
 
 class OnnxEncoder:
-    """Embed images and text with ONNX Runtime from a folder written by :func:`export_onnx`.
+    """Embed images and text with ONNX Runtime from a folder written by ``export_onnx``.
 
     ``threads`` sets ONNX Runtime's intra-op threads (default: its own choice, one per core);
     ``providers`` its execution providers (default ``["CPUExecutionProvider"]``).

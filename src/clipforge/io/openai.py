@@ -247,7 +247,7 @@ def read_torchscript(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a TorchScript archive, keys and order as ``torch.jit.load(path).state_dict()``.
 
     Tensors come back on the CPU without ``requires_grad``. No code of the archive runs: anything but tensors and
-    module attributes, or a module with a scripted ``__setstate__``, raises :class:`TorchScriptError`.
+    module attributes, or a module with a scripted ``__setstate__``, raises ``TorchScriptError``.
     """
     with zipfile.ZipFile(path) as archive:
         prefix = _archive_prefix(archive)

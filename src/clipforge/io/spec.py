@@ -12,7 +12,7 @@ A spec is, in this order:
 - a name with default weights: OpenAI's (``ViT-B/32``, ``RN50``; also the registry's ``ViT-B-32``);
 - an architecture without weights (``ViT-H-14``, ``tiny-vit``, a model-config JSON file) only with
   ``random_init=True`` (``--random-init``): seed-0 random weights, for tests and demos. Without it the spec is
-  refused (:class:`NoWeightsError`), so that nothing is ever encoded with weights nobody asked for.
+  refused (``NoWeightsError``), so that nothing is ever encoded with weights nobody asked for.
 
 ``random_init`` on a name with weights is asked for explicitly, so it wins: that architecture with seed-0 random
 weights. With a tag or a checkpoint beside it, it is a contradiction, refused (ValueError). Loading puts
@@ -69,9 +69,9 @@ class ModelSpec:
 
 def resolve_spec(spec: str | Path | ModelSpec, pretrained: str | Path | None = None,
                  random_init: bool = False) -> ModelSpec:
-    """The :class:`ModelSpec` that ``spec`` (with ``pretrained`` weights, or ``random_init``) names; reads no
-    weights. Raises :class:`NoWeightsError` for an architecture without weights and without ``random_init``,
-    :class:`UnknownModelError` for a name that is not registered, FileNotFoundError for a missing path and
+    """The ``ModelSpec`` that ``spec`` (with ``pretrained`` weights, or ``random_init``) names; reads no
+    weights. Raises ``NoWeightsError`` for an architecture without weights and without ``random_init``,
+    ``UnknownModelError`` for a name that is not registered, FileNotFoundError for a missing path and
     ValueError for weights that do not fit the spec (a tag the architecture lacks, two kinds of weights)."""
     if isinstance(spec, ModelSpec):
         if pretrained is None and random_init in (False, spec.random_init):

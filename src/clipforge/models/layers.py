@@ -106,7 +106,7 @@ class MLP(nn.Sequential):
     def pack(self) -> None:
         """oneDNN-packed copies of both weights, with the activation fused into the first product
         (QuickGELU as SiLU(1.702 h) / 1.702, the scalings folded into the weights); see
-        :func:`pack_linear_weights`."""
+        ``pack_linear_weights``."""
         fc, proj = self.c_fc, self.c_proj
         if isinstance(self.gelu, QuickGELU):
             self._packed = {"c_fc": _PackedLinear(fc.weight, fc.bias, QUICK_GELU_SCALE, QUICK_GELU_SCALE, "swish"),
@@ -146,7 +146,7 @@ class Attention(nn.Module):
         self._packed: dict[str, _PackedLinear] = {}
 
     def pack(self) -> None:
-        """oneDNN-packed copies of the input and output projections; see :func:`pack_linear_weights`."""
+        """oneDNN-packed copies of the input and output projections; see ``pack_linear_weights``."""
         self._packed = {"in_proj": _PackedLinear(self.in_proj_weight, self.in_proj_bias),
                         "out_proj": _PackedLinear(self.out_proj.weight, self.out_proj.bias)}
 

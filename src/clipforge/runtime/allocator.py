@@ -8,9 +8,9 @@ element-wise op (a GELU) can cost more than the op itself. Turning off ``mmap`` 
 process, as PyTorch's CUDA caching allocator does on a GPU, and as preloading jemalloc or tcmalloc
 would. The cost: the process keeps its peak heap until it exits.
 
-This is a process-wide setting, so the library never applies it on import: :func:`clipforge.train.train`
+This is a process-wide setting, so the library never applies it on import: ``clipforge.train.train``
 applies it (a training run owns a long-running process; ``clipforge train`` and ``clipforge demo`` go
-through it), and a program of your own can call :func:`retain_freed_memory` at start.
+through it), and a program of your own can call ``retain_freed_memory`` at start.
 ``CLIPFORGE_RETAIN_FREED_MEMORY=0`` turns it off.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MA
 ``srun`` sets ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and the node list, from which the
 rendezvous address is taken. NCCL on GPUs, gloo on CPUs. The contrastive losses (``clipforge.loss``)
 build the global batch of CLIP's objective (Radford et al. 2021) from the per-rank batches with
-:func:`all_gather_with_grad`.
+``all_gather_with_grad``.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def process_env() -> DistEnv:
     """This process's place as ``torch.distributed`` sees it now: rank and world size of the default process
     group, ``LOCAL_RANK`` from the launcher, and ``initialized``. Without a process group this is
     ``DistEnv()``: rank 0 of 1, not initialised. The device is left at its default (the CPU): the process
-    group does not know it; :func:`init_distributed` gives the device it chose."""
+    group does not know it; ``init_distributed`` gives the device it chose."""
     if dist.is_available() and dist.is_initialized():
         return DistEnv(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size(),
                        initialized=True)

@@ -51,7 +51,7 @@ def recall_at_10(index, vectors: np.ndarray, queries: np.ndarray) -> float:
 
 def build(folder: Path, ids: np.ndarray, vectors: np.ndarray, rows_used: int) -> dict:
     """Train and fill an IVF index on ``vectors`` (N, dim), raise ``nprobe`` until recall@10 reaches
-    :data:`TARGET_RECALL` on sampled queries, save it; returns what config.json records about it."""
+    ``TARGET_RECALL`` on sampled queries, save it; returns what config.json records about it."""
     faiss = _faiss()
     dim = vectors.shape[1]
     cells = max(1, min(int(np.sqrt(len(vectors))), len(vectors) // 39))
@@ -96,7 +96,7 @@ def is_current(info: dict | None, items: int, rows: int) -> bool:
 
 def refresh(folder: Path, mode: str) -> dict | None:
     """After an update: build the approximate index (``mode`` "always", or "auto" above
-    :data:`AUTO_THRESHOLD` items) unless it is current, or drop a stale one; records it in config.json."""
+    ``AUTO_THRESHOLD`` items) unless it is current, or drop a stale one; records it in config.json."""
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"approximate must be 'auto', 'always' or 'never', got {mode!r}")
     config = store.read_config(folder)

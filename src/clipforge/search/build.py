@@ -58,7 +58,7 @@ def build(folder: str | os.PathLike, sources, model: str, device: str | None, op
 class _ModelCheck:
     """Rank 0's check that the index is this model's, settled before anything is written to it.
 
-    The weights checksum (one core for a second or more on large models) is left for :meth:`settle`, which
+    The weights checksum (one core for a second or more on large models) is left for ``settle``, which
     runs once the data workers are decoding beside it, unless the index names another model: then it is
     computed at once, so that a wrong model is refused before the sources are listed.
     """

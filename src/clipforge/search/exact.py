@@ -15,7 +15,7 @@ CHUNK_ROWS = 4096  # a worker's float32 buffer (8 MiB at d = 512) stays in cache
 def scores(segments: list[np.ndarray], queries: np.ndarray) -> np.ndarray:
     """Cosine similarities (rows, Q) of every stored row to each L2-normalised query (Q, dim), float32.
 
-    A float32 segment (a :class:`Float32Copies` copy) is one product on torch's own threads. Float16 rows
+    A float32 segment (a ``Float32Copies`` copy) is one product on torch's own threads. Float16 rows
     are widened chunk by chunk into a reused float32 buffer before the product, so the sums accumulate in
     float32; they are split into one contiguous range per torch thread, each scanned by its own worker
     with one intra-op thread: per-chunk operations are too small for torch's own threads, whose

@@ -89,7 +89,7 @@ class Index:
               progress: bool = True, fast_decode: bool = False, approximate: str = "auto",
               random_init: bool = False) -> "Index":
         """Create the index, or update it incrementally; the run's summary is on ``last_update``.
-        ``model`` is a model spec (:mod:`clipforge.io.spec`); ``random_init``: seed-0 random weights of an
+        ``model`` is a model spec (``clipforge.io.spec``); ``random_init``: seed-0 random weights of an
         architecture (tests and demos; recorded in config.json). ``approximate``: build the faiss index
         "always", "never", or "auto" (above 200,000 items)."""
         options = BuildOptions(batch_size, workers, tuple(exclude), max_pixels, fast_decode, progress, rebuild,
@@ -100,7 +100,7 @@ class Index:
         return index
 
     def update(self, sources, **options) -> dict:
-        """Update this index from ``sources`` (options as :meth:`build`, with this index's model)."""
+        """Update this index from ``sources`` (options as ``build``, with this index's model)."""
         device = options.pop("device", self.device)
         options = BuildOptions(**{"rebuild": False, **options})
         spec, random_init = indexed_spec(self.config)
@@ -137,7 +137,7 @@ class Index:
     # ----------------------------------------------------------------------------------------- queries
 
     def parse(self, text: str, look_up_files: bool = True) -> Query:
-        """The query syntax of ``clipforge search`` (see :func:`~clipforge.search.query.parse_query`)."""
+        """The query syntax of ``clipforge search`` (see ``clipforge.search.query.parse_query``)."""
         return parse_query(text, look_up_files)
 
     def model(self):
@@ -187,7 +187,7 @@ class Index:
                min_score: float | None = None, dedup: float | None = None, captions: bool = False,
                approximate: bool | None = None) -> list[SearchResult]:
         """The ``top_k`` best items after ``offset``, best first, by cosine similarity to ``query`` (a
-        query string, a :class:`Query` or a unit vector). ``folder`` keeps items whose path starts with it;
+        query string, a ``Query`` or a unit vector). ``folder`` keeps items whose path starts with it;
         ``min_score`` drops weaker hits; ``dedup`` drops hits whose cosine to a better kept hit is at least
         that; ``captions`` searches the caption vectors. Exact unless ``approximate`` is True, or None and
         the index has a current approximate index (used only without folder, dedup and captions)."""

@@ -16,9 +16,9 @@ from ..models.layers import pack_linear_weights
 def load_model(spec: str, device: str | torch.device | None = None,
                random_init: bool = False) -> tuple[torch.nn.Module, Callable]:
     """(model in eval mode, OpenAI-exact preprocessing) for a model spec, by the rule every command follows
-    (:mod:`clipforge.io.spec`): a name with weights, ``ARCH:TAG``, a saved model, checkpoint or run directory,
+    (``clipforge.io.spec``): a name with weights, ``ARCH:TAG``, a saved model, checkpoint or run directory,
     ``RUN@best``; an architecture without weights only with ``random_init`` (seed-0 random weights, for tests
-    and demos), else :class:`~clipforge.io.spec.NoWeightsError`. Always float32, so that vectors do not
+    and demos), else ``clipforge.io.spec.NoWeightsError``. Always float32, so that vectors do not
     depend on the device that encoded them."""
     return load(spec, device=device, precision="fp32", random_init=random_init)
 
@@ -26,7 +26,7 @@ def load_model(spec: str, device: str | torch.device | None = None,
 def indexed_spec(config: dict) -> tuple[str, bool]:
     """(model spec, random_init) that an index's config.json names. An index written before random weights were
     recorded names an architecture without weights and no ``random_init``: it was built with the seed-0
-    weights, if at all, which the weights checksum then verifies (:func:`load_indexed_model`)."""
+    weights, if at all, which the weights checksum then verifies (``load_indexed_model``)."""
     random_init = bool(config.get("random_init", False))
     if not random_init:
         try:
@@ -37,7 +37,7 @@ def indexed_spec(config: dict) -> tuple[str, bool]:
 
 
 def load_indexed_model(config: dict, device: str | torch.device | None = None) -> tuple[torch.nn.Module, Callable]:
-    """:func:`load_model` for the model an index's config.json names (``random_init`` as recorded). An older
+    """``load_model`` for the model an index's config.json names (``random_init`` as recorded). An older
     index that names an architecture without weights, without ``random_init``, is opened only when its weights
     checksum is the seed-0 weights' (then those are exactly what it was indexed with); else ValueError."""
     spec, random_init = indexed_spec(config)
@@ -52,7 +52,7 @@ def load_indexed_model(config: dict, device: str | torch.device | None = None) -
 
 def prepare_for_queries(model: torch.nn.Module) -> None:
     """Ready a model for encoding one query at a time: on the CPU, its text transformer's weights are
-    packed for products of a few rows (:func:`clipforge.models.layers.pack_linear_weights`)."""
+    packed for products of a few rows (``clipforge.models.layers.pack_linear_weights``)."""
     if model_device(model).type == "cpu" and getattr(model, "transformer", None) is not None:
         pack_linear_weights(model.transformer)
 
@@ -67,7 +67,7 @@ def weights_checksum(model: torch.nn.Module) -> str:
 
 
 def model_name(spec: str, random_init: bool = False) -> str:
-    """How config.json names the model: the spec in one string (:attr:`clipforge.io.spec.ModelSpec.text`): the
+    """How config.json names the model: the spec in one string (``clipforge.io.spec.ModelSpec.text``): the
     absolute path of an existing file or folder, ``ARCH:TAG``, else the name."""
     return resolve_spec(spec, random_init=random_init).text
 

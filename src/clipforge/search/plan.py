@@ -120,7 +120,7 @@ def content_hash(entry: Entry) -> str | tuple[str, str]:
 
 
 def hash_all(entries: list[Entry], threads: int) -> list:
-    """:func:`content_hash` of each entry, read by ``threads`` threads (hashing releases the GIL)."""
+    """``content_hash`` of each entry, read by ``threads`` threads (hashing releases the GIL)."""
     if threads <= 1 or len(entries) < 2:
         return [content_hash(e) for e in entries]
     with ThreadPoolExecutor(threads) as pool:

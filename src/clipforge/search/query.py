@@ -35,7 +35,7 @@ class Query:
 
     @classmethod
     def from_terms(cls, terms) -> "Query":
-        """From :class:`Term` objects, ``(kind, value[, weight])`` tuples or ``{"text": ..., "weight": ...}``
+        """From ``Term`` objects, ``(kind, value[, weight])`` tuples or ``{"text": ..., "weight": ...}``
         dicts (one of the keys text / image / bytes / id)."""
         parsed = tuple(_term(t) for t in terms)
         if not parsed:

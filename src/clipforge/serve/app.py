@@ -57,7 +57,7 @@ class SearchResponse(BaseModel):
 
 
 def create_app(index, options: ServeOptions = ServeOptions(), index_dir: str | Path | None = None) -> FastAPI:
-    """The service over an open :class:`clipforge.search.Index`; ``index_dir`` is where it lives (for the
+    """The service over an open ``clipforge.search.Index``; ``index_dir`` is where it lives (for the
     default thumbnail cache)."""
     metrics = Metrics()
     service = SearchService(index, metrics, Uploads(options.upload_cache_bytes), options.max_pixels)

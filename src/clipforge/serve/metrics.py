@@ -31,7 +31,7 @@ class Metrics:
 
     @contextmanager
     def timed(self, step: str):
-        """Time a block into the histogram of ``step`` (one of :data:`STEPS`)."""
+        """Time a block into the histogram of ``step`` (one of ``STEPS``)."""
         start = time.perf_counter()
         try:
             yield

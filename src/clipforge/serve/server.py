@@ -45,7 +45,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
           device: str | None = None, log_level: str = "warning", float32_mib: float = DEFAULT_FLOAT32_MIB) -> None:
     """Serve the index in ``index_dir`` until interrupted; prints the address once it is listening.
-    ``float32_mib``: RAM for float32 copies of the vectors (see :meth:`clipforge.search.Index.open`)."""
+    ``float32_mib``: RAM for float32 copies of the vectors (see ``clipforge.search.Index.open``)."""
     from ..search import Index
     if not is_loopback(host) and options.token is None:
         print(f"clipforge serve: warning: listening on {host}, which other machines can reach, without a token: "

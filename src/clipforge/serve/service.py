@@ -20,7 +20,7 @@ def thumbnail_url(item_id: int) -> str:
 
 
 class SearchService:
-    """``index`` (a :class:`clipforge.search.Index`) as the service uses it; ``max_pixels`` bounds uploads."""
+    """``index`` (a ``clipforge.search.Index``) as the service uses it; ``max_pixels`` bounds uploads."""
 
     def __init__(self, index, metrics: Metrics, uploads: Uploads, max_pixels: int):
         self.index, self.metrics, self.uploads, self.max_pixels = index, metrics, uploads, max_pixels
@@ -29,7 +29,7 @@ class SearchService:
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="clipforge-query")
 
     async def run_query(self, request: SearchRequest, upload_key: str | None = None) -> dict:
-        """:meth:`search` on the query thread, off the event loop."""
+        """``search`` on the query thread, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._compute, self.search, request, upload_key)
 
     def warm_up(self) -> None:

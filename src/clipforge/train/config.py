@@ -224,7 +224,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--dashed-name`` option per TrainConfig field, plus ``--config FILE``.
 
-    Defaults are left out of the namespace (``argparse.SUPPRESS``) so that :func:`config_from_args` can
+    Defaults are left out of the namespace (``argparse.SUPPRESS``) so that ``config_from_args`` can
     tell flags given on the command line from values of the config file.
     """
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,

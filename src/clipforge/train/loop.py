@@ -1,4 +1,4 @@
-"""The training loop of CLIP (Radford et al. 2021): set-up from a :class:`TrainConfig`, then steps with
+"""The training loop of CLIP (Radford et al. 2021): set-up from a ``TrainConfig``, then steps with
 logging, validation and checkpoints; resumable mid-epoch from any checkpoint, on one or many processes.
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _check_paths(cfg: TrainConfig) -> None:
 
 
 class Trainer:
-    """One run: model, data, optimiser, logs and checkpoints; :meth:`run` trains to the last step."""
+    """One run: model, data, optimiser, logs and checkpoints; ``run`` trains to the last step."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv):
         self.cfg, self.env, self.output = cfg, env, Path(cfg.output)

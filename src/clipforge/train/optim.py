@@ -26,7 +26,7 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups of the trainable parameters: ``weight_decay`` on :func:`decays` ones, 0 on the rest."""
+    """Two AdamW groups of the trainable parameters: ``weight_decay`` on ``decays`` ones, 0 on the rest."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters (both towers locked?)")
@@ -37,7 +37,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = ADAMW_WEIGHT_DECAY,
                     betas: tuple[float, float] = ADAMW_BETAS, eps: float = ADAMW_EPS) -> torch.optim.AdamW:
-    """AdamW with the paper's defaults (``ADAMW_*``) over :func:`param_groups`.
+    """AdamW with the paper's defaults (``ADAMW_*``) over ``param_groups``.
 
     Uses the fused kernel (one pass over all parameters) where torch has one for the parameters' device.
     """
@@ -84,7 +84,7 @@ def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int) ->
 
 
 class CosineSchedule:
-    """Sets every parameter group's learning rate to :func:`cosine_lr` of the current step.
+    """Sets every parameter group's learning rate to ``cosine_lr`` of the current step.
 
     Stateless apart from its settings: the step to resume from comes from the checkpoint's step.
     """

@@ -1,5 +1,5 @@
-"""The framework of ``clipforge study``: its scales, the :class:`Study` an experiment trains and evaluates
-with, the :class:`Result` it returns, and the measures the experiments share (noise margins, runs against
+"""The framework of ``clipforge study``: its scales, the ``Study`` an experiment trains and evaluates
+with, the ``Result`` it returns, and the measures the experiments share (noise margins, runs against
 the baseline, checkpoints scored along a run). It knows no experiment: those import it, and the registry
 lists them.
 """
@@ -92,10 +92,10 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 class Result:
     """What an experiment measured, in the report's terms.
 
-    ``table``: one dict per variant (cells: numbers, strings or :func:`mean_std` dicts); ``figure``: a
-    ``matplotlib.figure.Figure`` (after :func:`run_study`, the name of its PNG beside the report);
+    ``table``: one dict per variant (cells: numbers, strings or ``mean_std`` dicts); ``figure``: a
+    ``matplotlib.figure.Figure`` (after ``run_study``, the name of its PNG beside the report);
     ``agrees``: whether the small-scale result agrees with the paper (None: cannot tell); ``numbers``:
-    every measured number, per seed. ``scale``, ``seeds`` and ``settings`` are filled by :func:`run_study`.
+    every measured number, per seed. ``scale``, ``seeds`` and ``settings`` are filled by ``run_study``.
     """
 
     name: str
@@ -123,7 +123,7 @@ class Result:
 
 
 class Study:
-    """Trains and evaluates an experiment's runs under ``output`` at one :class:`Scale`, ``seeds`` seeds.
+    """Trains and evaluates an experiment's runs under ``output`` at one ``Scale``, ``seeds`` seeds.
 
     Runs live in ``output/runs/<experiment>/<variant>-seed<k>``; a run whose final checkpoint exists is
     not trained again, an interrupted one resumes from its newest checkpoint, and one trained with other

@@ -1,8 +1,8 @@
 """The experiments of ``clipforge study``, by name, in the paper's order (which numbers the report's sections).
 
-Only the study's entry points read this table (the package, :func:`~clipforge.apps.study.runner.run_study`
+Only the study's entry points read this table (the package, ``clipforge.apps.study.runner.run_study``
 and ``clipforge study``); an experiment is a function of a
-:class:`~clipforge.apps.study.framework.Study` returning a :class:`~clipforge.apps.study.framework.Result`.
+``clipforge.apps.study.framework.Study`` returning a ``clipforge.apps.study.framework.Result``.
 """
 from __future__ import annotations
 

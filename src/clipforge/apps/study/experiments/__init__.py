@@ -1,2 +1,2 @@
 """The experiments of ``clipforge study``, one module each, in the paper's order in
-:mod:`clipforge.apps.study.registry`. Each imports the framework (and the figure helpers), never another."""
+``clipforge.apps.study.registry``. Each imports the framework (and the figure helpers), never another."""

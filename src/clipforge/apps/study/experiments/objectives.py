@@ -125,7 +125,7 @@ def curve_steps(run_dir: Path) -> list[int]:
 
 
 def accuracy_curve(study: Study, run_dir: Path, evalset) -> list[tuple[float, float]]:
-    """Zero-shot top-1 against images seen, at the checkpoints of :func:`curve_steps`."""
+    """Zero-shot top-1 against images seen, at the checkpoints of ``curve_steps``."""
     return scored_checkpoints(study, run_dir, lambda model, preprocess: study.zeroshot_top1(model, preprocess,
                                                                                             evalset),
                               curve_steps(run_dir))
@@ -153,15 +153,15 @@ def objectives(study: Study) -> Result:
 
 
 def objective_steps(scale_steps: int) -> int:
-    """Steps of each objective's run: the scale's divided by :data:`OBJECTIVE_STEPS_DIVISOR`, in whole eighths
-    (so the doubling checkpoints end at the last step), or at least :data:`MIN_CURVE_STEPS`."""
+    """Steps of each objective's run: the scale's divided by ``OBJECTIVE_STEPS_DIVISOR``, in whole eighths
+    (so the doubling checkpoints end at the last step), or at least ``MIN_CURVE_STEPS``."""
     steps = scale_steps // OBJECTIVE_STEPS_DIVISOR
     steps -= steps % CHECKPOINT_FRACTIONS
     return steps if steps >= CHECKPOINT_FRACTIONS else min(scale_steps, MIN_CURVE_STEPS)
 
 
 def curve_evalset(evalset):
-    """The first :data:`CURVE_IMAGES` images of an evaluation set, with its first template only."""
+    """The first ``CURVE_IMAGES`` images of an evaluation set, with its first template only."""
     return dataclasses.replace(evalset, images=evalset.images[:CURVE_IMAGES], labels=evalset.labels[:CURVE_IMAGES],
                                templates=list(evalset.templates[:1]))
 
