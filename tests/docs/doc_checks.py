@@ -235,16 +235,22 @@ def _logical_lines(source: str, first_line: int) -> list[tuple[int, str]]:
     return out
 
 
+def _closing_paren(text: str, start: int) -> int:
+    """The index of the ``)`` that closes the ``(`` at ``start`` (``len(text)`` when none does)."""
+    depth, j = 0, start
+    while j < len(text):
+        depth += {"(": 1, ")": -1}.get(text[j], 0)
+        if depth == 0:
+            break
+        j += 1
+    return j
+
+
 def _substitutions(text: str) -> list[str]:
     """The commands inside ``$( ... )`` (balanced, outermost) in a line."""
     out, i = [], 0
     while (i := text.find("$(", i)) != -1:
-        depth, j = 0, i + 1
-        while j < len(text):
-            depth += {"(": 1, ")": -1}.get(text[j], 0)
-            if depth == 0:
-                break
-            j += 1
+        j = _closing_paren(text, i + 1)
         if not text.startswith("$((", i):
             out.append(text[i + 2:j])
         i = j + 1
@@ -256,14 +262,8 @@ def _mask_expansions(text: str) -> str:
     out, i = [], 0
     while i < len(text):
         if text.startswith("$(", i):
-            depth, j = 0, i + 1
-            while j < len(text):
-                depth += {"(": 1, ")": -1}.get(text[j], 0)
-                if depth == 0:
-                    break
-                j += 1
             out.append(_VAR)
-            i = j + 1
+            i = _closing_paren(text, i + 1) + 1
         elif text.startswith("${", i):
             j = text.find("}", i)
             out.append(_VAR)
