@@ -9,7 +9,7 @@ from typing import Callable, ContextManager, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .tokenizer import DEFAULT_CONTEXT_LENGTH, model_tokenizer
+from clipforge.tokenizer import DEFAULT_CONTEXT_LENGTH, model_tokenizer
 
 
 class NothingToEncode(ValueError):

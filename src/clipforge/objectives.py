@@ -12,8 +12,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .loss import bow_loss, caption_loss, predicted_token_mask, word_token_mask
-from .models.text import cut_after_end_of_text
+from clipforge.loss import bow_loss, caption_loss, predicted_token_mask, word_token_mask
+from clipforge.models.text import cut_after_end_of_text
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # preprocessed images (B, 3, H, W) -> class scores (B, C)
 # The most caption-decoder logits (images x prompt positions x vocabulary) held at once while scoring prompts.

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.images import DEFAULT_MAX_PIXELS, load_image  # the one decoder; re-exported here
-from .data.samples import BadSample
+from clipforge.data.images import DEFAULT_MAX_PIXELS, load_image  # the one decoder; re-exported here
+from clipforge.data.samples import BadSample
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -13,11 +13,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .assets import read_json
-from .data.classnames import check_classnames, read_text_lines
-from .encode import encode_images, encode_texts
-from .objectives import image_only, model_objective
-from .tokenizer import model_tokenizer
+from clipforge.assets import read_json
+from clipforge.data.classnames import check_classnames, read_text_lines
+from clipforge.encode import encode_images, encode_texts
+from clipforge.objectives import image_only, model_objective
+from clipforge.tokenizer import model_tokenizer
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 PLACEHOLDERS = ("{c}", "{}")

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import torch
 
-from ..data import ShapesDataset, class_names, templates, write_classification, write_shapes
-from ..encode import encode_images
-from ..evaluate import evaluate
-from ..evaluate.explain import plot_report, similarity_report
+from clipforge.data import ShapesDataset, class_names, templates, write_classification, write_shapes
+from clipforge.encode import encode_images
+from clipforge.evaluate import evaluate
+from clipforge.evaluate.explain import plot_report, similarity_report
 from clipforge.io.factory import load
-from ..models import get_model_config
 from clipforge.io.runs import claim_output
+from clipforge.models import get_model_config
 from clipforge.runtime.threads import threads_beside_workers
-from ..train import TrainConfig, train
-from ..train.logger import read_metrics
-from ..zeroshot import ZeroShotClassifier
+from clipforge.train import TrainConfig, train
+from clipforge.train.logger import read_metrics
+from clipforge.zeroshot import ZeroShotClassifier
 
 SINGLE_TEMPLATE = ["a photo of a {}."]
 DEMO_MARKER = ".clipforge-demo"  # marks a folder the demo wrote, which a later demo run may overwrite
@@ -211,7 +211,7 @@ def _report(results: dict, figures: dict[str, Path], cfg: DemoConfig) -> str:
 def search_own_images(cfg: DemoConfig, queries: tuple[str, str] = ("a blue cross", "id:1"), top_k: int = 3) -> str:
     """Index the demo's own images (the held-out test folder and the captioned set) with the trained model,
     run two example searches, and say how to browse them with ``clipforge serve``."""
-    from ..search import Index
+    from clipforge.search import Index
 
     out = Path(cfg.output)
     folder = out / "index"

@@ -8,10 +8,10 @@ from typing import Callable
 
 import torch
 
-from ..data.images import load_image
-from ..data.classnames import check_classnames, classname_set_names, load_classnames
-from ..zeroshot import ZeroShotClassifier, load_templates
-from .options import add_device_option, add_json_option, add_model_options, load_model
+from clipforge.cli.options import add_device_option, add_json_option, add_model_options, load_model
+from clipforge.data.classnames import check_classnames, classname_set_names, load_classnames
+from clipforge.data.images import load_image
+from clipforge.zeroshot import ZeroShotClassifier, load_templates
 
 HELP = """Zero-shot classify images against labels you name, as in CLIP's README example.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..apps.demo import DemoConfig, run_demo, search_own_images
+from clipforge.apps.demo import DemoConfig, run_demo, search_own_images
 
 HELP = ("Train a small CLIP on the built-in data and report what it learned. "
         "Generates the built-in coloured-shapes data, trains a small CLIP on the CPU (a few minutes), then "

@@ -7,9 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..evaluate import EVALUATORS, get_evaluator
+from clipforge.cli.options import add_device_option, add_model_options, model_spec
+from clipforge.evaluate import EVALUATORS, get_evaluator
 from clipforge.io.factory import load
-from .options import add_device_option, add_model_options, model_spec
 
 HELP = """Evaluate a model; prints a table of metrics and, with --output, writes them as JSON
 ({"task", "model", "data", "metrics": {name: fraction in [0, 1]}, "details": {...}}).

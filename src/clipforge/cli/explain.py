@@ -5,10 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data.classnames import read_text_lines
-from ..evaluate.explain import explanation, format_report, plot_report, similarity_report
-from .classify import read_images
-from .options import add_device_option, add_model_options, load_model
+from clipforge.cli.classify import read_images
+from clipforge.cli.options import add_device_option, add_model_options, load_model
+from clipforge.data.classnames import read_text_lines
+from clipforge.evaluate.explain import explanation, format_report, plot_report, similarity_report
 
 HELP = """Show, for some images and texts, every step of CLIP's scoring: the cosine similarity of each
 image-text pair, the temperature-scaled logits, the softmax over the texts and the chosen text, with a

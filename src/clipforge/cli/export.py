@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from clipforge.cli.options import add_model_options
 from clipforge.io.factory import build_from_spec, load
 from clipforge.io.spec import resolve_spec
-from ..models import CLIP
-from ..transforms import PreprocessConfig
-from .options import add_model_options
+from clipforge.models import CLIP
+from clipforge.transforms import PreprocessConfig
 
 HELP = """Export a model for other runtimes.
 

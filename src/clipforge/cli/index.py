@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..search import Index
-from ..search.model import indexed_spec
-from ..search.store import read_config
+from clipforge.cli.options import add_device_option, add_json_option, add_model_options, model_spec
 from clipforge.runtime.distributed import cleanup, init_distributed
-from .options import add_device_option, add_json_option, add_model_options, model_spec
+from clipforge.search import Index
+from clipforge.search.model import indexed_spec
+from clipforge.search.store import read_config
 
 HELP = """Build or incrementally update a search index of images (see `clipforge search`).
 

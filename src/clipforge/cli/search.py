@@ -5,8 +5,8 @@ import argparse
 import dataclasses
 import json
 
-from ..search import Index
-from .options import add_device_option, add_json_option
+from clipforge.cli.options import add_device_option, add_json_option
+from clipforge.search import Index
 
 HELP = """Search an index built by `clipforge index`.
 

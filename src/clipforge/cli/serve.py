@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import add_device_option
+from clipforge.cli.options import add_device_option
 
 HELP = """Serve an index over HTTP: a web page at / to search by text, by image or by example, and a JSON API
 (POST /api/search, GET /api/items/ID, GET /thumbnails/ID, GET /healthz, GET /metrics; schema at
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from ..serve import ServeOptions, serve
+        from clipforge.serve import ServeOptions, serve
     except ImportError as e:
         raise RuntimeError(f"clipforge serve needs the serve extra ({e.name} is missing): "
                            f"pip install 'clipforge[serve]'") from None

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import ImageRef
-from .tables import IMAGE_COLUMNS, read_table, resolve_path
+from clipforge.data.images import ImageRef
+from clipforge.data.tables import IMAGE_COLUMNS, read_table, resolve_path
 
 CAPTION_COLUMNS = ("caption", "title", "text")
 

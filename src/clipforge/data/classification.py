@@ -11,10 +11,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .classnames import check_classnames, read_classnames
-from .images import IMAGE_EXTENSIONS, ImageRef, is_image_name, list_images
-from .shards import expand_shards, missing_shards, scan_tar
-from .tables import IMAGE_COLUMNS, read_table, resolve_path
+from clipforge.data.classnames import check_classnames, read_classnames
+from clipforge.data.images import IMAGE_EXTENSIONS, ImageRef, is_image_name, list_images
+from clipforge.data.shards import expand_shards, missing_shards, scan_tar
+from clipforge.data.tables import IMAGE_COLUMNS, read_table, resolve_path
 
 LABEL_COLUMNS = ("label", "class")
 CLASSNAME_COLUMN = "classname"

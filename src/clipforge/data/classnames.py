@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..assets import read_json
+from clipforge.assets import read_json
 
 CLASSNAMES_ASSET = "en_classnames.json"
 
@@ -27,7 +27,7 @@ def check_classnames(classnames: Sequence[str], where: str = "class names", uniq
 def _check_unique(names: list[str], where: str) -> None:
     """ValueError for two names the tokenizer cannot tell apart (it lower-cases and normalises whitespace
     and punctuation spacing), since they would be one class twice."""
-    from ..tokenizer import get_tokenizer  # the model sees token ids, so those decide what is a repeat
+    from clipforge.tokenizer import get_tokenizer  # the model sees token ids, so those decide what is a repeat
 
     tokenizer, seen = get_tokenizer(), {}
     for i, name in enumerate(names):

@@ -16,7 +16,7 @@ from typing import IO, Callable, Iterable, Sequence, Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .samples import BadSample
+from clipforge.data.samples import BadSample
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit

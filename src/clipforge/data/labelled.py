@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .classification import read_classification
-from .images import load_image
-from .sources import MapSource, open_sources, source_kind
+from clipforge.data.classification import read_classification
+from clipforge.data.images import load_image
+from clipforge.data.sources import MapSource, open_sources, source_kind
 
 
 class LabelledSource(MapSource):

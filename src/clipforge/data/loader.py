@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .labelled import LabelledSource
-from .samples import BadSample, DataSourceError, SkipCounter
-from .sources import MapSource, ShardSource, open_sources
+from clipforge.data.labelled import LabelledSource
+from clipforge.data.samples import BadSample, DataSourceError, SkipCounter
+from clipforge.data.sources import MapSource, ShardSource, open_sources
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -12,8 +12,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import IMAGE_EXTENSIONS
-from .samples import BadSample
+from clipforge.data.images import IMAGE_EXTENSIONS
+from clipforge.data.samples import BadSample
 
 SHARD_IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # a sample's image member, by preference
 REMOTE = re.compile(r"^[a-z][a-z0-9+.-]+:", re.IGNORECASE)  # pipe:, http://, s3:// ... (not C:\)

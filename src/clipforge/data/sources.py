@@ -14,11 +14,11 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_EXTENSIONS, list_images, load_image
-from .samples import BadSample, SkipCounter, check_caption, decode_caption
-from .shapes import BuiltinSpec, is_builtin_spec, parse_builtin_spec
-from .shards import REMOTE, SHARD_IMAGE_KEYS, expand_shards, missing_shards, shard_size
-from .tables import read_table
+from clipforge.data.images import IMAGE_EXTENSIONS, list_images, load_image
+from clipforge.data.samples import BadSample, SkipCounter, check_caption, decode_caption
+from clipforge.data.shapes import BuiltinSpec, is_builtin_spec, parse_builtin_spec
+from clipforge.data.shards import REMOTE, SHARD_IMAGE_KEYS, expand_shards, missing_shards, shard_size
+from clipforge.data.tables import read_table
 
 DEFAULT_BUILTIN_SAMPLES = 10_000
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import Evaluator
-from .linear_probe import LinearProbeEvaluator
-from .retrieval import RetrievalEvaluator
-from .robustness import RobustnessEvaluator
-from .zeroshot import ZeroShotEvaluator
+from clipforge.evaluate.base import Evaluator
+from clipforge.evaluate.linear_probe import LinearProbeEvaluator
+from clipforge.evaluate.retrieval import RetrievalEvaluator
+from clipforge.evaluate.robustness import RobustnessEvaluator
+from clipforge.evaluate.zeroshot import ZeroShotEvaluator
 
 EVALUATORS: dict[str, type[Evaluator]] = {
     "zeroshot": ZeroShotEvaluator,

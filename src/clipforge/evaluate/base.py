@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from ..data.images import ImageFiles, ImageRef, collate_images
-from ..encode import NothingToEncode, encode_images
+from clipforge.data.images import ImageFiles, ImageRef, collate_images
+from clipforge.encode import NothingToEncode, encode_images
 
 MAX_LISTED_SKIPS = 20
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from clipforge.io.factory import load
-from ..tokenizer import Tokenizer, model_tokenizer
+from clipforge.tokenizer import Tokenizer, model_tokenizer
 
 MODEL_TYPE = "clipforge"
 _NO_WEIGHTS = (None, "", "none", "None")

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ..encode import encode_images, encode_texts
+from clipforge.encode import encode_images, encode_texts
 
 EXPLANATION = """\
 How CLIP picks a text for an image:

@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from clipforge.data.classification import ClassificationData, read_classification
+from clipforge.evaluate.base import Evaluator
+from clipforge.evaluate.metrics import classification_metrics
 from clipforge.runtime.threads import single_intraop_thread
-from .base import Evaluator
-from ..data.classification import ClassificationData, read_classification
-from .metrics import classification_metrics
 
 L2_RANGE = (1e-6, 1e6)
 SMALL_PROBLEM = 1 << 20  # feature-matrix elements below which the fit runs single-threaded

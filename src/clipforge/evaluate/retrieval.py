@@ -6,10 +6,10 @@ from typing import Callable
 
 import torch
 
-from .base import Evaluator
-from ..data.captions import read_captions
-from ..encode import encode_texts
-from .metrics import retrieval_metrics
+from clipforge.data.captions import read_captions
+from clipforge.encode import encode_texts
+from clipforge.evaluate.base import Evaluator
+from clipforge.evaluate.metrics import retrieval_metrics
 
 
 @dataclass(kw_only=True)

@@ -8,10 +8,10 @@ from typing import Callable
 
 import torch
 
-from .base import Evaluator
-from ..data.classification import ClassificationData, read_classification
-from .metrics import topk_accuracy
-from .zeroshot import resolve_templates, zeroshot_logits, zeroshot_weights
+from clipforge.data.classification import ClassificationData, read_classification
+from clipforge.evaluate.base import Evaluator
+from clipforge.evaluate.metrics import topk_accuracy
+from clipforge.evaluate.zeroshot import resolve_templates, zeroshot_logits, zeroshot_weights
 
 
 def _align(base: ClassificationData, shifted: ClassificationData, name: str) -> torch.Tensor:

@@ -8,11 +8,11 @@ from typing import Callable
 
 import torch
 
-from ..objectives import model_objective
-from ..zeroshot import ZeroShotClassifier, build_zeroshot_classifier, load_templates, template_set_names
-from .base import Evaluator
-from ..data.classification import ClassificationData, read_classification
-from .metrics import classification_metrics
+from clipforge.data.classification import ClassificationData, read_classification
+from clipforge.evaluate.base import Evaluator
+from clipforge.evaluate.metrics import classification_metrics
+from clipforge.objectives import model_objective
+from clipforge.zeroshot import ZeroShotClassifier, build_zeroshot_classifier, load_templates, template_set_names
 
 
 def resolve_templates(templates, classnames=None) -> list[str]:

@@ -14,10 +14,10 @@ import torch
 
 from clipforge.io.checkpoints import model_from_checkpoint, read_checkpoint
 from clipforge.io.folder import save
-from clipforge.io.tensors import Checkpoint
-from clipforge.models import CLIP, CLIPConfig, get_model_config
 from clipforge.io.pretrained import PRETRAINED, PretrainedWeights, download_weights
 from clipforge.io.spec import ModelSpec, resolve_spec, resolve_weights, split_spec
+from clipforge.io.tensors import Checkpoint
+from clipforge.models import CLIP, CLIPConfig, get_model_config
 from clipforge.runtime.device import resolve_device
 from clipforge.transforms import PreprocessConfig, image_transform
 

@@ -11,15 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIPConfig
-from .heads import CaptionDecoder, ProjectionMLP
-from .hf_text import HFTextTower
-from .layers import activation
-from .resnet import ModifiedResNet
-from .text import TextTower
-from .timm_vision import TimmVisionTower
-from .vit import VisionTransformer
-
+from clipforge.models.config import CLIPConfig
+from clipforge.models.heads import CaptionDecoder, ProjectionMLP
+from clipforge.models.hf_text import HFTextTower
+from clipforge.models.layers import activation
+from clipforge.models.resnet import ModifiedResNet
+from clipforge.models.text import TextTower
+from clipforge.models.timm_vision import TimmVisionTower
+from clipforge.models.vit import VisionTransformer
 
 # Parameters that are not the text tower's: the image side, the temperature, the objectives' heads.
 _NOT_TEXT = ("visual.", "image_mlp.", "logit_scale", "bow_head.", "class_head.", "decoder.")

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loss import predicted_token_mask
-from .config import TextConfig
-from .layers import MLP, Attention, LayerNorm
+from clipforge.loss import predicted_token_mask
+from clipforge.models.config import TextConfig
+from clipforge.models.layers import MLP, Attention, LayerNorm
 
 
 class ProjectionMLP(nn.Module):

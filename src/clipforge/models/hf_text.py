@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import HF_POOLERS, TextConfig
+from clipforge.models.config import HF_POOLERS, TextConfig
 
 
 def require_transformers():

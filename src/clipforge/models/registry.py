@@ -5,7 +5,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .config import CLIPConfig
+from clipforge.models.config import CLIPConfig
 
 # OpenAI's names -> their configs. File names follow OpenCLIP: 'ViT-B-32' is the GELU model and
 # 'ViT-B-32-quickgelu' the QuickGELU one that OpenAI trained; OpenAI's own names keep OpenAI's

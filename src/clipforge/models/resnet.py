@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import VisionConfig
+from clipforge.models.config import VisionConfig
 
 
 class Bottleneck(nn.Module):

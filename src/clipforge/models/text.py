@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import TextConfig
-from .layers import LayerNorm, Transformer
+from clipforge.models.config import TextConfig
+from clipforge.models.layers import LayerNorm, Transformer
 
 
 def _may_trim() -> bool:

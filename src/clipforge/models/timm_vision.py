@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import VisionConfig
+from clipforge.models.config import VisionConfig
 
 
 def require_timm():

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import VisionConfig
-from .layers import LayerNorm, Transformer
+from clipforge.models.config import VisionConfig
+from clipforge.models.layers import LayerNorm, Transformer
 
 
 class VisionTransformer(nn.Module):

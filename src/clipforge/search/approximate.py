@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from clipforge.io.runs import write_files
-from . import exact, store
+from clipforge.search import exact, store
 
 AUTO_THRESHOLD = 200_000  # items above which ``approximate="auto"`` builds it
 FILE, IDS = "approximate.faiss", "approximate-ids.npy"

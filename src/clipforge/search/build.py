@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import DescribedImages, collate_described
-from ..encode import encode_images, encode_texts
+from clipforge.data import DescribedImages, collate_described
+from clipforge.encode import encode_images, encode_texts
 from clipforge.runtime.distributed import DistEnv, barrier, gather_objects, init_distributed
-from . import approximate, store
-from .model import load_model, model_identity, model_name
-from .plan import Entry, Plan, hash_all, list_sources, resolve, resolve_sources, triage
+from clipforge.search import approximate, store
+from clipforge.search.model import load_model, model_identity, model_name
+from clipforge.search.plan import Entry, Plan, hash_all, list_sources, resolve, resolve_sources, triage
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import ImageRef, load_image, read_image_bytes
-from ..encode import encode_images, encode_texts
-from . import exact, store
-from .approximate import is_current, load as load_approximate
-from .build import BuildOptions, build
-from .model import indexed_spec, load_indexed_model, prepare_for_queries, weights_checksum
-from .query import Query, parse_query
+from clipforge.data import ImageRef, load_image, read_image_bytes
+from clipforge.encode import encode_images, encode_texts
+from clipforge.search import exact, store
+from clipforge.search.approximate import is_current
+from clipforge.search.approximate import load as load_approximate
+from clipforge.search.build import BuildOptions, build
+from clipforge.search.model import indexed_spec, load_indexed_model, prepare_for_queries, weights_checksum
+from clipforge.search.query import Query, parse_query
 
 
 @dataclass(frozen=True)

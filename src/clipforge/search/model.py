@@ -7,10 +7,10 @@ from typing import Callable
 
 import torch
 
-from ..encode import model_device
+from clipforge.encode import model_device
 from clipforge.io.factory import load
 from clipforge.io.spec import NoWeightsError, no_weights_message, resolve_spec
-from ..models.layers import pack_linear_weights
+from clipforge.models.layers import pack_linear_weights
 
 
 def load_model(spec: str, device: str | torch.device | None = None,

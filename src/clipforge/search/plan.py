@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import BadSample, ImageRef, expand_shards, list_images, read_image_bytes, shard_images, table_images
-from ..data.sources import source_kind
+from clipforge.data import BadSample, ImageRef, expand_shards, list_images, read_image_bytes, shard_images, table_images
+from clipforge.data.sources import source_kind
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..data import is_image_name
+from clipforge.data import is_image_name
 
 KINDS = ("text", "image", "bytes", "id")
 _WEIGHT = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)):(.+)$", re.DOTALL)

@@ -2,7 +2,7 @@
 an offline web page, built with FastAPI and run by uvicorn."""
 from __future__ import annotations
 
-from .app import ServeOptions, create_app
-from .server import serve
+from clipforge.serve.app import ServeOptions, create_app
+from clipforge.serve.server import serve
 
 __all__ = ["ServeOptions", "create_app", "serve"]

@@ -7,17 +7,18 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Query as QueryParam, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Query as QueryParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
 
-from .errors import add_error_handlers, validation_message
-from .limits import LimitsMiddleware
-from .metrics import Metrics, MetricsMiddleware
-from .queries import SearchRequest, Term, Uploads
-from .service import SearchService
-from .thumbnails import THUMBNAIL_SIZES, Thumbnails
+from clipforge.serve.errors import add_error_handlers, validation_message
+from clipforge.serve.limits import LimitsMiddleware
+from clipforge.serve.metrics import Metrics, MetricsMiddleware
+from clipforge.serve.queries import SearchRequest, Term, Uploads
+from clipforge.serve.service import SearchService
+from clipforge.serve.thumbnails import THUMBNAIL_SIZES, Thumbnails
 
 PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 _SECURITY_HEADERS = {

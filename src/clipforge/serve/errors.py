@@ -9,9 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..data import BadSample
-from .limits import BodyTooLarge
-from .service import UploadGone
+from clipforge.data import BadSample
+from clipforge.serve.limits import BodyTooLarge
+from clipforge.serve.service import UploadGone
 
 _log = logging.getLogger("clipforge.serve")
 

@@ -10,8 +10,7 @@ from dataclasses import replace
 
 import uvicorn
 
-from .app import ServeOptions, create_app
-
+from clipforge.serve.app import ServeOptions, create_app
 
 DEFAULT_FLOAT32_MIB = 1024  # RAM for float32 copies of the vectors (clipforge serve --float32-mib)
 
@@ -46,7 +45,7 @@ def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: Se
           device: str | None = None, log_level: str = "warning", float32_mib: float = DEFAULT_FLOAT32_MIB) -> None:
     """Serve the index in ``index_dir`` until interrupted; prints the address once it is listening.
     ``float32_mib``: RAM for float32 copies of the vectors (see ``clipforge.search.Index.open``)."""
-    from ..search import Index
+    from clipforge.search import Index
     if not is_loopback(host) and options.token is None:
         print(f"clipforge serve: warning: listening on {host}, which other machines can reach, without a token: "
               f"anyone who can connect can search and view every indexed image; pass --token (or set "

@@ -6,9 +6,9 @@ import asyncio
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
-from ..data import load_image
-from .metrics import Metrics
-from .queries import SearchRequest, Term, Uploads, decode_cursor, decode_image_term, encode_cursor
+from clipforge.data import load_image
+from clipforge.serve.metrics import Metrics
+from clipforge.serve.queries import SearchRequest, Term, Uploads, decode_cursor, decode_image_term, encode_cursor
 
 
 class UploadGone(LookupError):
@@ -35,7 +35,7 @@ class SearchService:
     def warm_up(self) -> None:
         """Load the model, run it once and search once, so that the first client waits for neither the
         model nor the float32 copies of the vectors."""
-        from ..search import Query
+        from clipforge.search import Query
         vector = self._compute.submit(self.index.encode_query, Query.from_terms([("text", "a photo")])).result()
         if len(self.index):
             self._compute.submit(self.index.search, vector, 1, approximate=False).result()
@@ -64,7 +64,7 @@ class SearchService:
         return {**row, "thumbnail_url": thumbnail_url(item_id)}
 
     def _query(self, request: SearchRequest, upload_key: str | None):
-        from ..search import Query
+        from clipforge.search import Query
         terms = list(self._parsed_terms(request.query)) if request.query else []
         terms += [self._term(term) for term in request.terms]
         if upload_key is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data import load_image
+from clipforge.data import load_image
 
 THUMBNAIL_SIZES = (128, 256, 512)
 _VERSION = "1"  # part of every ETag: bump when the way thumbnails are made changes

@@ -1,6 +1,6 @@
 """Contrastive pre-training and fine-tuning of CLIP (Radford et al. 2021): ``train(TrainConfig(...))``,
 the engine behind ``clipforge train``; single process, torchrun or SLURM."""
-from .config import TrainConfig
-from .loop import train
+from clipforge.train.config import TrainConfig
+from clipforge.train.loop import train
 
 __all__ = ["TrainConfig", "train"]

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from clipforge.io.folder import save as save_model
-
-from .checkpoint import rng_state, set_rng_state
 from clipforge.runtime.distributed import gather_objects
-from .validate import validate
+from clipforge.train.checkpoint import rng_state, set_rng_state
+from clipforge.train.validate import validate
 
 PROBE_STEPS = 8  # at least: the first step starts the data workers and warms caches; the rest give the step time
 PROBE_SHARE, MAX_PROBE_STEPS = 0.03, 200  # probe longer, up to this share of the budget, to reach steady state

@@ -15,11 +15,21 @@ import torch
 
 from clipforge.io.checkpoints import load_weights, read_checkpoint
 from clipforge.io.folder import save as save_model
+from clipforge.io.runs import (
+    BEST_RECORD,
+    CONFIG_NAME,
+    STATE_NAME,
+    TRAIN_FILES,
+    WEIGHTS_NAME,
+    best_folder,
+    is_complete,
+    step_folder,
+    step_folders,
+    write_files,
+    write_folder,
+)
 from clipforge.io.tensors import CheckpointError, torch_load
 from clipforge.models import CLIP
-from clipforge.io.runs import (BEST_RECORD, CONFIG_NAME, STATE_NAME, TRAIN_FILES, WEIGHTS_NAME, best_folder, is_complete,
-                            step_folder, step_folders, write_files, write_folder)
-
 
 _STATE_KEYS = {"step", "optimizer", "schedule", "scaler", "rng", "skipped", "run"}  # what the trainer saves
 

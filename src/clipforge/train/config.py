@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clipforge.models.config import OBJECTIVES, PROJECTIONS
-
-from .optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
+from clipforge.train.optim import ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # --loss: the two-tower losses train a "contrastive" model (CLIP's softmax loss, SigLIP's sigmoid loss); each

@@ -19,25 +19,40 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import clipforge
-from clipforge.runtime.allocator import retain_freed_memory
-from clipforge.io.tensors import CheckpointError
 from clipforge.data import REASONS, build_train_data
 from clipforge.data.labelled import open_labelled_source
 from clipforge.io.factory import create_model_and_transforms
-from clipforge.runtime.threads import intraop_threads
-from clipforge.io.runs import (CHECKPOINTS_DIR, METRICS_NAME, RUN_CONFIG_NAME, TRAIN_FILES, checkpoints_dir, is_complete,
-                            is_run_dir, latest_checkpoint, read_best, step_folders)
-from clipforge.tokenizer import model_tokenizer
-
-from .checkpoint import best_mode, load_checkpoint, rng_state, save_best, save_checkpoint, set_rng_state
-from .config import TWO_TOWER_LOSSES, TrainConfig, default_resume, objective_of, parse_duration
+from clipforge.io.runs import (
+    CHECKPOINTS_DIR,
+    METRICS_NAME,
+    RUN_CONFIG_NAME,
+    TRAIN_FILES,
+    checkpoints_dir,
+    is_complete,
+    is_run_dir,
+    latest_checkpoint,
+    read_best,
+    step_folders,
+)
+from clipforge.io.tensors import CheckpointError
+from clipforge.runtime.allocator import retain_freed_memory
 from clipforge.runtime.distributed import DistEnv, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
-from .logger import RunLogger, truncate_metrics
-from .budget import measure_costs, planned_steps
-from .optim import CosineSchedule, build_optimizer, fitted_lr, fitted_warmup
-from .step import Stepper, TrainingLoss, TrainModule
-from .validate import (HELDOUT, heldout_zeroshot_set, label_by_classnames, load_val_pairs, validate,
-                       zeroshot_from_val)
+from clipforge.runtime.threads import intraop_threads
+from clipforge.tokenizer import model_tokenizer
+from clipforge.train.budget import measure_costs, planned_steps
+from clipforge.train.checkpoint import best_mode, load_checkpoint, rng_state, save_best, save_checkpoint, set_rng_state
+from clipforge.train.config import TWO_TOWER_LOSSES, TrainConfig, default_resume, objective_of, parse_duration
+from clipforge.train.logger import RunLogger, truncate_metrics
+from clipforge.train.optim import CosineSchedule, build_optimizer, fitted_lr, fitted_warmup
+from clipforge.train.step import Stepper, TrainingLoss, TrainModule
+from clipforge.train.validate import (
+    HELDOUT,
+    heldout_zeroshot_set,
+    label_by_classnames,
+    load_val_pairs,
+    validate,
+    zeroshot_from_val,
+)
 
 _log = logging.getLogger(__name__)
 _RUN_IDENTITY_KEYS = ("model", "train_data", "seed", "loss", "projection", "fixed_temperature", "classnames", "lr",

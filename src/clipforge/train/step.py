@@ -18,12 +18,16 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from clipforge.loss import (SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, clamp_logit_scale_, contrastive_loss,
-                            sigmoid_loss)
+from clipforge.loss import (
+    SIGLIP_INIT_LOGIT_BIAS,
+    SIGLIP_INIT_LOGIT_SCALE,
+    clamp_logit_scale_,
+    contrastive_loss,
+    sigmoid_loss,
+)
 from clipforge.models import CLIP
 from clipforge.objectives import image_only, prediction_loss, predictions
-
-from .config import TWO_TOWER_LOSSES, objective_of
+from clipforge.train.config import TWO_TOWER_LOSSES, objective_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W), tokens (B, L) or class labels (B,)
 

@@ -12,13 +12,13 @@ from typing import Callable, ContextManager
 import torch
 
 from clipforge.data import shapes
+from clipforge.data.classnames import load_classnames
 from clipforge.data.sources import SkipCounter, iter_pairs
 from clipforge.encode import encode_images, encode_texts, model_device
 from clipforge.evaluate.metrics import retrieval_metrics, topk_accuracy
 from clipforge.loss import contrastive_loss
 from clipforge.models import CLIP
 from clipforge.objectives import prediction_loss, predictions
-from clipforge.data.classnames import load_classnames
 from clipforge.zeroshot import ZeroShotClassifier, build_zeroshot_classifier
 
 HELDOUT = "builtin-heldout"

@@ -8,9 +8,8 @@ import html
 from pathlib import Path
 from typing import Sequence
 
-from clipforge.io.runs import write_files
-
 from clipforge.apps.study.framework import Result, Scale
+from clipforge.io.runs import write_files
 
 PERCENT_WORDS = ("top-1", "top1", "accuracy")  # columns whose numbers are fractions shown as percentages
 AGREES = {True: "yes", False: "no", None: "inconclusive"}

@@ -8,11 +8,10 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from clipforge.io.runs import claim_output, write_files
-
 from clipforge.apps.study.framework import RESULTS_DIR, SCALES, STUDY_MARKER, Result, Scale, Study
 from clipforge.apps.study.registry import EXPERIMENTS
 from clipforge.apps.study.report import write_report
+from clipforge.io.runs import claim_output, write_files
 
 
 def run_study(output: str | Path, experiments: Sequence[str] | None = None, scale: str | Scale = "quick",

@@ -9,11 +9,10 @@ from typing import Sequence
 
 import torch
 
-from clipforge.encode import encode_images
-from clipforge.evaluate.linear_probe import fit_logistic_regression, sample_k_shot, select_l2
-
 from clipforge.apps.study.figures import new_figure
 from clipforge.apps.study.framework import EVAL_SEED, Result, Study, mean_std
+from clipforge.encode import encode_images
+from clipforge.evaluate.linear_probe import fit_logistic_regression, sample_k_shot, select_l2
 
 PROBE_VAL_PER_CLASS = 4  # labelled images per class that choose the probe's L2 strength
 PROBE_POOL_PER_SHOT = 3  # images per class per shot in the pool the k-shot sets are drawn from

@@ -10,12 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from clipforge.apps.study.figures import new_figure
+from clipforge.apps.study.framework import (
+    CHECKPOINT_FRACTIONS,
+    Result,
+    Study,
+    mean_std,
+    scored_checkpoints,
+    train_with_checkpoints,
+)
 from clipforge.io.runs import is_complete, step_folders
 from clipforge.models.config import OBJECTIVES
-
-from clipforge.apps.study.figures import new_figure
-from clipforge.apps.study.framework import (CHECKPOINT_FRACTIONS, Result, Study, mean_std, scored_checkpoints,
-                                            train_with_checkpoints)
 
 # The objectives compared, by their names in clipforge.models.config.OBJECTIVES (its "classify" is experiment
 # 7's supervised classifier), as the report calls them.

@@ -4,8 +4,16 @@ joint space against a two-layer MLP head, on the built-in data.
 from __future__ import annotations
 
 from clipforge.apps.study.figures import bar_figure
-from clipforge.apps.study.framework import (Result, Study, against_baseline, compare, final_loss, final_top1,
-                                            margin_caveat, mean_std)
+from clipforge.apps.study.framework import (
+    Result,
+    Study,
+    against_baseline,
+    compare,
+    final_loss,
+    final_top1,
+    margin_caveat,
+    mean_std,
+)
 
 
 def projection(study: Study) -> Result:

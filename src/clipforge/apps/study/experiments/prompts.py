@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import statistics
 
-from clipforge.data import shapes
-from clipforge.zeroshot import DEFAULT_TEMPLATES
-
 from clipforge.apps.study.figures import bar_figure
 from clipforge.apps.study.framework import Result, Study, compare, mean_std
+from clipforge.data import shapes
+from clipforge.zeroshot import DEFAULT_TEMPLATES
 
 
 def prompt_variants() -> dict[str, list[str]]:

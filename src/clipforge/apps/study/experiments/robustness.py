@@ -10,13 +10,19 @@ from typing import Sequence
 
 import torch
 
+from clipforge.apps.study.figures import new_figure
+from clipforge.apps.study.framework import (
+    EVAL_SEED,
+    Result,
+    Study,
+    margin_caveat,
+    mean_std,
+    scored_checkpoints,
+    train_with_checkpoints,
+)
 from clipforge.data.shapes import STYLES
 from clipforge.encode import encode_images
 from clipforge.evaluate.linear_probe import fit_logistic_regression, select_l2, stratified_split
-
-from clipforge.apps.study.figures import new_figure
-from clipforge.apps.study.framework import (EVAL_SEED, Result, Study, margin_caveat, mean_std, scored_checkpoints,
-                                            train_with_checkpoints)
 
 TRAIN_STYLE = "filled"
 SHIFTED_STYLES = tuple(s for s in STYLES if s != TRAIN_STYLE)

@@ -7,13 +7,12 @@ import statistics
 
 import torch
 
+from clipforge.apps.study.figures import new_figure
+from clipforge.apps.study.framework import Result, Study, compare, mean_std
 from clipforge.data import shapes
 from clipforge.io.factory import create_model
 from clipforge.loss import contrastive_loss
 from clipforge.tokenizer import model_tokenizer
-
-from clipforge.apps.study.figures import new_figure
-from clipforge.apps.study.framework import Result, Study, compare, mean_std
 
 
 def training_flops(model_config, batch_size: int, steps: int) -> float:
