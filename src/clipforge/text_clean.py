@@ -10,6 +10,7 @@ import html
 import re as stdlib_re
 import sys
 import unicodedata
+from functools import cached_property
 from typing import Iterable
 
 import ftfy
@@ -132,7 +133,11 @@ class _FtfyShortcut:
         self.unchanged = {chr(c) for c in range(0x20, 0x7F)} | {"\t", "\n"}
         self.replacements: dict[str, str] = {}  # character -> its fixed string
         self.not_local: set[str] = set()
-        self.prefilter = _mojibake_prefilter(ftfy.badness.BADNESS_RE)
+
+    @cached_property
+    def prefilter(self) -> tuple[stdlib_re.Pattern, int] | None:
+        """``_mojibake_prefilter`` of ftfy's mojibake regex, worked out when first needed (not at import)."""
+        return _mojibake_prefilter(ftfy.badness.BADNESS_RE)
 
     def fix_text(self, text: str) -> str:
         """Exactly ``ftfy.fix_text(text)`` with the default configuration."""

@@ -4,26 +4,35 @@ Token ids equal OpenAI's for any text, computed fast: OpenAI's cleaning (ftfy, H
 lower case) takes exact shortcuts where ftfy has nothing or little to do, ids are cached per
 whitespace-separated chunk of text, under truncation BPE stops once the kept ids are known (a long word is
 merged a window at a time, keeping the tokens proven final), and the padded batch is filled with numpy.
+The first call starts quickly: the merges used come from a prebuilt table of them, and encoding needs only
+their ranks (the full vocabulary tables are built when decoding or an export asks for them).
 """
 from __future__ import annotations
 
 import gzip
 import numbers
-from functools import lru_cache
+import sys
+import zlib
+from functools import cached_property, lru_cache
 from importlib import resources
 from itertools import chain
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import regex
 import torch
 
-from .text_clean import clean_chunks, clean_text
+from clipforge.text_clean import clean_chunks, clean_text
 
 DEFAULT_CONTEXT_LENGTH = 77
 SOT_TEXT, EOT_TEXT = "<|startoftext|>", "<|endoftext|>"
 _MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_MERGE_TABLE = "bpe_simple_vocab_16e6_merges.txt"  # the merges used, unpacked: made from _MERGES_FILE, see below
 _NUM_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary: 512 byte tokens + 48894 merges + 2 special = 49408
+_FIRST_MERGE_ID = 512  # the token made by the merge of rank r has id 512 + r
+_SOT_ID, _EOT_ID = _FIRST_MERGE_ID + _NUM_MERGES, _FIRST_MERGE_ID + _NUM_MERGES + 1
+_VOCAB_SIZE = _EOT_ID + 1
 _CACHE_SIZE = 100_000  # entries per cache (words, chunks); a full cache is emptied
 # Under truncation, a chunk longer than this is tokenized only as far as the kept ids reach, and not cached;
 # a word longer than the window is merged a window of byte symbols at a time (see _BPE.merge_prefix).
@@ -45,34 +54,114 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable + others, chars))
 
 
+def _asset(name: str) -> bytes:
+    path = Path(__file__).with_name("assets") / name  # importlib.resources costs more than reading the merges
+    return path.read_bytes() if path.is_file() else (resources.files("clipforge") / "assets" / name).read_bytes()
+
+
+def _read_merge_lines() -> list[str]:
+    """The merges OpenAI uses, "first second" in rank order (lines 2 to 48895 of the merges file), from the
+    prebuilt table ``_MERGE_TABLE`` (``python -m clipforge.tokenizer`` writes it; a test checks it), or
+    from the merges file itself when the table is missing."""
+    try:
+        lines = _asset(_MERGE_TABLE).decode("utf-8").split("\n")
+    except FileNotFoundError:
+        return _merge_lines_from_merges_file()
+    if lines[-1:] == [""]:
+        lines.pop()
+    if len(lines) != _NUM_MERGES:
+        raise ValueError(f"{_MERGE_TABLE} holds {len(lines)} merges, expected {_NUM_MERGES}: rebuild it with "
+                         "python -m clipforge.tokenizer")
+    return lines
+
+
+def _merge_lines_from_merges_file() -> list[str]:
+    """``_read_merge_lines`` from the packaged merges file. The merges used are its first sixth (525 kB of
+    3.2 MB), so only about that much of it is decompressed."""
+    stream = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip
+    text = stream.decompress(_asset(_MERGES_FILE), 576 << 10)
+    while text.count(b"\n") <= _NUM_MERGES and stream.unconsumed_tail:
+        text += stream.decompress(stream.unconsumed_tail, 64 << 10)
+    lines = text[:text.rfind(b"\n")].decode("utf-8").split("\n", _NUM_MERGES + 1)[1:_NUM_MERGES + 1]
+    if len(lines) != _NUM_MERGES:
+        raise ValueError(f"{_MERGES_FILE} holds {len(lines)} merges, expected {_NUM_MERGES}")
+    return lines
+
+
+def _merge_table_text() -> str:
+    """The prebuilt merge table's text, from the merges file as OpenAI's ``simple_tokenizer`` reads it (all
+    of it decompressed, lines 2 to 48895, each split into its two tokens): one "first second" line a merge."""
+    text = gzip.decompress(_asset(_MERGES_FILE)).decode("utf-8")
+    merges = [tuple(line.split()) for line in text.split("\n")[1:_NUM_MERGES + 1]]
+    if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{_MERGES_FILE} does not hold {_NUM_MERGES} merges of two tokens each")
+    return "".join(f"{first} {second}\n" for first, second in merges)
+
+
 class _BPE:
-    """The vocabulary and merge ranks, parsed once and shared, with bounded caches of ids per word and per
-    whitespace-free chunk of cleaned text (one chunk cache per pre-tokenizer pattern)."""
+    """The merge ranks, parsed once and shared, with bounded caches of ids per word and per whitespace-free
+    chunk of cleaned text (one chunk cache per pre-tokenizer pattern).
+
+    Encoding needs only ``pair_ranks`` ("first second" -> rank): the token a merge makes has id
+    ``512 + rank`` (the vocabulary is 256 byte tokens, the same with "</w>", then one token per merge, all
+    distinct), so the ids of the tokens merged so far are recorded in ``token_ids`` as merges happen. The
+    full ``encoder``, ``decoder`` and tuple-keyed ``ranks`` are built on first use (decoding, exports).
+    """
 
     def __init__(self):
-        lines = gzip.decompress((resources.files("clipforge") / "assets" / _MERGES_FILE).read_bytes())
-        merges = [tuple(line.split()) for line in lines.decode("utf-8").split("\n")[1:_NUM_MERGES + 1]]
+        self.pair_ranks: dict[str, int] = dict(zip(_read_merge_lines(), range(_NUM_MERGES)))
+        if len(self.pair_ranks) != _NUM_MERGES:
+            raise ValueError(f"the merges hold {len(self.pair_ranks)} distinct pairs, expected {_NUM_MERGES}")
         self.byte_encoder = _bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         byte_tokens = list(self.byte_encoder.values())
-        vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges] + [SOT_TEXT, EOT_TEXT]
-        self.encoder = {token: i for i, token in enumerate(vocab)}
-        self.decoder = vocab
-        self.ranks = {pair: i for i, pair in enumerate(merges)}
-        self.max_token_length = max(map(len, vocab))
-        self.specials = {SOT_TEXT: (self.encoder[SOT_TEXT],), EOT_TEXT: (self.encoder[EOT_TEXT],)}
+        self.token_ids: dict[str, int] = {t: i for i, t in enumerate(byte_tokens + [t + "</w>" for t in byte_tokens])}
+        self.specials = {SOT_TEXT: (_SOT_ID,), EOT_TEXT: (_EOT_ID,)}
         self.word_cache: dict[str, tuple[int, ...]] = {}
         self.chunk_caches: dict[str, dict[str, tuple[int, ...]]] = {}
+
+    @cached_property
+    def decoder(self) -> list[str]:
+        """The vocabulary: token strings by id."""
+        byte_tokens = list(self.byte_encoder.values())
+        merged = [line.replace(" ", "") for line in self.pair_ranks]  # in rank order
+        return byte_tokens + [t + "</w>" for t in byte_tokens] + merged + [SOT_TEXT, EOT_TEXT]
+
+    @cached_property
+    def encoder(self) -> dict[str, int]:
+        """Token string -> id, for the whole vocabulary."""
+        return {token: i for i, token in enumerate(self.decoder)}
+
+    @cached_property
+    def ranks(self) -> dict[tuple[str, str], int]:
+        """(first, second) -> rank of that merge, as OpenAI's ``bpe_ranks``."""
+        return {tuple(line.split(" ")): rank for line, rank in self.pair_ranks.items()}
+
+    @cached_property
+    def byte_decoder(self) -> dict[str, int]:
+        return {c: b for b, c in self.byte_encoder.items()}
+
+    @cached_property
+    def max_token_length(self) -> int:
+        """The longest token's length, ``max(map(len, self.decoder))`` without building the decoder."""
+        return max(len(SOT_TEXT), len(EOT_TEXT), 1 + len("</w>"), max(map(len, self.pair_ranks)) - 1)
+
+    def _merge_pair(self, symbols: list[str], pair: str, rank: int) -> list[str]:
+        """``symbols`` with each occurrence of ``pair`` ("first second", of that rank) merged, recording the id
+        of the token it makes."""
+        first, second = pair.split(" ")
+        self.token_ids[first + second] = _FIRST_MERGE_ID + rank
+        return _merge_pair(symbols, first, second)
 
     def merge(self, word: str) -> list[str]:
         """BPE of one byte-mapped word: apply the lowest-ranked adjacent merge until none applies."""
         symbols = [*word[:-1], word[-1] + "</w>"]
-        ranks = self.ranks
+        ranks = self.pair_ranks
         while len(symbols) > 1:
-            pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, _NUM_MERGES))
-            if pair not in ranks:
+            pair = min(map(_pair_key, symbols, symbols[1:]), key=lambda p: ranks.get(p, _NUM_MERGES))
+            rank = ranks.get(pair)
+            if rank is None:
                 break
-            symbols = _merge_pair(symbols, *pair)
+            symbols = self._merge_pair(symbols, pair, rank)
         return symbols
 
     def merge_prefix(self, word: str, count: int, window: int) -> list[str]:
@@ -107,19 +196,19 @@ class _BPE:
         token left of the wall with text beyond it (a merge (that token, y) with y a prefix of that text),
         the wall moves left past the token. What stays left of the wall is final and ends at a token boundary.
         """
-        ranks = self.ranks
+        ranks = self.pair_ranks
         symbols = list(tail[start:end])
         wall, done = end, -1
         across = self._ranks_across(symbols[-1], tail, wall, done)
         while symbols:
-            pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, _NUM_MERGES), default=None)
+            pair = min(map(_pair_key, symbols, symbols[1:]), key=lambda p: ranks.get(p, _NUM_MERGES), default=None)
             inside = ranks.get(pair, _NUM_MERGES)
             done = min(inside, across[0] if across else _NUM_MERGES)
             if done == _NUM_MERGES:
                 break
             last = len(symbols[-1])
             if inside == done:
-                symbols = _merge_pair(symbols, *pair)
+                symbols = self._merge_pair(symbols, pair, inside)
             if len(symbols[-1]) > last:  # the last token merged with its left neighbour: nothing crosses the wall
                 across = self._ranks_across(symbols[-1], tail, wall, done)
             elif across and across[0] == done:
@@ -131,7 +220,8 @@ class _BPE:
 
     def _ranks_across(self, token: str, tail: str, wall: int, done: int) -> list[int]:
         """Ranks above ``done`` of the merges (token, y) with y a prefix of ``tail[wall:]``, lowest first."""
-        found = (self.ranks.get((token, tail[wall:wall + n])) for n in range(1, self.max_token_length + 1))
+        prefix = token + " "
+        found = (self.pair_ranks.get(prefix + tail[wall:wall + n]) for n in range(1, self.max_token_length + 1))
         return sorted(r for r in found if r is not None and r > done)
 
     def word_ids_uncached(self, word: str) -> tuple[int, ...]:
@@ -139,7 +229,7 @@ class _BPE:
         if word in self.specials:
             return self.specials[word]
         mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-        return tuple(self.encoder[s] for s in self.merge(mapped))
+        return tuple(map(self.token_ids.__getitem__, self.merge(mapped)))
 
     def word_ids(self, word: str) -> tuple[int, ...]:
         """Ids of one pre-tokenized word, through the cache."""
@@ -155,7 +245,10 @@ class _BPE:
         if len(word) <= _BPE_WINDOW or word in self.specials:
             return self.word_ids(word)
         mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-        return [self.encoder[s] for s in self.merge_prefix(mapped, count, _BPE_WINDOW)]
+        return list(map(self.token_ids.__getitem__, self.merge_prefix(mapped, count, _BPE_WINDOW)))
+
+
+_pair_key = "{} {}".format  # a pair of adjacent symbols as ``pair_ranks`` spells it (tokens hold no space)
 
 
 def _merge_pair(symbols: list[str], first: str, second: str) -> list[str]:
@@ -212,9 +305,13 @@ class Tokenizer:
         self._finditer = _compiled_pattern(pattern).finditer
         self._chunk_cache = self._bpe.chunk_caches.setdefault(pattern, {})
         self._cached_chunk_ids = self._chunk_cache.__getitem__
-        self.encoder: dict[str, int] = self._bpe.encoder  # shared by all tokenizers: read only
-        self.vocab_size = len(self._bpe.decoder)
-        self.sot_token_id, self.eot_token_id = self.encoder[SOT_TEXT], self.encoder[EOT_TEXT]
+        self.vocab_size = _VOCAB_SIZE
+        self.sot_token_id, self.eot_token_id = _SOT_ID, _EOT_ID
+
+    @property
+    def encoder(self) -> dict[str, int]:
+        """Token string -> id (shared by all tokenizers: read only; built on first use)."""
+        return self._bpe.encoder
 
     def __reduce__(self):  # pickle the settings only (DataLoader workers): the vocabulary is shared per process
         return Tokenizer, (self.context_length, self.truncate, self.special_tokens_in_text)
@@ -376,7 +473,7 @@ def get_tokenizer(name_or_context_length: str | int | None = None, context_lengt
     """
     arg = name_or_context_length
     if isinstance(arg, str):
-        from .models.registry import get_model_config
+        from clipforge.models.registry import get_model_config
         model_length = get_model_config(arg).text_cfg.context_length
         return Tokenizer(model_length if context_length is None else context_length, truncate)
     if arg is not None and (isinstance(arg, bool) or not isinstance(arg, numbers.Integral)):
@@ -392,7 +489,7 @@ class HFTokenizer:
     padded with the model's pad id to ``context_length`` and truncated to it, as OpenCLIP's HFTokenizer."""
 
     def __init__(self, name: str, context_length: int = DEFAULT_CONTEXT_LENGTH):
-        from .models.hf_text import require_transformers
+        from clipforge.models.hf_text import require_transformers
 
         self.name, self.context_length = name, _check_context_length(context_length)
         self.tokenizer = require_transformers().AutoTokenizer.from_pretrained(name)
@@ -429,3 +526,16 @@ def model_tokenizer(model) -> Tokenizer | HFTokenizer:
 @lru_cache(maxsize=8)
 def _hf_tokenizer(name: str, context_length: int) -> HFTokenizer:
     return HFTokenizer(name, context_length)
+
+
+def _write_merge_table(argv: Sequence[str] | None = None) -> None:
+    """``python -m clipforge.tokenizer [FOLDER]``: write the prebuilt merge table into the package's assets
+    (or FOLDER) from the merges file."""
+    folder = Path(argv[0]) if argv else Path(__file__).with_name("assets")
+    path = folder / _MERGE_TABLE
+    path.write_bytes(_merge_table_text().encode("utf-8"))
+    print(f"wrote {path} ({path.stat().st_size:,} bytes, {_NUM_MERGES:,} merges)")
+
+
+if __name__ == "__main__":
+    _write_merge_table(sys.argv[1:])
