@@ -44,10 +44,11 @@ class _ReferenceTokenizer:
     def __init__(self, special_tokens_in_text: bool):
         merges_file = resources.files("clipforge.assets") / "bpe_simple_vocab_16e6.txt.gz"
         merges = gzip.decompress(merges_file.read_bytes()).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-        merges = [tuple(m.split()) for m in merges]
+        self.merges = merges = [tuple(m.split()) for m in merges]
         self.byte_encoder = _bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
         vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        self.vocab = vocab
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.ranks = {merge: i for i, merge in enumerate(merges)}
         self.pattern = regex.compile((SPECIALS if special_tokens_in_text else "") + WORDS, regex.IGNORECASE)

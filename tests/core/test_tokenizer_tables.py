@@ -3,7 +3,6 @@ it, decompresses only that part of the merges file), encodes with ``pair_ranks``
 of rank r has id 512 + r) and builds the full vocabulary tables only when asked. Here the table is what the
 merges file gives, the tables equal OpenAI's construction from the whole merges file, and a tokenizer starting
 from scratch gives the stored ids and the ids of OpenAI's algorithm on a large random corpus."""
-import gzip
 import json
 import random
 from importlib import resources
@@ -15,20 +14,19 @@ import torch
 from clipforge import tokenizer as tk
 from clipforge.tokenizer import Tokenizer
 
+from test_fuzz_tokenizer import _reference  # OpenAI's algorithm, re-typed
+
 CASES = json.loads((Path(__file__).parents[1] / "fixtures" / "tokenizer_cases.json").read_text(encoding="utf-8"))
 FULL_TABLES = ("encoder", "decoder", "ranks", "byte_decoder", "max_token_length")
 
 
 @pytest.fixture(scope="module")
 def openai_tables() -> dict:
-    """OpenAI's ``simple_tokenizer`` construction: the whole merges file decompressed and split into lines."""
-    data = gzip.decompress((resources.files("clipforge.assets") / "bpe_simple_vocab_16e6.txt.gz").read_bytes())
-    merges = [tuple(line.split()) for line in data.decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]]
-    byte_tokens = list(tk._bytes_to_unicode().values())
-    vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {"merges": merges, "vocab": vocab, "encoder": {t: i for i, t in enumerate(vocab)},
-            "ranks": {m: i for i, m in enumerate(merges)}}
+    """OpenAI's ``simple_tokenizer`` construction (the whole merges file decompressed and split into lines), as
+    the reference tokenizer of test_fuzz_tokenizer.py builds it."""
+    reference = _reference(False)
+    return {"merges": reference.merges, "vocab": reference.vocab, "encoder": reference.encoder,
+            "ranks": reference.ranks, "reference": reference}
 
 
 def _fresh_tokenizer(monkeypatch, **kwargs) -> Tokenizer:
@@ -40,22 +38,7 @@ def _fresh_tokenizer(monkeypatch, **kwargs) -> Tokenizer:
 
 def _openai_word_ids(tables: dict, mapped: str) -> list[int]:
     """OpenAI's BPE of one byte-mapped word, on the tables built from the whole file."""
-    word = [*mapped[:-1], mapped[-1] + "</w>"]
-    ranks = tables["ranks"]
-    while len(word) > 1:
-        first, second = min(zip(word, word[1:]), key=lambda pair: ranks.get(pair, float("inf")))
-        if (first, second) not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(word):
-            if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                merged.append(first + second)
-                i += 2
-            else:
-                merged.append(word[i])
-                i += 1
-        word = merged
-    return [tables["encoder"][token] for token in word]
+    return [tables["encoder"][token] for token in tables["reference"].bpe(mapped)]
 
 
 def test_prebuilt_merge_table_is_what_the_merges_file_gives(openai_tables, tmp_path):
