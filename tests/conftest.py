@@ -15,6 +15,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="module")
+def loopback_http():
+    """Start HTTP servers on 127.0.0.1 (a free port each) for the tests' stand-ins of download hosts: yields
+    ``start(handler_class) -> base URL``; every server started is shut down after the module."""
+    import http.server
+    import threading
+    servers = []
+
+    def start(handler) -> str:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: faster on a small shared CPU, and the same results in every run."""

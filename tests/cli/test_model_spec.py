@@ -5,7 +5,6 @@ a run directory and ``RUN@best`` load their checkpoints."""
 import hashlib
 import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from clipforge.data.shapes import write_classification
 from clipforge.io import pretrained
 from clipforge.io.factory import create_model, save
 from clipforge.io.runs import step_folder
-from clipforge.io.spec import ModelSpec, NoWeightsError, UnknownModelError, resolve_spec, resolve_weights
+from clipforge.io.spec import NoWeightsError, UnknownModelError, resolve_spec, resolve_weights
 from clipforge.search import Index
 from clipforge.train.checkpoint import save_best
 
@@ -60,13 +59,8 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def server(loopback_http):
+    return loopback_http(_Hub)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ import hashlib
 import http.server
 import re
 import socket
-import threading
 import time
 
 import pytest
@@ -60,14 +59,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def server(loopback_http):
+    return loopback_http(_Handler)
 
 
 @pytest.fixture(scope="module")
