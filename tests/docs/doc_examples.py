@@ -54,10 +54,12 @@ def display(path: Path) -> str:
 
 
 def pages() -> list[Path]:
-    """README.md and every Markdown page of docs/ except the generated API reference, in a stable order."""
+    """README.md, every Markdown page of docs/ except the generated API reference, and the READMEs inside the
+    package (the study's), in a stable order."""
     docs = REPO / "docs"
     found = [p for p in sorted(docs.rglob("*.md")) if "reference" not in p.relative_to(docs).parts[:1]]
-    return ([REPO / "README.md"] if (REPO / "README.md").exists() else []) + found
+    package = sorted((REPO / "src").rglob("README.md"))
+    return ([REPO / "README.md"] if (REPO / "README.md").exists() else []) + found + package
 
 
 def parse(path: Path) -> tuple[list[Block], list[str]]:
