@@ -80,6 +80,7 @@ def test_killed_study_resumes_at_the_experiment_it_was_in(killed):
     assert (killed.out / STUDY_MARKER).is_file()
 
 
+@pytest.mark.slow
 def test_report_has_every_experiment_section_table_figure_and_verdict(study_dir):
     sections = _sections((study_dir / "report.md").read_text())
     assert [title.split(".")[0] for title in sections] == ["Summary"] + [str(i) for i in range(1, 9)]
@@ -102,6 +103,7 @@ def test_report_has_every_experiment_section_table_figure_and_verdict(study_dir)
     assert len(flops) == 2 and flops[0] < flops[1]  # the deeper model costs more per step
 
 
+@pytest.mark.slow
 def test_html_report_is_self_contained(study_dir):
     page = (study_dir / "report.html").read_text()
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
@@ -110,6 +112,7 @@ def test_html_report_is_self_contained(study_dir):
     assert page.count("<table>") == 1 + len(EXPERIMENTS) and "Zero-shot against few-shot linear probes" in page
 
 
+@pytest.mark.slow
 def test_numbers_come_from_runs_another_seed_changes_them(study_dir):
     one_seed = json.loads((study_dir / "results" / "prompts.json").read_text())
     run_study(study_dir, ["prompts"], "smoke", seeds=2, progress=False)  # trains the baseline of seed 1
@@ -122,6 +125,7 @@ def test_numbers_come_from_runs_another_seed_changes_them(study_dir):
     assert (study_dir / "runs" / "baseline" / "clip-seed1").is_dir()
 
 
+@pytest.mark.slow
 def test_a_result_of_a_changed_scale_is_computed_again_from_the_same_runs(study_dir):
     baseline = study_dir / "runs" / "baseline" / "clip-seed0" / "run_config.json"
     stamp = baseline.stat().st_mtime_ns
@@ -152,6 +156,7 @@ def test_command_line_refuses_bad_arguments_before_writing(tmp_path, capsys):
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_a_run_trained_at_another_scale_is_trained_again(tmp_path):
     smoke = SCALES["smoke"]
     study = Study(tmp_path, smoke, 1, progress=False)

@@ -127,6 +127,7 @@ def test_objectives_curves_come_from_the_runs_checkpoints(study):
         assert ratio["text"] in result.verdict or ratio["text"] == "undetermined"
 
 
+@pytest.mark.slow
 def test_projection_compares_the_baseline_with_an_mlp_head(study):
     result = projection(study)
     _check_result(result, "projection")
@@ -169,6 +170,7 @@ def test_robustness_scores_every_model_on_every_style(study):
     assert got == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_another_seed_changes_the_numbers(study):
     two = framework.Study(study.output, SCALE, seeds=2, progress=False)  # reuses seed 0's runs, trains seed 1
     result = projection(two)

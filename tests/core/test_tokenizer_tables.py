@@ -124,6 +124,7 @@ def test_cold_start_equals_openai_algorithm_on_a_large_random_corpus(monkeypatch
     assert bpe.token_ids.items() <= openai_tables["encoder"].items()
 
 
+@pytest.mark.slow
 def test_truncated_long_words_from_a_cold_start(monkeypatch, openai_tables):
     """Long words under truncation merge a window at a time (``merge_prefix``), also from empty tables."""
     rng = random.Random(5)

@@ -115,6 +115,7 @@ def test_several_long_chunks_and_texts_in_one_batch():
         assert row.tolist() == _row(tok._encode_reference(text)[:75], 77)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["letters", "one letter", "cjk", "symbols", "mixed"])
 def test_megabyte_caption_without_spaces_is_bounded(kind):
     rng = random.Random(2)

@@ -54,6 +54,7 @@ def test_features_equal_automodel_pooled_and_projected(reference, pooler, proj):
     assert torch.allclose(encode_texts(model, TEXTS), torch.nn.functional.normalize(expected, dim=-1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_save_and_load_carry_the_tokenizer_and_model_files(tmp_path):
     model = clipforge.create_model(_config()).eval()
     clipforge.save(model, tmp_path / "saved")
