@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast-decode", action="store_true",
                         help="decode JPEGs at reduced scale (draft mode): faster, slightly different vectors")
     parser.add_argument("--approximate", choices=["auto", "always", "never"], default="auto",
-                        help="build a faiss HNSW index too: always, never, or auto (above 200,000 items)")
+                        help="build a faiss IVF index too (inverted lists over k-means cells, beside the exact "
+                             "vectors): always, never, or auto (above 200,000 items)")
     parser.add_argument("--rebuild", action="store_true", help="discard the existing index and start over")
     add_device_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 from typing import Sequence
 
-from clipforge.apps.study.framework import Result, Scale
+from clipforge.apps.study.framework import CHOICES, Result, Scale
 from clipforge.io.runs import write_files
 
 PERCENT_WORDS = ("top-1", "top1", "accuracy")  # columns whose numbers are fractions shown as percentages
@@ -45,6 +45,15 @@ def _columns(rows: list[dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- blocks
+def _reproduce(scale: Scale, seeds: int) -> str:
+    """The command that runs this study again: the command line offers only ``CHOICES``; the tests' smaller
+    scales are reached from Python."""
+    if scale.name in CHOICES:
+        return f"`clipforge study --scale {scale.name} --seeds {seeds}`"
+    return (f"`clipforge.apps.study.run_study(OUTPUT, scale={scale.name!r}, seeds={seeds})` (a scale the command "
+            "line does not offer)")
+
+
 def _blocks(results: list[Result], scale: Scale, seeds: int, paper_order: Sequence[str]) -> list[tuple]:
     """The report as ("h1"|"h2"|"p"|"table"|"figure", ...) blocks, shared by the Markdown and HTML writers."""
     blocks = [("h1", "clipforge study: the CLIP paper's claims, measured at laptop scale"),
@@ -52,8 +61,7 @@ def _blocks(results: list[Result], scale: Scale, seeds: int, paper_order: Sequen
                     f"{scale.batch_size} on {scale.train_samples:,} generated images of the {scale.world!r} built-in "
                     f"world; zero-shot is measured on {scale.eval_samples} images of colour-shape pairs never seen "
                     f"in training. Every number is a mean over {seeds} seed{'s' if seeds > 1 else ''} "
-                    "(± the seeds' standard deviation). Reproduce with "
-                    f"`clipforge study --scale {scale.name} --seeds {seeds}`."),
+                    f"(± the seeds' standard deviation). Reproduce with {_reproduce(scale, seeds)}."),
               ("h2", "Summary"),
               ("table", ["experiment", "paper says", "measured here", "agrees?"],
                [[f"{r.title} [{r.section}]", r.paper, r.verdict, AGREES[r.agrees]] for r in results])]
