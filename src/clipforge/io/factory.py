@@ -15,7 +15,7 @@ import torch
 from clipforge.io.checkpoints import model_from_checkpoint, read_checkpoint
 from clipforge.io.folder import save
 from clipforge.io.pretrained import PRETRAINED, PretrainedWeights, download_weights
-from clipforge.io.spec import ModelSpec, resolve_spec, resolve_weights, split_spec
+from clipforge.io.spec import ModelSpec, resolve_spec, resolve_weights, spec_and_weights
 from clipforge.io.tensors import Checkpoint
 from clipforge.models import CLIP, CLIPConfig, get_model_config
 from clipforge.runtime.device import resolve_device
@@ -107,11 +107,7 @@ def build_from_spec(spec: ModelSpec, download_root: str | Path | None = None,
 def _create(name_or_config: Any, pretrained: str | Path | None,
             overrides: dict[str, Any]) -> tuple[CLIP, PreprocessConfig | None]:
     if isinstance(name_or_config, str) and not Path(name_or_config).exists():
-        name, weights = split_spec(name_or_config)  # "ViT-H-14:laion2b_s32b_b79k"
-        if weights is not None and pretrained is not None and str(pretrained) != weights:
-            raise ValueError(f"{name_or_config!r} names its weights and pretrained={str(pretrained)!r} others: "
-                             f"give them once")
-        name_or_config, pretrained = name, weights if weights is not None else pretrained
+        name_or_config, pretrained = spec_and_weights(name_or_config, pretrained)  # "ViT-H-14:laion2b_s32b_b79k"
     config = _resolve_config(name_or_config)
     config = config.replace(**overrides) if overrides else config
     if pretrained is None:

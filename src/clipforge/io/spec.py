@@ -30,7 +30,7 @@ from clipforge.io.runs import BEST_SUFFIX, checkpoint_path
 from clipforge.models.registry import canonical_name, list_models
 
 __all__ = ["ModelSpec", "NoWeightsError", "UnknownModelError", "no_weights_message", "resolve_spec", "resolve_weights",
-           "split_spec"]
+           "spec_and_weights", "split_spec"]
 
 RANDOM_INIT_HOW = ("for seed-0 random weights (tests and demos) pass --random-init on the command line, "
                    "random_init=True in Python")
@@ -84,14 +84,9 @@ def resolve_spec(spec: str | Path | ModelSpec, pretrained: str | Path | None = N
     path = _existing_path(text)
     if path is not None:
         return _from_path(text, path, pretrained, random_init)
-    name, weights = split_spec(text)
-    if weights is not None:
-        if pretrained is not None and str(pretrained) != weights:
-            raise ValueError(f"{text!r} names its weights ({weights!r}) and pretrained={str(pretrained)!r} others: "
-                             f"give them once")
-        if random_init:
-            raise ValueError(f"{text!r} names weights ({weights!r}) and random_init asks for random ones: give one")
-    weights = pretrained if weights is None else weights
+    name, weights = spec_and_weights(text, pretrained)
+    if random_init and weights is not None:
+        raise ValueError(f"{text!r} names weights ({weights!r}) and random_init asks for random ones: give one")
     if weights is not None and name.endswith(".json") and Path(name).is_file():  # "ARCH.json:WEIGHTS"
         return resolve_weights(str(Path(name).resolve()), weights)
     arch = _registered(name, text)
@@ -132,6 +127,18 @@ def resolve_weights(architecture: str | None, pretrained: str | Path) -> ModelSp
                                 f"{arch!r} (its tags: {', '.join(tags) or 'none'}; all pairs: "
                                 f"clipforge.list_pretrained()) nor a model with weights (ViT-B/32, RN50, ...)")
     return ModelSpec(prefix + other.text, arch, other.tag, other.weights, other.path)
+
+
+def spec_and_weights(text: str, pretrained: str | Path | None) -> tuple[str, str | Path | None]:
+    """(name, weights) for a spec string and a separate ``pretrained``: the weights ``ARCH:WEIGHTS`` carries,
+    else ``pretrained``. ValueError when both name weights and they differ."""
+    name, weights = split_spec(text)
+    if weights is None:
+        return name, pretrained
+    if pretrained is not None and str(pretrained) != weights:
+        raise ValueError(f"{text!r} names its weights ({weights!r}) and pretrained={str(pretrained)!r} others: "
+                         f"give them once")
+    return name, weights
 
 
 def split_spec(text: str) -> tuple[str, str | None]:
