@@ -16,7 +16,7 @@ def test_demo_ends_with_two_searches_of_its_own_images(tmp_path, one_thread):
     save(create_model("tiny-vit"), out / "run")
     text = search_own_images(DemoConfig(output=str(out), workers=0))
     index = Index.open(out / "index")
-    assert len(index) == 32 and len(index._caption_ids) == 16
+    assert len(index) == 32 and len(index.ids(captions=True)) == 16
     assert text.startswith(f"Indexed 32 demo images into {out / 'index'}.")
     for query in ("a blue cross", "id:1"):
         block = text.split(f"$ clipforge search {out / 'index'} {query!r} --top 3\n")[1].split("\n\n")[0]

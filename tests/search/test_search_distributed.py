@@ -47,9 +47,9 @@ def test_two_ranks_build_the_index_one_process_builds(tmp_path, one_thread):
     assert '"indexed": 29' in done.stdout and '"unreadable_image": 1' in done.stdout
     assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
     two = Index.open(tmp_path / "two")
-    ids = [int(i) for i in single._ids]
+    ids = [int(i) for i in single.ids()]
     np.testing.assert_allclose(stored_vectors(two, ids), stored_vectors(single, ids), atol=1e-3)
-    captioned = [int(i) for i in single._caption_ids]
+    captioned = [int(i) for i in single.ids(captions=True)]
     assert len(captioned) == 6
     np.testing.assert_allclose(stored_vectors(two, captioned, "captions"),
                                stored_vectors(single, captioned, "captions"), atol=1e-3)

@@ -58,12 +58,11 @@ def fresh_vectors(index: Index, ids) -> np.ndarray:
 
 
 def stored_vectors(index: Index, ids, kind="images") -> np.ndarray:
-    return np.stack([index._vector(kind, index.item(i).row if kind == "images" else index.item(i).caption_row)
-                     for i in ids])
+    return index.vectors(ids, captions=kind == "captions")
 
 
 def assert_every_vector_matches_its_file(index: Index) -> None:
-    ids = [int(i) for i in index._ids]
+    ids = [int(i) for i in index.ids()]
     np.testing.assert_allclose(stored_vectors(index, ids), fresh_vectors(index, ids), atol=2e-3)
 
 
@@ -86,10 +85,10 @@ def _build(tmp_path, sources, model="tiny-vit", **options):  # photos/skipme is 
 def test_folder_index_holds_every_image_once_with_its_own_vector(tmp_path, photos, one_thread):
     index = _build(tmp_path, [photos], exclude=["skipme"])
     assert index.last_update["indexed"] == 12 and len(index) == 12
-    paths = sorted(index.item(i).path for i in index._ids)
+    paths = sorted(index.item(i).path for i in index.ids())
     assert paths == sorted(str(p) for p in photos.rglob("img*"))
     assert_every_vector_matches_its_file(index)
-    first = index.item(int(index._ids[0]))
+    first = index.item(int(index.ids()[0]))
     assert (first.width, first.height) == Image.open(first.path).size
     assert index.image_bytes(first.id) == open(first.path, "rb").read()
     with pytest.raises(KeyError):
@@ -100,7 +99,7 @@ def test_folder_index_holds_every_image_once_with_its_own_vector(tmp_path, photo
 
 def test_exact_search_equals_a_direct_computation(tmp_path, photos, one_thread):
     index = _build(tmp_path, [photos])
-    ids = [int(i) for i in index._ids]
+    ids = [int(i) for i in index.ids()]
     vectors = stored_vectors(index, ids)
     model, _ = load_model("tiny-vit", "cpu", random_init=True)
     text = encode_texts(model, ["a red photo"])[0].numpy()
@@ -148,7 +147,7 @@ def test_update_after_adding_changing_renaming_duplicating_and_deleting(tmp_path
     again = _build(tmp_path, [photos])
     assert again.last_update == {"indexed": 0, "updated": 0, "reused": 0, "unchanged": 13, "removed": 0,
                                  "skipped": {}, "items": 13}
-    by_path = {index.item(i).path: index.item(i) for i in index._ids}
+    by_path = {index.item(i).path: index.item(i) for i in index.ids()}
     renamed = photos / "img001.jpg"
     os.rename(renamed, photos / "renamed.jpg")
     (photos / "copy.jpg").write_bytes((photos / "img002.jpg").read_bytes())
@@ -171,13 +170,13 @@ def test_float32_copies_search_as_the_files_and_follow_updates(tmp_path, photos,
         a, b = plain.search(query, top_k=8), copied.search(query, top_k=8)
         assert [r.id for r in a] == [r.id for r in b]
         np.testing.assert_allclose([r.score for r in a], [r.score for r in b], atol=1e-6)
-    assert copied._copies.nbytes == len(plain) * plain.dim * 4
+    assert copied.store.float32_bytes == len(plain) * plain.dim * 4
     write_folder(photos / "more", 3, start=30)
     plain.update([photos], workers=0, batch_size=5, progress=False)
     copied.refresh()
     vector = plain.encode_query("a red photo")
     assert [r.id for r in copied.search(vector, top_k=len(plain))] == [r.id for r in plain.search(vector, top_k=99)]
-    assert copied._copies.nbytes == len(plain) * plain.dim * 4  # the grown segment was copied again
+    assert copied.store.float32_bytes == len(plain) * plain.dim * 4  # the grown segment was copied again
 
 
 def test_bad_files_are_skipped_by_reason_and_retried_only_when_changed(tmp_path, photos, one_thread):
@@ -216,10 +215,10 @@ def test_csv_and_shards_with_captions(tmp_path, photos, one_thread):
     index = _build(tmp_path, [table, str(shards / "{000..001}.tar")])
     assert index.last_update["indexed"] == 9 and index.last_update["skipped"] == {"missing_file": 2}
     assert_every_vector_matches_its_file(index)
-    shard_item = next(index.item(i) for i in index._ids if index.item(i).key == "000102")
+    shard_item = next(index.item(i) for i in index.ids() if index.item(i).key == "000102")
     assert shard_item.caption == "a photo of colour 2" and shard_item.location.endswith("000.tar:000102")
     model, _ = load_model("tiny-vit", "cpu", random_init=True)
-    captioned = [int(i) for i in index._caption_ids]
+    captioned = [int(i) for i in index.ids(captions=True)]
     assert len(captioned) == 8
     texts = [index.item(i).caption for i in captioned]
     np.testing.assert_allclose(stored_vectors(index, captioned, "captions"), encode_texts(model, texts).numpy(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -12,7 +11,7 @@ from clipforge.cli.options import add_device_option, add_json_option, add_model_
 from clipforge.runtime.distributed import cleanup, init_distributed
 from clipforge.search import Index
 from clipforge.search.model import indexed_spec
-from clipforge.search.store import read_config
+from clipforge.search.stores import read_index_config
 
 HELP = """Build or incrementally update a search index of images (see `clipforge search`).
 
@@ -93,7 +92,7 @@ def _model(args: argparse.Namespace) -> tuple[str, bool]:
         return spec.text, spec.random_init
     if args.pretrained is not None or args.random_init:
         raise ValueError("--pretrained and --random-init go with --model")
-    config = read_config(Path(args.index))
+    config = read_index_config(args.index)
     if config is None:
         raise ValueError(f"--model is needed to create a new index in {args.index}")
     return indexed_spec(config)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Mapping
 from pathlib import Path
 
 from clipforge.data import BadSample, ImageRef, expand_shards, list_images, read_image_bytes, shard_images, table_images
@@ -46,8 +46,9 @@ class Listing:
     problems: Counter = field(default_factory=Counter)
 
 
-def list_sources(sources: list[str], db: sqlite3.Connection, exclude=()) -> Listing:
-    """Every image of ``sources`` (folders, CSV/TSV files, shard specs), in source order."""
+def list_sources(sources: list[str], catalog, exclude=()) -> Listing:
+    """Every image of ``sources`` (folders, CSV/TSV files, shard specs), in source order; ``catalog`` (the
+    store's ``Catalog``, or None for none) says which shards are indexed unchanged."""
     listing = Listing()
     for spec in sources:
         kind = _kind(spec)
@@ -62,7 +63,7 @@ def list_sources(sources: list[str], db: sqlite3.Connection, exclude=()) -> List
         elif kind == "shards":
             source = str(spec)
             for shard in expand_shards(spec):
-                _list_shard(source, os.path.abspath(shard), db, listing)
+                _list_shard(source, os.path.abspath(shard), catalog, listing)
         listing.sources.append(source)
     return listing
 
@@ -90,13 +91,13 @@ def _stat_entries(source: str, files: list[tuple[str, str | None]], listing: Lis
     return entries
 
 
-def _list_shard(source: str, shard: str, db: sqlite3.Connection, listing: Listing) -> None:
+def _list_shard(source: str, shard: str, catalog, listing: Listing) -> None:
     try:
         stat = os.stat(shard)
     except OSError:
         listing.problems["unreadable_shard"] += 1
         return
-    stored = db.execute("SELECT size, mtime_ns FROM shards WHERE path = ?", (shard,)).fetchone()
+    stored = catalog.shard_stat(shard) if catalog is not None else None
     if stored is not None and tuple(stored) == (stat.st_size, stat.st_mtime_ns):
         listing.kept_shards.add(shard)
         return
@@ -132,19 +133,19 @@ class Plan:
     """The run's work: removals, metadata-only updates, vectors to copy, images to encode."""
 
     removed: list[int] = field(default_factory=list)
-    touched: list[tuple[Entry, str, sqlite3.Row]] = field(default_factory=list)   # same content, new stat
-    reused: list[tuple[Entry, str, sqlite3.Row]] = field(default_factory=list)    # (entry, hash, donor item)
+    touched: list[tuple[Entry, str, Mapping]] = field(default_factory=list)   # same content, new stat
+    reused: list[tuple[Entry, str, Mapping]] = field(default_factory=list)    # (entry, hash, donor item)
     encode: list[tuple[Entry, str]] = field(default_factory=list)
     bad: list[tuple[Entry, str, str]] = field(default_factory=list)              # (entry, reason, message)
     unchanged: int = 0
     skipped_again: Counter = field(default_factory=Counter)
 
 
-def triage(listing: Listing, db: sqlite3.Connection) -> tuple[Plan, list[Entry]]:
+def triage(listing: Listing, catalog) -> tuple[Plan, list[Entry]]:
     """Sort the listing against the index: (plan so far, candidates whose content must be hashed)."""
     plan, candidates, seen = Plan(), [], set()
-    stored = {(r["path"], r["key"]): r for r in db.execute("SELECT * FROM items")}
-    skipped = {(r["path"], r["key"]): r for r in db.execute("SELECT * FROM skipped")}
+    stored = {(r["path"], r["key"]): r for r in catalog.items()}
+    skipped = {(r["path"], r["key"]): r for r in catalog.skipped()}
     for entry in listing.entries:
         if (entry.path, entry.key) in seen:
             continue
@@ -167,18 +168,18 @@ def triage(listing: Listing, db: sqlite3.Connection) -> tuple[Plan, list[Entry]]
     return plan, candidates
 
 
-def resolve(plan: Plan, candidates: list[Entry], hashes: list, db: sqlite3.Connection) -> Plan:
+def resolve(plan: Plan, candidates: list[Entry], hashes: list, catalog) -> Plan:
     """Complete ``plan`` with the candidates' content hashes (or read errors)."""
     for entry, digest in zip(candidates, hashes):
         if isinstance(digest, tuple):
             plan.bad.append((entry, *digest))
             continue
-        item = db.execute("SELECT * FROM items WHERE path = ? AND key = ?", (entry.path, entry.key)).fetchone()
+        item = catalog.item_at(entry.path, entry.key)
         if item is not None and item["hash"] == digest and item["caption"] == entry.caption:
             plan.touched.append((entry, digest, item))
             continue
-        donor = db.execute("SELECT * FROM items WHERE hash = ? ORDER BY id LIMIT 1", (digest,)).fetchone()
-        if donor is not None:  # vector rows are never overwritten, so a removed donor's row still holds
+        donor = catalog.first_with_hash(digest)
+        if donor is not None:  # the writer copies its vector (a store says what it does if the donor is gone)
             plan.reused.append((entry, digest, donor))
         else:
             plan.encode.append((entry, digest))

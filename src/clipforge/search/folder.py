@@ -1,0 +1,142 @@
+"""The folder store read side: an index folder's committed items, their memory-mapped float16 vectors, exact
+search over them (``clipforge.search.exact``) and the faiss index beside them when it is current."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from clipforge.search import exact, store
+from clipforge.search.approximate import is_current
+from clipforge.search.approximate import load as load_approximate
+from clipforge.search.records import Filters, Item
+
+
+class FolderStore:
+    """An index folder, opened read-only. Exact search keeps float32 copies of up to ``float32_mib`` MiB of
+    the vectors in RAM (``clipforge.search.exact.Float32Copies``)."""
+
+    kind = "folder"
+
+    def __init__(self, folder: str | os.PathLike, float32_mib: float = 0):
+        self.folder = Path(folder)
+        self.location = str(folder)
+        config = store.read_config(self.folder)
+        if config is None or not (self.folder / store.DATABASE).exists():
+            raise FileNotFoundError(f"no search index in {self.folder} (no {store.CONFIG}); build one with "
+                                    f"`clipforge index SOURCE... --model MODEL --index {self.folder}`")
+        self.config = config
+        self._lock = threading.RLock()
+        self._copies = exact.Float32Copies(float32_mib)
+        self._db = store.connect(self.folder, readonly=True)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the committed rows (after another process updated the index)."""
+        with self._lock:
+            found = self._db.execute("SELECT id, row, caption_row FROM items ORDER BY id").fetchall()
+            self._ids = np.array([r[0] for r in found], dtype=np.int64)
+            self._rows = np.array([r[1] for r in found], dtype=np.int64)
+            with_caption = [r for r in found if r[2] is not None]
+            self._caption_ids = np.array([r[0] for r in with_caption], dtype=np.int64)
+            self._caption_rows = np.array([r[2] for r in with_caption], dtype=np.int64)
+            opened = {kind: store.open_identified_segments(self.folder, kind, store.next_row(self._db, kind))
+                      for kind in store.KINDS}
+            self._segments = {kind: [segment for segment, _ in pairs] for kind, pairs in opened.items()}
+            self._identities = {kind: [identity for _, identity in pairs] for kind, pairs in opened.items()}
+            self._scanned: dict[str, list[np.ndarray]] = {}  # kind -> segments as exact search reads them
+            self.config = store.read_config(self.folder)
+            info = self.config.get("approximate")
+            current = is_current(info, len(self._ids), store.next_row(self._db, "images"))
+            self._approximate = load_approximate(self.folder, info) if current else None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def ids(self, captions: bool = False) -> np.ndarray:
+        return (self._caption_ids if captions else self._ids).copy()
+
+    def vectors(self, ids, captions: bool = False) -> np.ndarray:
+        """The stored vectors of ``ids`` as float32 (N, dim); KeyError for an id without one."""
+        known, rows = (self._caption_ids, self._caption_rows) if captions else (self._ids, self._rows)
+        ids = np.asarray(ids, dtype=np.int64)
+        where = np.searchsorted(known, ids)
+        found = (where < len(known)) & (known[np.minimum(where, len(known) - 1)] == ids) if len(known) else \
+            np.zeros(len(ids), dtype=bool)
+        if not found.all():
+            raise KeyError(f"no {'caption ' if captions else ''}vector for item {int(ids[~found][0])} in this index")
+        kind = "captions" if captions else "images"
+        out = np.empty((len(ids), int(self.config["dim"])), dtype=np.float32)
+        for j, row in enumerate(rows[where]):
+            out[j] = self._segments[kind][row // store.SEGMENT_ROWS][row % store.SEGMENT_ROWS]
+        return out
+
+    def ranked(self, vector: np.ndarray, limit: int, filters: Filters = Filters(), captions: bool = False,
+               min_score: float | None = None, approximate: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of the best ``limit`` items for the unit ``vector``, best first; ties by id."""
+        if self._wants_approximate(approximate, filters, captions):
+            ids, found = self._approximate_top(vector[None], limit)
+            keep = (ids[0] >= 0) & (found[0] >= (min_score if min_score is not None else -np.inf))
+            return ids[0][keep], found[0][keep]
+        kind = "captions" if captions else "images"
+        ids, rows = (self._caption_ids, self._caption_rows) if captions else (self._ids, self._rows)
+        if filters.folder is not None:
+            keep = np.isin(ids, self._ids_under(filters.prefix))
+            ids, rows = ids[keep], rows[keep]
+        scores = exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
+        positions, best = exact.top_k(scores, limit)
+        if min_score is not None:
+            positions, best = positions[best >= min_score], best[best >= min_score]
+        return ids[positions], best
+
+    def search_batch(self, queries: np.ndarray, top_k: int, approximate: bool = False):
+        if approximate:
+            return self._approximate_top(queries, top_k)
+        all_scores = exact.scores(self._scan_segments("images"), queries)[self._rows]  # (N, Q)
+        best = [exact.top_k(all_scores[:, q], top_k) for q in range(len(queries))]
+        return np.stack([self._ids[p] for p, _ in best]), np.stack([s for _, s in best])
+
+    def _scan_segments(self, kind: str) -> list[np.ndarray]:
+        """The segments of ``kind``, those within the float32 budget as their float32 copies."""
+        with self._lock:
+            if kind not in self._scanned:
+                self._scanned[kind] = self._copies.apply(kind, self._segments[kind], self._identities[kind])
+            return self._scanned[kind]
+
+    def _wants_approximate(self, approximate: bool | None, filters: Filters, captions: bool) -> bool:
+        if approximate is False:
+            return False
+        usable = self._approximate is not None and not filters and not captions
+        if approximate and not usable:
+            raise ValueError("no approximate search here: the index has no current approximate index (build one "
+                             "with `clipforge index ... --approximate always`), or a filter, dedup or captions "
+                             "was given")
+        return usable
+
+    def _approximate_top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._approximate is None:
+            raise ValueError("this index has no current approximate index; build it with --approximate always")
+        searcher, ids = self._approximate
+        found, positions = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return np.where(positions < 0, -1, ids[np.maximum(positions, 0)]), found  # -1: fewer than k found
+
+    def _ids_under(self, prefix: str) -> np.ndarray:
+        found = self._db.execute("SELECT id FROM items WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
+        return np.array([r[0] for r in found], dtype=np.int64)
+
+    def items(self, ids: list[int]) -> list[Item]:
+        if not ids:
+            return []
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(store.ITEM_COLUMNS)} FROM items WHERE id IN "
+                                    f"({', '.join('?' * len(ids))})", ids).fetchall()
+        return [Item(*row) for row in rows]
+
+    @property
+    def float32_bytes(self) -> int:
+        return self._copies.nbytes
+
+    def close(self) -> None:
+        self._db.close()

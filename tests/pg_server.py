@@ -1,0 +1,61 @@
+"""A throwaway PostgreSQL 16 server with pgvector, from the ``pgserver`` wheel, for the tests and benchmarks:
+started in a temporary folder, listening on a Unix socket there only (no TCP port). As root it runs as the
+unprivileged user ``nobody`` (PostgreSQL refuses to run as root)."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def _binaries() -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("pgserver")  # not imported: its import reads platform folders it never uses
+    if spec is None:
+        raise RuntimeError("the PostgreSQL tests need the pgserver wheel: pip install 'clipforge[test]'")
+    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+
+
+class LocalPostgres:
+    """``start()``, ``stop()``, ``url(table)``; the database ``clipforge`` owned by the role ``clipforge``,
+    which may create extensions (trust authentication on the socket)."""
+
+    def __init__(self):
+        self.root = Path(tempfile.mkdtemp(prefix="clipforge-pg-"))
+        self.data, self.log = self.root / "data", self.root / "server.log"
+        self.bin = _binaries()
+        self._as = []
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
+            self._as = ["runuser", "-u", "nobody", "--"]
+        os.chmod(self.root, 0o755)
+        self._run("initdb", "-D", str(self.data), "-U", "clipforge", "--auth=trust", "-E", "UTF8", "--locale=C")
+        self.start()
+        self._run("createdb", "-h", str(self.root), "-U", "clipforge", "clipforge")
+
+    def _run(self, program: str, *args: str) -> None:
+        done = subprocess.run([*self._as, str(self.bin / program), *args], capture_output=True, text=True,
+                              cwd=self.root)
+        if done.returncode != 0:
+            log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(f"{program} failed: {done.stderr or done.stdout}\n{log[-2000:]}")
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-o",
+                  f"-c listen_addresses='' -k {self.root} -c max_connections=60", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def url(self, table: str = "clipforge") -> str:
+        return f"postgresql://clipforge@/clipforge?host={self.root}&table={table}"
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
