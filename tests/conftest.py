@@ -127,3 +127,23 @@ def micro_json(tmp_path):
     path = tmp_path / "micro.json"
     path.write_text(json.dumps(MICRO_MODEL))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 16 with pgvector (the pgserver wheel) for the session, on a Unix socket in a temporary
+    folder (tests/pg_server.py); ``postgres.url(table)`` names an index table in it."""
+    from pg_server import LocalPostgres
+    server = LocalPostgres()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["folder", "postgresql"])
+def index_at(request, tmp_path):
+    """Where a test's index lives, once per store: a folder, or a fresh table of the session's PostgreSQL.
+    The suites that take it run the same assertions on both stores."""
+    if request.param == "folder":
+        return tmp_path / "index"
+    import uuid
+    return request.getfixturevalue("postgres").url(f"t_{uuid.uuid4().hex[:12]}")

@@ -12,11 +12,11 @@ from test_search_index import write_folder
 
 
 @pytest.fixture
-def built(tmp_path, one_thread, capsys):
+def built(tmp_path, index_at, one_thread, capsys):
     photos = tmp_path / "photos"
     write_folder(photos, 8)
     (photos / "broken.jpg").write_bytes(b"nope")
-    index = tmp_path / "idx"
+    index = index_at
     assert main(["index", str(photos), "--model", "tiny-vit", "--random-init", "--index", str(index), "--workers",
                  "0", "--no-progress"]) == 0
     return photos, index, capsys.readouterr().out
@@ -56,9 +56,9 @@ def test_search_outputs_match_the_library(built, capsys):
     (["index", "{tmp}/photos", "--index", "{index}", "--model", "{tmp}/nomodel"], "neither an existing file"),
     (["index", "{tmp}/nowhere", "--index", "{index}"], "does not exist"),
 ])
-def test_errors_are_one_line(built, capsys, argv, message):
+def test_errors_are_one_line(built, tmp_path, capsys, argv, message):
     _, index, _ = built
-    argv = [a.format(index=index, tmp=index.parent) for a in argv]
+    argv = [a.format(index=index, tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"clipforge {argv[0]}: error: ") and message in err and "Traceback" not in err

@@ -18,6 +18,15 @@ IMAGES = 240
 
 
 def _committed(index_dir) -> int:
+    if isinstance(index_dir, str):  # a PostgreSQL index
+        import psycopg
+        from clipforge.search.pg.url import parse
+        where = parse(index_dir)
+        try:
+            with psycopg.connect(where.conninfo, autocommit=True) as conn:
+                return conn.execute(f'SELECT count(*) FROM "{where.table}"').fetchone()[0]
+        except psycopg.Error:
+            return 0
     try:
         with sqlite3.connect(f"file:{index_dir / 'metadata.sqlite'}?mode=ro", uri=True) as db:
             return db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
@@ -50,8 +59,8 @@ def _kill_at_random_moment(photos, index_dir, rng, while_encoding: bool) -> None
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_never_leaves_a_wrong_vector(tmp_path, one_thread):
-    photos, index_dir = tmp_path / "photos", tmp_path / "index"
+def test_sigkill_at_random_points_never_leaves_a_wrong_vector(tmp_path, index_at, one_thread):
+    photos, index_dir = tmp_path / "photos", index_at
     write_folder(photos, IMAGES)
     rng = random.Random(20261201)
     counts = []

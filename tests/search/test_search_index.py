@@ -77,13 +77,13 @@ def photos(tmp_path):
     return folder
 
 
-def _build(tmp_path, sources, model="tiny-vit", **options):  # photos/skipme is indexed unless excluded
-    return Index.build(tmp_path / "index", sources, model=model, workers=0, batch_size=5, progress=False,
+def _build(where, sources, model="tiny-vit", **options):  # photos/skipme is indexed unless excluded
+    return Index.build(where, sources, model=model, workers=0, batch_size=5, progress=False,
                        random_init=model == "tiny-vit", **options)
 
 
-def test_folder_index_holds_every_image_once_with_its_own_vector(tmp_path, photos, one_thread):
-    index = _build(tmp_path, [photos], exclude=["skipme"])
+def test_folder_index_holds_every_image_once_with_its_own_vector(tmp_path, index_at, photos, one_thread):
+    index = _build(index_at, [photos], exclude=["skipme"])
     assert index.last_update["indexed"] == 12 and len(index) == 12
     paths = sorted(index.item(i).path for i in index.ids())
     assert paths == sorted(str(p) for p in photos.rglob("img*"))
@@ -97,8 +97,8 @@ def test_folder_index_holds_every_image_once_with_its_own_vector(tmp_path, photo
         index.image_bytes(10_000)
 
 
-def test_exact_search_equals_a_direct_computation(tmp_path, photos, one_thread):
-    index = _build(tmp_path, [photos])
+def test_exact_search_equals_a_direct_computation(tmp_path, index_at, photos, one_thread):
+    index = _build(index_at, [photos])
     ids = [int(i) for i in index.ids()]
     vectors = stored_vectors(index, ids)
     model, _ = load_model("tiny-vit", "cpu", random_init=True)
@@ -116,16 +116,16 @@ def test_exact_search_equals_a_direct_computation(tmp_path, photos, one_thread):
     assert index.search(Query.from_terms([("id", 3)]), top_k=1)[0].id == 3
 
 
-def test_search_by_image_file_and_bytes(tmp_path, photos, one_thread):
-    index = _build(tmp_path, [photos])
+def test_search_by_image_file_and_bytes(tmp_path, index_at, photos, one_thread):
+    index = _build(index_at, [photos])
     path = index.item(5).path
     assert index.search(path, top_k=1)[0].id == 5
     hit = index.search(Query.from_terms([{"bytes": open(path, "rb").read()}]), top_k=1)[0]
     assert hit.id == 5 and hit.score == pytest.approx(1.0, abs=2e-3)
 
 
-def test_filters_folder_min_score_and_dedup(tmp_path, photos, one_thread):
-    index = _build(tmp_path, [photos])
+def test_filters_folder_min_score_and_dedup(tmp_path, index_at, photos, one_thread):
+    index = _build(index_at, [photos])
     deep = index.search("a photo", top_k=20, folder=str(photos / "deep"))
     assert deep and all("/deep/" in r.path for r in deep)
     assert len(deep) == sum(1 for _ in (photos / "deep").iterdir())
@@ -142,9 +142,9 @@ def test_filters_folder_min_score_and_dedup(tmp_path, photos, one_thread):
             assert any(float(stored_vectors(index, [k.id])[0] @ v) >= 0.9 for k in kept if k.score >= r.score)
 
 
-def test_update_after_adding_changing_renaming_duplicating_and_deleting(tmp_path, photos, one_thread):
-    index = _build(tmp_path, [photos])
-    again = _build(tmp_path, [photos])
+def test_update_after_adding_changing_renaming_duplicating_and_deleting(tmp_path, index_at, photos, one_thread):
+    index = _build(index_at, [photos])
+    again = _build(index_at, [photos])
     assert again.last_update == {"indexed": 0, "updated": 0, "reused": 0, "unchanged": 13, "removed": 0,
                                  "skipped": {}, "items": 13}
     by_path = {index.item(i).path: index.item(i) for i in index.ids()}
@@ -154,7 +154,7 @@ def test_update_after_adding_changing_renaming_duplicating_and_deleting(tmp_path
     os.remove(photos / "img005.jpg")
     make_image(50).save(photos / "img007.jpg")  # changed content
     write_folder(photos / "new", 2, start=20)
-    updated = Index.open(tmp_path / "index")
+    updated = Index.open(index_at)
     assert updated.last_update is None
     updated.update([photos], workers=0, batch_size=5, progress=False)
     assert updated.last_update == {"indexed": 4, "updated": 1, "reused": 2, "unchanged": 10, "removed": 2,
@@ -163,8 +163,8 @@ def test_update_after_adding_changing_renaming_duplicating_and_deleting(tmp_path
     assert_every_vector_matches_its_file(updated)
 
 
-def test_float32_copies_search_as_the_files_and_follow_updates(tmp_path, photos, one_thread):
-    plain = _build(tmp_path, [photos])
+def test_float32_copies_search_as_the_files_and_follow_updates(tmp_path, photos, one_thread):  # a folder's
+    plain = _build(tmp_path / "index", [photos])
     copied = Index.open(tmp_path / "index", float32_mib=64)
     for query in ("a red photo", "a green photo - 0.3:id:2"):
         a, b = plain.search(query, top_k=8), copied.search(query, top_k=8)
@@ -179,7 +179,7 @@ def test_float32_copies_search_as_the_files_and_follow_updates(tmp_path, photos,
     assert copied.store.float32_bytes == len(plain) * plain.dim * 4  # the grown segment was copied again
 
 
-def test_bad_files_are_skipped_by_reason_and_retried_only_when_changed(tmp_path, photos, one_thread):
+def test_bad_files_are_skipped_by_reason_and_retried_only_when_changed(tmp_path, index_at, photos, one_thread):
     (photos / "empty.jpg").write_bytes(b"")
     (photos / "text.jpg").write_bytes(b"not an image at all")
     good = io.BytesIO()
@@ -190,21 +190,21 @@ def test_bad_files_are_skipped_by_reason_and_retried_only_when_changed(tmp_path,
     make_image(9).save(locked)
     locked.chmod(0)
     unreadable = os.geteuid() != 0
-    index = _build(tmp_path, [photos], max_pixels=250 * 250)
+    index = _build(index_at, [photos], max_pixels=250 * 250)
     expected = {"empty_file": 1, "unreadable_image": 2, "too_many_pixels": 1}
     if unreadable:
         expected["unreadable_file"] = 1
     assert index.last_update["skipped"] == expected
     assert len(index) == 13 + (0 if unreadable else 1)
-    again = _build(tmp_path, [photos], max_pixels=250 * 250)
+    again = _build(index_at, [photos], max_pixels=250 * 250)
     assert again.last_update["skipped"] == expected and again.last_update["indexed"] == 0
     (photos / "text.jpg").write_bytes((photos / "img002.jpg").read_bytes())
-    fixed = _build(tmp_path, [photos], max_pixels=250 * 250)
+    fixed = _build(index_at, [photos], max_pixels=250 * 250)
     assert fixed.last_update["indexed"] == 1 and fixed.last_update["reused"] == 1
     locked.chmod(0o644)
 
 
-def test_csv_and_shards_with_captions(tmp_path, photos, one_thread):
+def test_csv_and_shards_with_captions(tmp_path, index_at, photos, one_thread):
     table = tmp_path / "list.csv"
     table.write_text("filepath,caption\nphotos/img001.jpg,a green thing\nphotos/img002.jpg,\n"
                      ",orphan caption\nphotos/missing.jpg,gone\n")
@@ -212,7 +212,7 @@ def test_csv_and_shards_with_captions(tmp_path, photos, one_thread):
     shards.mkdir()
     write_shard(shards / "000.tar", 100, 4)
     write_shard(shards / "001.tar", 104, 3)
-    index = _build(tmp_path, [table, str(shards / "{000..001}.tar")])
+    index = _build(index_at, [table, str(shards / "{000..001}.tar")])
     assert index.last_update["indexed"] == 9 and index.last_update["skipped"] == {"missing_file": 2}
     assert_every_vector_matches_its_file(index)
     shard_item = next(index.item(i) for i in index.ids() if index.item(i).key == "000102")
@@ -225,27 +225,35 @@ def test_csv_and_shards_with_captions(tmp_path, photos, one_thread):
                                atol=2e-3)
     hits = index.search("a photo of colour 2", top_k=1, captions=True)
     assert hits[0].caption == "a photo of colour 2"
-    assert _build(tmp_path, [table, str(shards / "{000..001}.tar")]).last_update["unchanged"] == 9
+    assert _build(index_at, [table, str(shards / "{000..001}.tar")]).last_update["unchanged"] == 9
 
 
-def test_another_models_index_is_refused_naming_both(tmp_path, photos, one_thread):
+def _stored_state(where):
+    """What the index holds: a folder's files (but the SQLite database, which a read may touch), or a table's
+    configuration, items and vectors."""
+    if isinstance(where, str):
+        with Index.open(where) as index:
+            ids = index.ids()
+            return index.config, [index.item(i) for i in ids], index.vectors(ids).tobytes()
+    return {p.name: p.read_bytes() for p in where.iterdir() if p.is_file() and not p.name.startswith("metadata")}
+
+
+def test_another_models_index_is_refused_naming_both(tmp_path, index_at, photos, one_thread):
     from clipforge.io.factory import create_model, save
     torch.manual_seed(1)
     other = save(create_model("tiny-vit"), tmp_path / "other-model")
-    _build(tmp_path, [photos])
+    _build(index_at, [photos])
     with pytest.raises(ValueError, match=r"built with model tiny-vit .* not .*other-model.*--rebuild"):
-        _build(tmp_path, [photos], model=other)
-    rebuilt = _build(tmp_path, [photos], model=other, rebuild=True)
+        _build(index_at, [photos], model=other)
+    rebuilt = _build(index_at, [photos], model=other, rebuild=True)
     assert rebuilt.last_update["indexed"] == 13 and rebuilt.config["model"] == str(other.resolve())
     # the same path with other weights: the checksum, settled once the data workers run, still refuses it
     # before anything is written
-    before = {p.name: p.read_bytes() for p in (tmp_path / "index").iterdir() if p.is_file()}
+    before = _stored_state(index_at)
     torch.manual_seed(2)
     save(create_model("tiny-vit"), other)
     write_folder(photos / "more", 2, start=40)
     with pytest.raises(ValueError, match=r"built with model .*other-model \(weights sha256 .*\), not .*other-model"):
-        _build(tmp_path, [photos], model=other)
-    after = {p.name: p.read_bytes() for p in (tmp_path / "index").iterdir() if p.is_file()}
-    assert after.keys() == before.keys()
-    assert all(after[name] == before[name] for name in after if not name.startswith("metadata.sqlite"))
-    assert len(Index.open(tmp_path / "index")) == 13
+        _build(index_at, [photos], model=other)
+    assert _stored_state(index_at) == before
+    assert len(Index.open(index_at)) == 13

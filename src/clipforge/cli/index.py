@@ -15,6 +15,12 @@ from clipforge.search.stores import read_index_config
 
 HELP = """Build or incrementally update a search index of images (see `clipforge search`).
 
+The index is a folder (the default), or a table in PostgreSQL with pgvector, named by a URL:
+--index 'postgresql://USER@HOST/DB?table=photos' (the postgres extra; settings the URL leaves out come from
+the PG* environment variables and ~/.pgpass). Several runs may write one PostgreSQL index at once; runs on
+the same source take turns. --copy-from INDEX copies an existing index (a folder or a URL) into --index
+with its ids and vectors, encoding nothing.
+
 Sources, in any mix: image folders (recursive; hidden folders, .git, node_modules and @eaDir are skipped,
 plus --exclude GLOB), CSV/TSV files (a filepath column and an optional caption column; relative paths are
 relative to the file) and WebDataset shards ('shards/{00000..00099}.tar', image + optional txt members).
@@ -30,18 +36,25 @@ The index records the model in its config.json and refuses another one's. --json
 
 Many GPUs or machines: torchrun --nproc_per_node K -m clipforge index ... splits the encoding over the
 ranks; rank 0 writes the same index one process would. On a CPU, --workers processes decode and
-preprocess while --threads torch threads encode (default: all cores)."""
+preprocess while --threads torch threads encode (default: all cores). --approximate builds a faiss IVF
+index beside a folder's vectors, or pgvector's HNSW index in PostgreSQL."""
 
 EXAMPLES = """examples:
   clipforge index ~/Pictures --model ViT-B/32 --index ~/.clipforge/pictures
   clipforge index photos captions.csv 'shards/{00000..00009}.tar' --model runs/tiny --index idx --exclude '*/raw/*'
-  torchrun --nproc_per_node 4 -m clipforge index shards/ --model ViT-B/32 --index idx"""
+  torchrun --nproc_per_node 4 -m clipforge index shards/ --model ViT-B/32 --index idx
+  clipforge index ~/Pictures --model ViT-B/32 --index 'postgresql://me@dbhost/photos?table=pictures'
+  clipforge index --copy-from ~/.clipforge/pictures --index 'postgresql://me@dbhost/photos?table=pictures'"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
-    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="image folders, CSV/TSV files, .tar shards")
-    parser.add_argument("--index", required=True, metavar="DIR", help="the index folder (created if new)")
+    parser.add_argument("sources", nargs="*", metavar="SOURCE", help="image folders, CSV/TSV files, .tar shards")
+    parser.add_argument("--index", required=True, metavar="INDEX",
+                        help="the index folder (created if new), or a postgresql:// URL with ?table=NAME")
+    parser.add_argument("--copy-from", metavar="INDEX",
+                        help="copy this index (a folder or a postgresql:// URL) into --index, vectors and ids as "
+                             "they are, instead of indexing SOURCEs")
     add_model_options(parser, required=False)
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="leave out folder paths matching GLOB (relative to the folder; repeatable)")
@@ -53,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast-decode", action="store_true",
                         help="decode JPEGs at reduced scale (draft mode): faster, slightly different vectors")
     parser.add_argument("--approximate", choices=["auto", "always", "never"], default="auto",
-                        help="build a faiss IVF index too (inverted lists over k-means cells, beside the exact "
-                             "vectors): always, never, or auto (above 200,000 items)")
+                        help="build an approximate index too (a folder: faiss IVF, inverted lists over k-means "
+                             "cells beside the exact vectors; PostgreSQL: pgvector HNSW): always, never, or auto "
+                             "(above 200,000 items)")
     parser.add_argument("--rebuild", action="store_true", help="discard the existing index and start over")
     add_device_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
                          f"and {args.workers}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.copy_from is not None:
+        return _copy(args)
+    if not args.sources:
+        raise ValueError("give the SOURCEs to index (image folders, CSV/TSV files, .tar shards), or --copy-from INDEX")
     model, random_init = _model(args)  # refused here, before anything is written
     env = init_distributed(args.device or "auto")
     try:
@@ -81,7 +99,21 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup(env)
     if env.is_master:
-        print(json.dumps(index.last_update, indent=2) if args.json else summary_line(index.last_update, args.index))
+        shown = index.store.location
+        print(json.dumps(index.last_update, indent=2) if args.json else summary_line(index.last_update, shown))
+    return 0
+
+
+def _copy(args: argparse.Namespace) -> int:
+    if args.sources or args.model is not None or args.pretrained is not None or args.random_init:
+        raise ValueError("--copy-from copies an index as it is: give no SOURCEs and no --model (the copy keeps the "
+                         "model of the index it copies); index new images into the copy afterwards")
+    index = Index.copy(args.copy_from, args.index, rebuild=args.rebuild, approximate=args.approximate,
+                       progress=not args.no_progress)
+    summary = index.last_update
+    print(json.dumps(summary, indent=2) if args.json else
+          f"copied {summary['copied']} items ({summary['already']} already there); {summary['items']} items in "
+          f"{index.store.location}")
     return 0
 
 

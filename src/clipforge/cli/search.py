@@ -8,7 +8,7 @@ import json
 from clipforge.cli.options import add_device_option, add_json_option
 from clipforge.search import Index
 
-HELP = """Search an index built by `clipforge index`.
+HELP = """Search an index built by `clipforge index` (a folder, or a postgresql:// URL).
 
 QUERY is text, an image path, or id:N (the indexed item N: "more like this"), combined with signs and
 weights: "beach + 0.5:sunset - people", ./query.jpg + "at night", id:42 - 0.3:id:7. A + or - must stand
@@ -18,7 +18,8 @@ similarity to it, exactly (or with the approximate index, when the index has one
 
 Output: score, id and path (shard.tar:key inside a shard) per line, or --json (a list of results), or
 --paths-only for piping (e.g. into xargs). Queries are encoded with the model the index was built with
-(its config.json), on --device."""
+(its config.json or configuration row), on --device. In PostgreSQL, search and filters run in the
+database."""
 
 EXAMPLES = """examples:
   clipforge search ~/.clipforge/pictures "a dog on a beach" --top 5
@@ -29,7 +30,7 @@ EXAMPLES = """examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
-    parser.add_argument("index", metavar="INDEX", help="the index folder")
+    parser.add_argument("index", metavar="INDEX", help="the index folder, or a postgresql:// URL with ?table=NAME")
     parser.add_argument("query", nargs="+", metavar="QUERY", help="the query (see above)")
     parser.add_argument("--top", type=int, default=10, metavar="K", help="results to show (default 10)")
     parser.add_argument("--offset", type=int, default=0, help="skip this many results first (paging)")

@@ -6,7 +6,7 @@ import os
 
 from clipforge.cli.options import add_device_option
 
-HELP = """Serve an index over HTTP: a web page at / to search by text, by image or by example, and a JSON API
+HELP = """Serve an index (a folder, or a postgresql:// URL) over HTTP: a web page at / to search by text, by image or by example, and a JSON API
 (POST /api/search, GET /api/items/ID, GET /thumbnails/ID, GET /healthz, GET /metrics; schema at
 /openapi.json). Listens on 127.0.0.1 unless --host says otherwise; --token (or the CLIPFORGE_TOKEN
 environment variable) makes every request need 'Authorization: Bearer TOKEN'. Needs the serve extra:
@@ -15,12 +15,14 @@ pip install 'clipforge[serve]'."""
 EXAMPLES = """examples:
   clipforge serve photos.index
   clipforge serve photos.index --port 8080
-  CLIPFORGE_TOKEN=s3cret clipforge serve photos.index --host 0.0.0.0"""
+  CLIPFORGE_TOKEN=s3cret clipforge serve photos.index --host 0.0.0.0
+  clipforge serve 'postgresql://me@dbhost/photos?table=pictures' --port 8001"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
-    parser.add_argument("index", metavar="INDEX", help="an index folder written by clipforge index")
+    parser.add_argument("index", metavar="INDEX", help="an index written by clipforge index: a folder, or a "
+                                                       "postgresql:// URL with ?table=NAME")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                                                             "machine only; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
@@ -29,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=16, help="largest query image accepted (default 16)")
     parser.add_argument("--max-pixels", type=int, default=40_000_000,
                         help="largest query or thumbnail image decoded, in pixels (default 40,000,000)")
-    parser.add_argument("--cache-dir", metavar="DIR", help="where thumbnails are kept (default INDEX/thumbnails)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where thumbnails are kept (default INDEX/thumbnails; for "
+                                                           "a PostgreSQL index ~/.cache/clipforge/thumbnails/TABLE-*)")
     add_device_option(parser)
     parser.add_argument("--float32-mib", type=float, default=1024, metavar="MIB",
                         help="RAM for float32 copies of the vectors, which exact search scans without widening "

@@ -46,6 +46,16 @@ class Catalog(Protocol):
     def skipped(self) -> Iterable[Mapping]: ...
     def item_at(self, path: str, key: str) -> Mapping | None: ...
     def first_with_hash(self, digest: str) -> Mapping | None: ...
+    def shards(self) -> Iterable[Mapping]: ...
+
+
+class Importer(Protocol):
+    """Writes items with their ids and vectors as another index holds them (``clipforge.search.transfer``)."""
+
+    def add(self, items: list, vectors: np.ndarray, captions: dict[int, np.ndarray]) -> None: ...
+    def add_skipped(self, rows: list[Mapping]) -> None: ...
+    def add_shards(self, rows: list[Mapping]) -> None: ...
+    def close(self) -> None: ...
 
 
 class Target(Protocol):
@@ -59,7 +69,9 @@ class Target(Protocol):
     def catalog(self) -> ContextManager[Catalog]: ...
     def lock_sources(self, sources: list[str]) -> ContextManager: ...
     def writer(self, dim: int, network) -> "Writer": ...
+    def importer(self) -> Importer: ...
     def refresh_approximate(self, mode: str) -> dict | None: ...
+    def close(self) -> None: ...
 
 
 def build(target: Target, sources, model: str, device: str | None, options: BuildOptions,
@@ -71,14 +83,17 @@ def build(target: Target, sources, model: str, device: str | None, options: Buil
         raise ValueError(f"approximate must be 'auto', 'always' or 'never', got {options.approximate!r}")
     env = init_distributed(device or "auto")
     network, preprocess = load_model(str(model), env.device, random_init)
-    with (target.lock_sources(sources) if env.is_master else contextlib.nullcontext()):
-        model_check = (_ModelCheck(target, str(model), network, preprocess, options.rebuild, random_init)
-                       if env.is_master else None)
-        barrier(env)
-        plan = _plan(target, sources, options, env)
-        summary = _run(target, plan, network, preprocess, model_check, options, env)
-    if env.is_master:
-        target.refresh_approximate(options.approximate)
+    try:
+        with (target.lock_sources(sources) if env.is_master else contextlib.nullcontext()):
+            model_check = (_ModelCheck(target, str(model), network, preprocess, options.rebuild, random_init)
+                           if env.is_master else None)
+            barrier(env)
+            plan = _plan(target, sources, options, env)
+            summary = _run(target, plan, network, preprocess, model_check, options, env)
+        if env.is_master:
+            target.refresh_approximate(options.approximate)
+    finally:
+        target.close()
     barrier(env)
     return summary
 

@@ -49,8 +49,14 @@ class FolderTarget:
     def writer(self, dim: int, network) -> "FolderWriter":
         return FolderWriter(self.folder, dim, network)
 
+    def importer(self) -> "FolderImporter":
+        return FolderImporter(self.folder, int(self.read_config()["dim"]))
+
     def refresh_approximate(self, mode: str) -> dict | None:
         return approximate.refresh(self.folder, mode)
+
+    def close(self) -> None:
+        pass
 
 
 def _clear(folder: Path) -> None:
@@ -82,6 +88,9 @@ class FolderCatalog:
 
     def item_at(self, path: str, key: str):
         return self.db.execute("SELECT * FROM items WHERE path = ? AND key = ?", (path, key)).fetchone()
+
+    def shards(self):
+        return self.db.execute("SELECT * FROM shards")
 
     def first_with_hash(self, digest: str):
         # vector rows are never overwritten, so a donor removed by this run's plan still holds its vector
@@ -179,3 +188,47 @@ class FolderWriter(Writer):
         total = self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         self.db.close()
         return total
+
+
+class FolderImporter:
+    """Writes copied items under their own ids, each chunk's vectors flushed before the transaction that
+    commits its rows (``clipforge.search.transfer``)."""
+
+    def __init__(self, folder: Path, dim: int):
+        self.db = store.connect(folder)
+        self.segments = {kind: store.SegmentWriter(folder, kind, dim) for kind in store.KINDS}
+
+    def add(self, items: list, vectors: np.ndarray, captions: dict) -> None:
+        first, first_caption = store.next_row(self.db, "images"), store.next_row(self.db, "captions")
+        caption_rows = {}
+        for item in items:
+            if item.id in captions:
+                caption_rows[item.id] = first_caption + len(caption_rows)
+        self.segments["images"].write(first, vectors.astype(np.float16))
+        if caption_rows:
+            self.segments["captions"].write(first_caption, np.stack([captions[i] for i in caption_rows])
+                                            .astype(np.float16))
+        with self.db:
+            self.db.executemany(
+                f"INSERT INTO items ({', '.join(store.ITEM_COLUMNS)}) VALUES ({', '.join('?' * len(store.ITEM_COLUMNS))})",
+                [(item.id, item.source, item.path, item.key, item.member, item.offset, item.size, item.mtime_ns,
+                  item.hash, item.width, item.height, item.caption, item.taken, first + j, caption_rows.get(item.id))
+                 for j, item in enumerate(items)])
+            self.db.execute("INSERT OR REPLACE INTO rows VALUES ('images', ?)", (first + len(items),))
+            self.db.execute("INSERT OR REPLACE INTO rows VALUES ('captions', ?)", (first_caption + len(caption_rows),))
+
+    def add_skipped(self, rows: list) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?, ?, ?, ?)",
+                                [(r["path"], r["key"], r["size"], r["mtime_ns"], r["reason"], r["message"])
+                                 for r in rows])
+
+    def add_shards(self, rows: list) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?)",
+                                [(r["path"], r["size"], r["mtime_ns"]) for r in rows])
+
+    def close(self) -> None:
+        for writer in self.segments.values():
+            writer.close()
+        self.db.close()

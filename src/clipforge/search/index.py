@@ -18,6 +18,7 @@ from clipforge.search.model import indexed_spec, load_indexed_model, prepare_for
 from clipforge.search.query import Query, parse_query
 from clipforge.search.records import Filters, Item, SearchResult
 from clipforge.search.stores import build_target, is_database_url, open_store
+from clipforge.search.transfer import copy_index
 
 __all__ = ["Index", "Item", "SearchResult", "is_database_url", "set_threads"]
 
@@ -69,6 +70,17 @@ class Index:
                                approximate)
         summary = build(build_target(location), sources, str(model), device, options, random_init)
         index = cls(location, device)
+        index.last_update = summary
+        return index
+
+    @classmethod
+    def copy(cls, source: str | os.PathLike, destination: str | os.PathLike, rebuild: bool = False,
+             approximate: str = "auto", progress: bool = True, device: str | None = None) -> "Index":
+        """Copy the index at ``source`` into ``destination`` (folder to PostgreSQL or back, or the same kind)
+        with its ids and vectors, encoding nothing; a copy cut short continues where it stopped when run
+        again. The summary is on ``last_update``."""
+        summary = copy_index(source, destination, rebuild, approximate, progress)
+        index = cls(destination, device)
         index.last_update = summary
         return index
 

@@ -72,6 +72,9 @@ def model_name(spec: str, random_init: bool = False) -> str:
     return resolve_spec(spec, random_init=random_init).text
 
 
+IDENTITY_KEYS = ("model", "random_init", "weights_sha256", "dim", "preprocess")  # what model_identity records
+
+
 def model_identity(spec: str, model: torch.nn.Module, preprocess: Callable, random_init: bool = False) -> dict:
     """What config.json records about the model: its spec in one string (the name, ``ARCH:TAG`` or absolute
     path), ``"random_init": true`` for seed-0 random weights (only then), weights checksum, embedding size and

@@ -32,4 +32,8 @@ def build_target(location: str | os.PathLike):
 
 def read_index_config(location: str | os.PathLike) -> dict | None:
     """The model identity an index records, or None where there is no index yet."""
-    return build_target(location).read_config()
+    target = build_target(location)
+    try:
+        return target.read_config()
+    finally:
+        target.close()

@@ -103,6 +103,9 @@ class PostgresTarget:
     def writer(self, dim: int, network) -> "PostgresWriter":
         return PostgresWriter(self, network)
 
+    def importer(self) -> "PostgresImporter":
+        return PostgresImporter(self)
+
     def refresh_approximate(self, mode: str) -> dict | None:
         with database_errors(self.where, "building the HNSW index"):
             return hnsw.refresh(self.conn, self.table, self.location, mode)
@@ -146,6 +149,9 @@ class PostgresCatalog:
         found = self._rows("SELECT id, source, path, key, size, mtime_ns, hash, width, height, caption, taken "
                            "FROM {items} WHERE path = %s AND key = %s", (path, key))
         return found[0] if found else None
+
+    def shards(self):
+        return self._rows("SELECT * FROM {shards}")
 
     def first_with_hash(self, digest: str):
         found = self._rows("SELECT id, width, height, taken FROM {items} WHERE hash = %s ORDER BY id LIMIT 1",
@@ -235,6 +241,45 @@ class PostgresWriter(Writer):
     def _count(self) -> int:
         with database_errors(self.target.where, "counting the items"):
             return self.conn.execute(self._sql("SELECT count(*) FROM {items}")).fetchone()[0]
+
+
+class PostgresImporter:
+    """Writes copied items under their own ids, a chunk a transaction (``clipforge.search.transfer``)."""
+
+    def __init__(self, target: PostgresTarget):
+        self.target, self.conn = target, target.conn
+        self.writer = PostgresWriter(target, None)
+
+    def add(self, items: list, vectors: np.ndarray, captions: dict) -> None:
+        adapt, sql = self.writer._adapt, self.writer._sql
+        with database_errors(self.target.where, "copying items"), self.conn.transaction():
+            with self.conn.cursor() as cur:
+                cur.executemany(sql(
+                    "INSERT INTO {items} (id, source, path, key, member, member_offset, size, mtime_ns, hash, width, "
+                    "height, caption, taken, embedding, caption_embedding) OVERRIDING SYSTEM VALUE VALUES (%s, %s, %s, "
+                    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"),
+                    [(item.id, item.source, item.path, item.key, item.member, item.offset, item.size, item.mtime_ns,
+                      item.hash, item.width, item.height, item.caption, item.taken, adapt(vector),
+                      adapt(captions.get(item.id))) for item, vector in zip(items, vectors)])
+            # the next item indexed here gets an id after every copied one
+            self.conn.execute(sql("SELECT setval(pg_get_serial_sequence(%s, 'id'), "
+                                  "(SELECT max(id) FROM {items}))"), (f'"{self.target.table}"',))
+
+    def add_skipped(self, rows: list) -> None:
+        with database_errors(self.target.where, "copying skipped files"), self.conn.transaction():
+            for r in rows:
+                self.conn.execute(self.writer._sql("INSERT INTO {skipped} VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT "
+                                                   "(path, key) DO NOTHING"),
+                                  (r["path"], r["key"], r["size"], r["mtime_ns"], r["reason"], r["message"]))
+
+    def add_shards(self, rows: list) -> None:
+        with database_errors(self.target.where, "copying shards"), self.conn.transaction():
+            for r in rows:
+                self.conn.execute(self.writer._sql("INSERT INTO {shards} VALUES (%s, %s, %s) ON CONFLICT (path) DO "
+                                                   "NOTHING"), (r["path"], r["size"], r["mtime_ns"]))
+
+    def close(self) -> None:
+        pass
 
 
 def _columns(entry: Entry, digest: str) -> tuple:
