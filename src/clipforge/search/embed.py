@@ -51,29 +51,32 @@ class EmbedOptions:
 
 @dataclass(frozen=True)
 class Work:
-    """One partition's work: the images of a folder or table (``entries``), or a shard (``shard`` = (source
+    """One partition's work: the images of a folder or table (``entries``; the first partition of a source also
+    carries the ``problems`` its listing found, such as a table's missing files), or a shard (``shard`` = (source
     spec, shard path)) that the worker lists itself, so that planning never opens a shard."""
 
     number: int
     entries: tuple[Entry, ...] = ()
     shard: tuple[str, str] | None = None
+    problems: tuple[tuple[str, int], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({"number": self.number, "entries": [asdict(e) for e in self.entries],
-                           "shard": self.shard})
+                           "shard": self.shard, "problems": self.problems})
 
     @classmethod
     def from_json(cls, text: str) -> "Work":
         d = json.loads(text)
-        return cls(d["number"], tuple(Entry(**e) for e in d["entries"]), tuple(d["shard"]) if d["shard"] else None)
+        return cls(d["number"], tuple(Entry(**e) for e in d["entries"]), tuple(d["shard"]) if d["shard"] else None,
+                   tuple((reason, count) for reason, count in d["problems"]))
 
     def listed(self) -> tuple[list[Entry], dict[str, int]]:
         """(images, problems counted by reason): a shard's samples with an image, under its source's spec."""
         if self.shard is None:
-            return list(self.entries), {}
+            return list(self.entries), dict(self.problems)
         spec, path = self.shard
         listing = list_sources([path], None)
-        return [replace(e, source=spec) for e in listing.entries], dict(listing.problems)
+        return [replace(e, source=spec) for e in listing.entries], {r: n for r, n in listing.problems.items() if n}
 
     def fingerprint(self) -> list:
         """What the partition is made of: each image's path, key, size, mtime and caption, or the shard's
@@ -99,13 +102,15 @@ def plan_partitions(sources: list[str], options: EmbedOptions) -> list[Work]:
         if kind == "shards":
             works += [Work(len(works) + i, shard=(spec, os.path.abspath(s))) for i, s in enumerate(expand_shards(spec))]
             continue
-        entries = []
-        for entry in list_sources([spec], None, options.exclude).entries:  # refuses a spec of no known kind
+        listing, entries = list_sources([spec], None, options.exclude), []  # refuses a spec of no known kind
+        for entry in listing.entries:
             if (entry.path, entry.key) not in seen:
                 seen.add((entry.path, entry.key))
                 entries.append(entry)
-        for start in range(0, len(entries), options.partition_size):
-            works.append(Work(len(works), tuple(entries[start:start + options.partition_size])))
+        problems = tuple(sorted((r, n) for r, n in listing.problems.items() if n))
+        for start in range(0, max(len(entries), 1 if problems else 0), options.partition_size):
+            works.append(Work(len(works), tuple(entries[start:start + options.partition_size]),
+                              problems=() if start else problems))
     if not works:
         raise ValueError(f"no images in {', '.join(sources)}: nothing to embed")
     return works

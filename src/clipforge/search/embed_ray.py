@@ -61,16 +61,14 @@ def _run(ray, folder: Path, works: list[Work], todo: list[Work], config: dict, s
     gpus = int(ray.cluster_resources().get("GPU", 0))
     draft = preprocess.config.image_size if options.fast_decode else None
     rows = [{"work": w.to_json()} for w in todo]
-    # Retries stated although they are Ray Data's defaults: the output's completeness rests on them. Decoding
-    # tasks and encoding actors differ in them, which keeps Ray Data from fusing the decoding into the actors (on
-    # a cluster without GPUs it would, leaving each actor to decode its own images on its one core).
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        _decode, batch_size=1, num_cpus=1, max_retries=-1,
-        fn_kwargs={"preprocess": preprocess, "max_pixels": options.max_pixels, "draft": draft,
-                   "chunk": options.batch_size})
+    # A row-by-row flat_map before batches of the encoder's size is a pair that Ray Data does not fuse, so the
+    # decoding stays in CPU tasks; fused into the actors, each would decode its own images on its one core. A dead
+    # worker's tasks are retried and a dead actor restarted by Ray Data's defaults (max_retries, max_restarts -1).
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
+        _decode, num_cpus=1, fn_kwargs={"preprocess": preprocess, "max_pixels": options.max_pixels, "draft": draft})
     dataset = dataset.map_batches(
         _Encoder, batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=actors or max(1, gpus)),
-        num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=-1, max_task_retries=-1,
+        num_cpus=1, num_gpus=1 if gpus else 0,
         fn_constructor_kwargs={"spec": spec, "random_init": random_init, "weights_sha256": config["weights_sha256"],
                                "text": config["text"]})
     assembler = _Assembler(folder, {w.number: w for w in todo}, len(works), config, progress)
@@ -82,37 +80,29 @@ def _run(ray, folder: Path, works: list[Work], todo: list[Work], config: dict, s
                            "command again to finish them")
 
 
-def _decode(batch: dict, preprocess, max_pixels: int | None, draft: int | None, chunk: int):
-    """A CPU task: one partition's images, listed, read, hashed, decoded and preprocessed, yielded ``chunk`` at a
-    time as rows: ``position`` in the partition, ``rows`` (how many rows the partition sends), ``ok``,
-    ``pixels`` (zeros for a skipped image) and ``meta`` (JSON: the metadata row, or name, reason and message).
-    A partition without images sends one row at position -1, so that the driver still writes its record."""
-    for text in batch["work"]:
-        work = Work.from_json(str(text))
-        entries, problems = work.listed()
-        dataset = HashedImages([e.ref for e in entries], preprocess, max_pixels, draft)
-        size = preprocess.config.image_size
-        first = {"listed": len(entries), "problems": problems}
-        if not entries:
-            yield _rows(work.number, 1, [(-1, None, first)], size)
-        for start in range(0, len(entries), chunk):
-            items = []
-            for i in range(start, min(start + chunk, len(entries))):
-                _, pixels, info, problem = dataset[i]
-                meta = (metadata_row(entries[i], *info) if problem is None
-                        else {"name": entries[i].name, "reason": problem[0], "message": problem[1]})
-                items.append((i, pixels, {**meta, **(first if i == 0 else {})}))
-            yield _rows(work.number, len(entries), items, size)
+def _decode(row: dict, preprocess, max_pixels: int | None, draft: int | None):
+    """A CPU task: one partition's images, listed, read, hashed, decoded and preprocessed, one row each:
+    ``position`` in the partition, ``rows`` (how many rows the partition sends), ``ok``, ``pixels`` (zeros for a
+    skipped image) and ``meta`` (JSON: the metadata row, or name, reason and message; position 0 also says what
+    the source listed). A partition without images sends one row at position -1, so that its record is written."""
+    work = Work.from_json(row["work"])
+    entries, problems = work.listed()
+    dataset = HashedImages([e.ref for e in entries], preprocess, max_pixels, draft)
+    size = preprocess.config.image_size
+    first = {"listed": len(entries), "problems": problems}
+    if not entries:
+        yield _row(work.number, -1, 1, None, first, size)
+    for i, entry in enumerate(entries):
+        _, pixels, info, problem = dataset[i]
+        meta = (metadata_row(entry, *info) if problem is None
+                else {"name": entry.name, "reason": problem[0], "message": problem[1]})
+        yield _row(work.number, i, len(entries), pixels, {**meta, **(first if i == 0 else {})}, size)
 
 
-def _rows(number: int, count: int, items: list, size: int) -> dict:
-    pixels = np.zeros((len(items), 3, size, size), np.float32)
-    for j, (_, tensor, _) in enumerate(items):
-        if tensor is not None:
-            pixels[j] = tensor.numpy()
-    return {"partition": np.full(len(items), number), "position": np.array([i for i, _, _ in items]),
-            "rows": np.full(len(items), count), "ok": np.array([t is not None for _, t, _ in items]),
-            "pixels": pixels, "meta": np.array([json.dumps(m) for _, _, m in items], dtype=object)}
+def _row(number: int, position: int, rows: int, pixels, meta: dict, size: int) -> dict:
+    return {"partition": number, "position": position, "rows": rows, "ok": pixels is not None,
+            "pixels": np.zeros((3, size, size), np.float32) if pixels is None else pixels.numpy(),
+            "meta": json.dumps(meta)}
 
 
 class _Encoder:

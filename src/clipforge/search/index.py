@@ -30,7 +30,9 @@ class Index:
 
     def __init__(self, location: str | os.PathLike, device: str | None = None, float32_mib: float = 0):
         self.store = open_store(location, float32_mib)
-        self.location = location if is_database_url(location) else Path(location)
+        # what messages show (a URL without its password); the address itself stays private, for updates
+        self.location = self.store.location if is_database_url(location) else Path(location)
+        self._address = location
         self.device = device
         self.last_update: dict | None = None  # the summary of the build or update this object ran
         self._lock = threading.RLock()
@@ -89,7 +91,7 @@ class Index:
         device = options.pop("device", self.device)
         options = BuildOptions(**{"rebuild": False, **options})
         spec, random_init = indexed_spec(self.config)
-        self.last_update = build(build_target(self.location), sources, spec, device, options, random_init)
+        self.last_update = build(build_target(self._address), sources, spec, device, options, random_init)
         self.refresh()
         return self.last_update
 

@@ -25,8 +25,7 @@ def refresh(conn, table: str, display: str, mode: str) -> dict | None:
     info = config.get("approximate")
     if not wanted:
         if info is not None or schema.exists(conn, schema.names(table)["hnsw"]):
-            with conn.transaction():
-                _lock(conn, table)
+            with schema.table_lock(conn, table), conn.transaction():
                 conn.execute(schema.composed("DROP INDEX IF EXISTS {hnsw}", table))
                 _record(conn, table, None)
         return None
@@ -35,8 +34,7 @@ def refresh(conn, table: str, display: str, mode: str) -> dict | None:
             and abs(items - measured) <= REMEASURE_CHANGE * max(measured, 1):
         return info
     vector = config.get("vector_type", "vector")
-    with conn.transaction():
-        _lock(conn, table)
+    with schema.table_lock(conn, table), conn.transaction():
         conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
         conn.execute(schema.composed(f"CREATE INDEX IF NOT EXISTS {{hnsw}} ON {{items}} USING hnsw "
                                      f"(embedding {vector}_ip_ops) WITH (m = {M}, ef_construction = "
@@ -45,10 +43,6 @@ def refresh(conn, table: str, display: str, mode: str) -> dict | None:
     with conn.transaction():
         _record(conn, table, info)
     return info
-
-
-def _lock(conn, table: str) -> None:
-    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (schema.lock_key(table),))
 
 
 def _record(conn, table: str, info: dict | None) -> None:

@@ -2,6 +2,7 @@
 configuration row. Every name is composed with ``psycopg.sql.Identifier`` and every value is a parameter."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 SCHEMA_VERSION = 1
@@ -15,6 +16,20 @@ def names(table: str) -> dict:
 def lock_key(table: str, what: str = "") -> str:
     """The text whose hash is the advisory lock of ``table`` (``what``: a source, or '' for the table)."""
     return f"clipforge\x1f{table}\x1f{what}"
+
+
+@contextlib.contextmanager
+def table_lock(conn, table: str):
+    """Hold the table's advisory lock (creating, dropping, building its HNSW index) around the caller's
+    transaction. Taken in a statement of its own, before that transaction: a transaction that began before
+    the wait could keep a catalog snapshot from before the other holder's commit, and miss its tables."""
+    key = lock_key(table)
+    conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
 
 
 def composed(text: str, table: str, **extra):

@@ -53,8 +53,8 @@ class PostgresTarget:
 
     def prepare(self, rebuild: bool) -> None:
         if rebuild:
-            with database_errors(self.where, "dropping the index for --rebuild"), self.conn.transaction():
-                self._lock_table()
+            with database_errors(self.where, "dropping the index for --rebuild"), \
+                    schema.table_lock(self.conn, self.table), self.conn.transaction():
                 schema.read_config(self.conn, self.table, self.location)  # refuses a table that is not ours
                 schema.drop(self.conn, self.table)
 
@@ -65,16 +65,13 @@ class PostgresTarget:
     def create(self, identity: dict) -> dict:
         """Create the tables with ``identity``, unless a run beside this one created them first: the config
         stored is returned either way (the caller compares its model with this run's)."""
-        with database_errors(self.where, "creating the index tables"), self.conn.transaction():
-            self._lock_table()
+        with database_errors(self.where, "creating the index tables"), schema.table_lock(self.conn, self.table), \
+                self.conn.transaction():
             config = schema.read_config(self.conn, self.table, self.location)
             if config is None:
                 config = {**identity, "vector_type": vector_type(self.conn)}
                 schema.create(self.conn, self.table, int(identity["dim"]), config["vector_type"], config)
         return config
-
-    def _lock_table(self) -> None:
-        self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (schema.lock_key(self.table),))
 
     @contextlib.contextmanager
     def catalog(self):
