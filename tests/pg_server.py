@@ -6,17 +6,33 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
 
 def _binaries() -> Path:
+    """pgserver's bin folder, or a copy of its installation that ``nobody`` can reach (a checkout under
+    /root, mode 700, is not)."""
     import importlib.util
     spec = importlib.util.find_spec("pgserver")  # not imported: its import reads platform folders it never uses
     if spec is None:
         raise RuntimeError("the PostgreSQL tests need the pgserver wheel: pip install 'clipforge[test]'")
-    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+    install = Path(spec.submodule_search_locations[0]) / "pginstall"
+    if os.geteuid() != 0 or all(os.stat(p).st_mode & stat.S_IXOTH for p in [install, *install.parents]):
+        return install / "bin"
+    copy = Path(tempfile.gettempdir()) / f"clipforge-pginstall-{os.stat(install).st_ino}"
+    if not (copy / "bin" / "postgres").exists():
+        partial = Path(tempfile.mkdtemp(prefix="clipforge-pginstall-"))
+        shutil.copytree(install, partial / "pginstall", symlinks=True)
+        os.chmod(partial, 0o755)
+        try:
+            os.rename(partial / "pginstall", copy)
+        except OSError:  # another session copied it first
+            shutil.rmtree(partial / "pginstall", ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    return copy / "bin"
 
 
 class LocalPostgres:
@@ -50,6 +66,11 @@ class LocalPostgres:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def create_database(self, name: str) -> dict:
+        """A new empty database; returns the libpq environment (PGHOST, PGUSER, PGDATABASE) that names it."""
+        self._run("createdb", "-h", str(self.root), "-U", "clipforge", name)
+        return {"PGHOST": str(self.root), "PGUSER": "clipforge", "PGDATABASE": name}
 
     def url(self, table: str = "clipforge") -> str:
         return f"postgresql://clipforge@/clipforge?host={self.root}&table={table}"

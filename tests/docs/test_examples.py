@@ -30,10 +30,15 @@ def test_examples_check(page):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=IDS)
-def test_examples_run(page, tmp_path):
+def test_examples_run(page, tmp_path, request, monkeypatch):
     blocks, _ = parse(page)
     if not any(b.marker is None for b in blocks):
         pytest.skip(f"{display(page)} has no block to run")
+    if any("postgresql://" in b.source for b in blocks if b.marker is None):
+        # a database of its own on the session's PostgreSQL, named the way the page says: PG* variables
+        name = "page_" + re.sub(r"[^a-z0-9]+", "_", display(page).lower()).strip("_")
+        for key, value in request.getfixturevalue("postgres").create_database(name).items():
+            monkeypatch.setenv(key, value)
     problems = check_page(blocks)
     assert not problems, "the static checks fail, so the page was not run:\n" + "\n".join(problems)
     result = run_page(page, tmp_path / "work")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 DEFAULT_TABLE = "clipforge"
 _TABLE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
@@ -41,7 +41,9 @@ def parse(url: str) -> Location:
                          f"lower-case letters, digits and _ (not first), at most 40 characters")
     password = parts.password or next((v for k, v in params if k == "password"), None)
     libpq = [(k, v) for k, v in params if k != "table"]
-    conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(libpq), ""))
+    query = urlencode(libpq)
+    # not urlunsplit: it drops the "//" of a URL with no host (postgresql://?table=x: all from PG* variables)
+    conninfo = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
     return Location(conninfo, table, _without_password(parts), password or None)
 
 
@@ -52,7 +54,7 @@ def _without_password(parts) -> str:
         netloc = f"{user.split(':', 1)[0]}@{host}"
     query = urlencode([(k, "***" if k == "password" else v)
                        for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="/*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def redact(url: str) -> str:
