@@ -19,6 +19,7 @@ from clipforge.serve.metrics import Metrics, MetricsMiddleware
 from clipforge.serve.queries import SearchRequest, Term, Uploads
 from clipforge.serve.service import SearchService
 from clipforge.serve.thumbnails import THUMBNAIL_SIZES, Thumbnails
+from clipforge.serve.thumbnails import default_folder as default_thumbnail_folder
 
 PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 _SECURITY_HEADERS = {
@@ -57,12 +58,12 @@ class SearchResponse(BaseModel):
     upload: str | None
 
 
-def create_app(index, options: ServeOptions = ServeOptions(), index_dir: str | Path | None = None) -> FastAPI:
-    """The service over an open ``clipforge.search.Index``; ``index_dir`` is where it lives (for the
-    default thumbnail cache)."""
+def create_app(index, options: ServeOptions = ServeOptions()) -> FastAPI:
+    """The service over an open ``clipforge.search.Index`` (thumbnails kept in ``options.cache_dir``, else
+    ``clipforge.serve.thumbnails.default_folder``)."""
     metrics = Metrics()
     service = SearchService(index, metrics, Uploads(options.upload_cache_bytes), options.max_pixels)
-    cache = Path(options.cache_dir) if options.cache_dir else Path(index_dir or ".") / "thumbnails"
+    cache = Path(options.cache_dir) if options.cache_dir else default_thumbnail_folder(index)
     thumbnails = Thumbnails(index, cache, options.max_pixels)
     app = FastAPI(title="clipforge search", description="Search an image index by text, image or example.",
                   docs_url=None, redoc_url=None, openapi_url=None)  # the interactive docs load from a CDN

@@ -43,7 +43,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
           device: str | None = None, log_level: str = "warning", float32_mib: float = DEFAULT_FLOAT32_MIB) -> None:
-    """Serve the index in ``index_dir`` until interrupted; prints the address once it is listening.
+    """Serve the index at ``index_dir`` (a folder or a PostgreSQL URL) until interrupted; prints the address
+    once it is listening.
     ``float32_mib``: RAM for float32 copies of the vectors (see ``clipforge.search.Index.open``)."""
     from clipforge.search import Index
     if not is_loopback(host) and options.token is None:
@@ -51,11 +52,12 @@ def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: Se
               f"anyone who can connect can search and view every indexed image; pass --token (or set "
               f"CLIPFORGE_TOKEN)", file=sys.stderr)
     index = Index.open(index_dir, device=device, float32_mib=float32_mib)
-    app = create_app(index, replace(options, loopback_only=is_loopback(host)), index_dir=index_dir)
+    app = create_app(index, replace(options, loopback_only=is_loopback(host)))
     app.state.service.warm_up()
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
-    print(f"clipforge serve: {len(index):,} items from {index_dir} at http://{shown}:{sock.getsockname()[1]}/",
+    print(f"clipforge serve: {len(index):,} items from {index.store.location} at "
+          f"http://{shown}:{sock.getsockname()[1]}/",
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5))
     server.run(sockets=[sock])

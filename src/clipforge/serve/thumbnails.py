@@ -16,6 +16,17 @@ THUMBNAIL_SIZES = (128, 256, 512)
 _VERSION = "1"  # part of every ETag: bump when the way thumbnails are made changes
 
 
+def default_folder(index) -> Path:
+    """Where thumbnails are kept unless the service is told: ``thumbnails/`` in an index folder; for a
+    PostgreSQL index, a folder of the user's cache named after the table and server (its URL without the
+    password), shared by the services of one machine."""
+    if index.store.kind == "folder":
+        return Path(index.folder) / "thumbnails"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha256(index.store.location.encode()).hexdigest()[:16]
+    return cache / "clipforge" / "thumbnails" / f"{index.store.table}-{digest}"
+
+
 class Thumbnails:
     """Thumbnails of ``index``'s images in ``folder``; ``max_pixels`` bounds the images decoded."""
 
