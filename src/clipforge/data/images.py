@@ -1,6 +1,7 @@
 """Finding and decoding images: the one list of image file types, the one recursive folder scan, and the one
 decoder, whose errors carry a reason code (``clipforge.data.samples.REASONS``) so that training can skip
-and count a bad image while evaluation and inference report it.
+and count a bad image while evaluation and inference report it. Phone and camera formats (HEIC, AVIF, RAW)
+are in ``.camera``, orientation and capture times in ``.exif``.
 """
 from __future__ import annotations
 
@@ -10,20 +11,26 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Callable, Iterable, Sequence, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from clipforge.data import camera
+from clipforge.data.exif import CaptureTime, exif_date, mtime_capture, read_exif, upright
 from clipforge.data.samples import BadSample
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", *camera.PHOTO_EXTENSIONS)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 # Folders that hold no user images: version control, package caches, NAS thumbnail stores.
 SKIPPED_FOLDERS = (".git", "node_modules", "@eaDir", "__pycache__")
-# Errors Pillow's decoders raise on corrupt or truncated data.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+# Errors Pillow's decoders (and its AVIF and pillow-heif's HEIF plugins) raise on corrupt or truncated data.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, RuntimeError, struct.error)
+_HEAD = 4096  # bytes read to tell a file's format
+_UNKNOWN = "not an image format Pillow recognises"
+_NOT_RAW = "neither a camera RAW that LibRaw reads nor an image format Pillow recognises"
 
 
 class MissingImage(BadSample, FileNotFoundError):
@@ -86,13 +93,19 @@ def load_image(source: ImageSource, max_pixels: int | None = None, draft_size: i
                name: str | None = None) -> Image.Image:
     """Open and fully decode an image: a path, encoded bytes, a binary file object or an ``ImageRef``.
 
+    Every format Pillow reads, plus HEIC/HEIF (pillow-heif), AVIF (Pillow 11.3+) and camera RAW (rawpy: the
+    embedded JPEG preview when its shorter side has at least 1,024 pixels, or ``draft_size``; else LibRaw's
+    demosaicing), the latter two families from the ``photos`` extra. The image comes upright: its EXIF
+    orientation (HEIF's rotation, LibRaw's for RAW) is applied, for every format alike.
+
     Every failure is a ``BadSample`` (a ValueError) naming the image, with a reason code:
     ``missing_file`` (also a FileNotFoundError), ``unreadable_file``, ``empty_file``, ``unreadable_image``
-    (corrupt, truncated, not an image) or ``too_many_pixels`` (more than ``max_pixels``, default PIL's
-    limit of 89,478,485, checked before decoding). ``draft_size`` lets JPEGs decode at 1/2, 1/4 or 1/8
-    scale while both sides stay at least ``draft_size`` pixels: much faster, but not pixel-identical to a
-    full decode, so use it for training or opt-in fast indexing (the full size stays in
-    ``img.info["full_size"]``). The image keeps its own mode (convert it as needed).
+    (corrupt, truncated, not an image), ``too_many_pixels`` (more than ``max_pixels``, default PIL's
+    limit of 89,478,485, checked before decoding) or ``missing_extra`` (a HEIC or RAW file without the
+    ``photos`` extra). ``draft_size`` lets JPEGs decode at 1/2, 1/4 or 1/8 scale (HEIC from an embedded
+    thumbnail, RAW from its preview or at half size) while both sides stay at least ``draft_size`` pixels:
+    much faster, but not pixel-identical to a full decode, so use it for training or opt-in fast indexing
+    (the full size stays in ``img.info["full_size"]``). The image keeps its own mode (convert it as needed).
     """
     if isinstance(source, (str, os.PathLike, ImageRef)):
         name = name or str(source)
@@ -109,24 +122,21 @@ def _decode(f: IO[bytes], size: int | None, name: str, max_pixels: int | None, d
     if size == 0:
         raise BadSample("empty_file", f"cannot read image {name}: the file is empty (0 bytes)")
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    f, head = _peek(f)
+    kind = camera.kind(head, name)
+    if kind == "raw":
+        data = f.read()
+        img = camera.decode_raw(data, name, limit, draft_size)
+        if img is not None:
+            return upright(img)
+        f = io.BytesIO(data)  # not a RAW LibRaw knows (a JPEG or TIFF by another name): Pillow may know it
+    elif kind is not None:
+        camera.enable(kind, name)
     with warnings.catch_warnings():  # the limit below is ours, with one message for every path
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(f)
-        except UnidentifiedImageError:
-            raise BadSample("unreadable_image", f"cannot read image {name}: not an image format Pillow "
-                                                "recognises") from None
-        except Image.DecompressionBombError:
-            raise BadSample("too_many_pixels", f"image {name} has more pixels than max_pixels={limit}") from None
-        except _DECODE_ERRORS as e:
-            raise BadSample("unreadable_image", f"cannot read image {name}: {e} (the file is truncated or "
-                                                "corrupt)") from None
-        width, height = img.size
-        if width * height > limit:
-            raise BadSample("too_many_pixels", f"image {name} is {width}x{height} = {width * height} pixels, "
-                                               f"more than max_pixels={limit}; skip it or raise the limit")
+        img = _open(f, name, limit, _NOT_RAW if kind == "raw" else _UNKNOWN)
         if draft_size is not None:
-            img.info["full_size"] = (width, height)  # draft() shrinks img.size; keep what the file holds
+            img.info["full_size"] = img.size  # draft() shrinks img.size; keep what the file holds
             img.draft(None, (draft_size, draft_size))
         try:
             img.load()
@@ -135,6 +145,36 @@ def _decode(f: IO[bytes], size: int | None, name: str, max_pixels: int | None, d
         except _DECODE_ERRORS as e:
             raise BadSample("unreadable_image", f"cannot decode image {name}: {e} (the file is truncated or "
                                                 "corrupt)") from None
+    return upright(img)
+
+
+def _peek(f: IO[bytes]) -> tuple[IO[bytes], bytes]:
+    """(a file positioned where ``f`` was, its first ``_HEAD`` bytes from there)."""
+    try:
+        start = f.tell()
+        head = f.read(_HEAD)
+        f.seek(start)
+        return f, head
+    except (OSError, ValueError, AttributeError):  # a pipe or socket: keep what it holds in memory
+        f = io.BytesIO(f.read())
+        return f, f.getvalue()[:_HEAD]
+
+
+def _open(f: IO[bytes], name: str, limit: int, unknown: str = _UNKNOWN) -> Image.Image:
+    """Pillow's lazy open (headers only), refusing an image of more than ``limit`` pixels."""
+    try:
+        img = Image.open(f)
+    except UnidentifiedImageError:
+        raise BadSample("unreadable_image", f"cannot read image {name}: {unknown}") from None
+    except Image.DecompressionBombError:
+        raise BadSample("too_many_pixels", f"image {name} has more pixels than max_pixels={limit}") from None
+    except _DECODE_ERRORS as e:
+        raise BadSample("unreadable_image", f"cannot read image {name}: {e} (the file is truncated or "
+                                            "corrupt)") from None
+    width, height = img.size
+    if width * height > limit:
+        raise BadSample("too_many_pixels", f"image {name} is {width}x{height} = {width * height} pixels, "
+                                           f"more than max_pixels={limit}; skip it or raise the limit")
     return img
 
 
@@ -175,26 +215,75 @@ def read_image_bytes(source: str | os.PathLike | ImageRef, name: str | None = No
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What the file says about a decoded image: its full size and the EXIF capture time, if any."""
+    """What the file says about a decoded image: its full size (upright) and its EXIF capture time, if any:
+    ``taken`` as the file writes it ('YYYY:MM:DD HH:MM:SS'), ``captured`` parsed (aware when EXIF gives the
+    offset). ``capture_time(info, mtime_ns)`` adds the fallback to the file's modification time."""
 
     width: int
     height: int
     taken: str | None = None
-
-
-_EXIF_IFD, _DATE_TIME_ORIGINAL, _DATE_TIME = 0x8769, 36867, 306
+    captured: datetime | None = None
 
 
 def image_info(img: Image.Image) -> ImageInfo:
     """Size (before any draft decoding) and EXIF DateTimeOriginal (else DateTime) of a loaded image."""
     width, height = img.info.get("full_size", img.size)
+    taken, captured = exif_date(read_exif(img))
+    return ImageInfo(int(width), int(height), taken, captured)
+
+
+def capture_time(source: ImageInfo | Image.Image | ImageSource, mtime_ns: int | None = None) -> CaptureTime | None:
+    """When a photo was taken: EXIF DateTimeOriginal (else DateTime), with OffsetTimeOriginal (OffsetTime)
+    when present, for every format that carries EXIF (JPEG, HEIC, AVIF, WebP, PNG, TIFF and TIFF-based RAW;
+    other RAWs through LibRaw, without offset); else the file's modification time ``mtime_ns``.
+
+    ``source`` is an ``ImageInfo`` or a decoded image (nothing is read again), or a path, bytes, binary file
+    or ``ImageRef``, whose metadata is read without decoding its pixels; for a path, ``mtime_ns`` defaults
+    to the file's. Unreadable or malformed metadata counts as none. None only when there is neither an EXIF
+    date nor an mtime (bytes without ``mtime_ns``)."""
+    if isinstance(source, ImageInfo):
+        captured = source.captured
+    elif isinstance(source, Image.Image):
+        captured = image_info(source).captured
+    else:
+        captured = _file_date(source)
+    if captured is not None:
+        return CaptureTime(captured, "exif")
+    if mtime_ns is None and isinstance(source, (str, os.PathLike)):
+        try:
+            mtime_ns = os.stat(source).st_mtime_ns
+        except OSError as e:
+            raise MissingImage(f"image file {source} cannot be found or read: {e.strerror or e}") from None
+    return mtime_capture(mtime_ns) if mtime_ns is not None else None
+
+
+def _file_date(source: ImageSource) -> datetime | None:
+    """The EXIF capture time of an image file, its pixels not decoded; None if it has none or cannot be read."""
     try:
-        exif = img.getexif()
-        taken = exif.get_ifd(_EXIF_IFD).get(_DATE_TIME_ORIGINAL) or exif.get(_DATE_TIME)
-    except Exception:  # EXIF blocks are often malformed; a capture time is optional
-        taken = None
-    taken = str(taken).strip("\x00 ") if taken else None
-    return ImageInfo(int(width), int(height), taken or None)
+        if isinstance(source, (str, os.PathLike, ImageRef)):
+            f, name = io.BytesIO(read_image_bytes(source)), str(source)
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            f, name = io.BytesIO(source), "<bytes>"
+        else:
+            f, name = source, str(getattr(source, "name", "<file object>"))
+        f, head = _peek(f)
+        kind = camera.kind(head, name)
+        if kind == "raw":
+            data = f.read()
+            block = camera.read_raw_exif(data, name)
+            if block is not None:
+                exif = Image.Exif()
+                exif.load(block)
+                return exif_date(exif)[1]
+            f = io.BytesIO(data)
+        elif kind is not None:
+            camera.enable(kind, name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as img:
+                return exif_date(read_exif(img))[1]
+    except (BadSample, Image.DecompressionBombError, *_DECODE_ERRORS):
+        return None
 
 
 class DescribedImages(ImageFiles):

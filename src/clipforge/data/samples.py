@@ -10,6 +10,8 @@ REASONS = {
     "empty_file": "the image file or tar member has zero bytes",
     "unreadable_image": "the image cannot be decoded (corrupt, truncated or not an image)",
     "too_many_pixels": "the image has more pixels than max_pixels",
+    "missing_extra": "the image needs an optional package that is not installed (HEIC/HEIF and camera RAW: "
+                     "pip install 'clipforge[photos]')",
     "missing_image": "a tar sample has no image member (jpg, png, webp, ...)",
     "missing_caption": "no caption (no .txt file, no tar member, or a short CSV row)",
     "empty_caption": "the caption is empty or only whitespace",
