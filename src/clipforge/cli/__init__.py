@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-_SUBCOMMANDS = ["demo", "train", "classify", "explain", "eval", "export", "index", "search", "serve", "study"]
+_SUBCOMMANDS = ["demo", "train", "classify", "explain", "eval", "export", "embed", "index", "search", "serve", "study"]
 
 
 def build_parser() -> argparse.ArgumentParser:

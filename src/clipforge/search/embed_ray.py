@@ -13,9 +13,20 @@ import torch
 
 from clipforge.encode import encode_images
 from clipforge.search import embeddings
-from clipforge.search.embed import (EmbedOptions, HashedImages, Progress, Work, caption_vectors, folder_config,
-                                    metadata_row, partition_data, plan_partitions, prepare_folder, summary)
 from clipforge.search.model import load_model, model_identity, model_name, weights_checksum
+from clipforge.search.partitions import (
+    EmbedOptions,
+    HashedImages,
+    Progress,
+    Work,
+    caption_vectors,
+    folder_config,
+    metadata_row,
+    partition_data,
+    plan_partitions,
+    prepare_folder,
+    summary,
+)
 
 
 def _ray():
@@ -23,7 +34,7 @@ def _ray():
         import ray
         import ray.data
     except ImportError:
-        raise ImportError("--engine ray needs Ray Data: pip install 'clipforge[ray]'") from None
+        raise RuntimeError("--engine ray needs Ray Data: pip install 'clipforge[ray]'") from None
     return ray
 
 
@@ -31,7 +42,7 @@ def embed_ray(folder: Path, sources: list[str], model: str, options: EmbedOption
               address: str | None, actors: int | None) -> dict:
     """``clipforge.search.embed.embed`` on Ray: the cluster at ``address`` (else the one this process is
     connected to, or a new local one, which is shut down after)."""
-    ray = _ray()
+    ray = _ray()  # before the work of planning, to fail fast without Ray
     works = plan_partitions(sources, options)
     network, preprocess = load_model(str(model), "cpu", random_init)  # for the identity and the preprocessing
     identity = model_identity(str(model), network, preprocess, random_init)
@@ -56,8 +67,6 @@ def embed_ray(folder: Path, sources: list[str], model: str, options: EmbedOption
 
 def _run(ray, folder: Path, works: list[Work], todo: list[Work], config: dict, spec: str, random_init: bool,
          preprocess, options: EmbedOptions, actors: int | None, progress: Progress) -> None:
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours counts images; Ray's would count blocks beside it
     gpus = int(ray.cluster_resources().get("GPU", 0))
     draft = preprocess.config.image_size if options.fast_decode else None
     rows = [{"work": w.to_json()} for w in todo]
@@ -72,8 +81,13 @@ def _run(ray, folder: Path, works: list[Work], todo: list[Work], config: dict, s
         fn_constructor_kwargs={"spec": spec, "random_init": random_init, "weights_sha256": config["weights_sha256"],
                                "text": config["text"]})
     assembler = _Assembler(folder, {w.number: w for w in todo}, len(works), config, progress)
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        assembler.add(batch)
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False  # ours counts images, Ray's blocks
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            assembler.add(batch)
+    finally:
+        context.enable_progress_bars = bars
     missing = sorted(set(assembler.works) - assembler.written)
     if missing:
         raise RuntimeError(f"the Ray pipeline ended without the images of partitions {missing[:10]}; run the "

@@ -78,7 +78,7 @@ def write_partition(folder: str | Path, data: PartitionData, partitions: int, te
         _atomic(files[IMAGES], lambda path: _save_npy(path, data.vectors))
         if text:
             _atomic(files[TEXTS], lambda path: _save_npy(path, data.texts))
-        _atomic(files[METADATA], lambda path: _pyarrow_parquet().write_table(metadata_table(data.rows), str(path)))
+        _atomic(files[METADATA], lambda path: parquet().write_table(metadata_table(data.rows), str(path)))
     _atomic(files[RECORDS], lambda path: path.write_text(json.dumps(data.record(), indent=1) + "\n"))
 
 
@@ -92,19 +92,20 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(array))
 
 
-def _pyarrow_parquet():
+def parquet():
+    """``pyarrow.parquet``, or RuntimeError naming the extra that installs it."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError("the embeddings' metadata is written as Parquet, which needs pyarrow: "
-                          "pip install 'clipforge[embed]'") from None
+        raise RuntimeError("the embeddings' metadata is written as Parquet, which needs pyarrow: "
+                           "pip install 'clipforge[embed]'") from None
     return pq
 
 
 def metadata_table(rows: list[dict]):
     """A pyarrow Table of ``rows`` with the ``COLUMNS`` and their types (null where a value is None)."""
+    parquet()  # pyarrow, or the error naming its extra
     import pyarrow as pa
-    _pyarrow_parquet()
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS])
     return pa.table({name: [row[name] for row in rows] for name, _ in COLUMNS}, schema=schema)
 
