@@ -11,6 +11,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,train,plot,docs]'
+# clip-retrieval's ClipClient and web front end, for tests/serve/test_knn_service.py: without its dependencies
+# (torchvision, faiss, flask, ...), which the client (it needs only requests) and the page do not use
+	$(PY) -m pip install -q --no-deps clip-retrieval==2.45.0
+# autofaiss, for tests/search/test_embed.py: its numpy<2 pin would downgrade numpy under onnx; it runs on numpy 2
+	$(PY) -m pip install -q --no-deps autofaiss 'fire<0.7' termcolor six
 	touch $(STAMP)
 
 install: $(STAMP)

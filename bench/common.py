@@ -41,7 +41,7 @@ def optional_import(name: str):
 def environment(device: str) -> dict[str, Any]:
     """What the figures were measured on: versions, threads, processor or GPU, current load."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-           "threads": torch.get_num_threads(), "cpu": _cpu_name(), "cores": os.cpu_count()}
+           "threads": torch.get_num_threads(), "cpu": _cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count()}
     if hasattr(os, "getloadavg"):
         env["load_avg_1min"] = round(os.getloadavg()[0], 2)
     if device.startswith("cuda"):
@@ -50,6 +50,22 @@ def environment(device: str) -> dict[str, Any]:
         module = optional_import(name)
         env[name] = getattr(module, "__version__", "?") if module else None
     return env
+
+
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The processor's vector-instruction flags that decide kernel speed (AVX2 only, AVX-512, VNNI, AMX)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in SIMD_FLAGS if f in present]
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_name() -> str:

@@ -39,7 +39,8 @@ class LocalPostgres:
     """``start()``, ``stop()``, ``url(table)``; the database ``clipforge`` owned by the role ``clipforge``,
     which may create extensions (trust authentication on the socket)."""
 
-    def __init__(self):
+    def __init__(self, settings: dict | None = None):
+        self.settings = {"max_connections": "60", **(settings or {})}  # server settings (-c NAME=VALUE)
         self.root = Path(tempfile.mkdtemp(prefix="clipforge-pg-"))
         self.data, self.log = self.root / "data", self.root / "server.log"
         self.bin = _binaries()
@@ -61,8 +62,9 @@ class LocalPostgres:
             raise RuntimeError(f"{program} failed: {done.stderr or done.stdout}\n{log[-2000:]}")
 
     def start(self) -> None:
+        settings = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-o",
-                  f"-c listen_addresses='' -k {self.root} -c max_connections=60", "start")
+                  f"-c listen_addresses='' -k {self.root} {settings}", "start")
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")

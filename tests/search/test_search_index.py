@@ -4,6 +4,7 @@ updates (added, changed, renamed, duplicated, deleted, bad files); another model
 import io
 import os
 import tarfile
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -257,3 +258,92 @@ def test_another_models_index_is_refused_naming_both(tmp_path, index_at, photos,
         _build(index_at, [photos], model=other)
     assert _stored_state(index_at) == before
     assert len(Index.open(index_at)) == 13
+
+
+def _dated_photo(path, i: int, taken: str | None = None, offset: str | None = None) -> None:
+    """A JPEG with EXIF DateTimeOriginal (and OffsetTimeOriginal) when given."""
+    exif = Image.Exif()
+    if taken is not None:
+        sub = exif.get_ifd(0x8769)
+        sub[0x9003] = taken
+        if offset is not None:
+            sub[0x9011] = offset
+    make_image(i).save(path, exif=exif.tobytes())
+
+
+def _dated_folder(folder):
+    """Six photos: three with EXIF dates (one with its offset), three dated by mtime only."""
+    folder.mkdir()
+    _dated_photo(folder / "a.jpg", 1, "2021:05:04 10:00:00", "+02:00")
+    _dated_photo(folder / "b.jpg", 2, "2022:12:31 23:30:00")
+    _dated_photo(folder / "c.jpg", 3, "2023:07:01 08:15:00")
+    for name, i, when in (("d.jpg", 4, "2020-01-15T12:00:00"), ("e.jpg", 5, "2022-06-01T09:00:00"),
+                          ("f.jpg", 6, "2024-03-03T18:00:00")):
+        _dated_photo(folder / name, i)
+        stamp = datetime.fromisoformat(when).timestamp()  # this machine's local time
+        os.utime(folder / name, (stamp, stamp))
+    return {"a.jpg": "2021-05-04T10:00:00+02:00", "b.jpg": "2022-12-31T23:30:00", "c.jpg": "2023-07-01T08:15:00",
+            "d.jpg": "2020-01-15T12:00:00", "e.jpg": "2022-06-01T09:00:00", "f.jpg": "2024-03-03T18:00:00"}
+
+
+def test_capture_dates_filter_and_order_results(tmp_path, index_at, one_thread):
+    expected = _dated_folder(tmp_path / "dated")
+    index = _build(index_at, [tmp_path / "dated"])
+    items = {os.path.basename(index.item(i).path): index.item(i) for i in index.ids()}
+    for name, when in expected.items():
+        assert items[name].captured[:len(when)] == when and len(items[name].captured) >= 19
+        assert items[name].captured_from == ("exif" if name in ("a.jpg", "b.jpg", "c.jpg") else "mtime")
+    assert items["a.jpg"].captured == "2021-05-04T10:00:00+02:00"  # the camera's offset kept
+    wall = {name: when[:19] for name, when in expected.items()}
+    for after, before in [("2021-01-01", "2023-01-01"), ("2022-06-01T09:00", None), (None, "2021-05-04T10:00:01")]:
+        found = {os.path.basename(r.path) for r in index.search("a photo", top_k=20, after=after, before=before)}
+        lo = after and (after + ":00")[:19] if after and "T" in after else (after and after + "T00:00:00")
+        hi = before and ((before + ":00")[:19] if before.count(":") == 1 else before)
+        assert found == {n for n, w in wall.items() if (lo is None or w >= lo) and (hi is None or w < hi)}, (after, before)
+    newest = index.search("a photo", top_k=4, sort="date")
+    assert [os.path.basename(r.path) for r in newest] == ["f.jpg", "c.jpg", "b.jpg", "e.jpg"]
+    assert newest[0].captured.startswith("2024-03-03T18:00:00")
+    page = index.search("a photo", top_k=2, offset=2, sort="date")
+    assert [r.id for r in page] == [r.id for r in newest[2:4]]
+    strict = index.search("a photo", top_k=20, sort="date", min_score=index.search("a photo", top_k=3)[-1].score)
+    assert {r.id for r in strict} == {r.id for r in index.search("a photo", top_k=3)}
+    assert [r.captured for r in strict] == sorted((r.captured for r in strict), key=lambda c: c[:19], reverse=True)
+    with pytest.raises(ValueError, match="is not a date"):
+        index.search("a photo", after="2024-13-01")
+    with pytest.raises(ValueError, match="not earlier than before"):
+        index.search("a photo", after="2024-01-01", before="2023-01-01")
+
+
+def test_caption_filter_runs_with_the_search(tmp_path, index_at, photos, one_thread):
+    table = tmp_path / "list.csv"
+    table.write_text("filepath,caption\nphotos/img001.jpg,A Red Bicycle\nphotos/img002.jpg,a red car\n"
+                     "photos/img005.jpg,a blue bicycle\nphotos/img007.jpg,\n")
+    index = _build(index_at, [table])
+    assert {r.caption for r in index.search("a photo", top_k=10, caption="bicycle")} == {"A Red Bicycle",
+                                                                                          "a blue bicycle"}
+    assert [r.caption for r in index.search("a photo", top_k=10, caption="RED B")] == ["A Red Bicycle"]
+    assert index.search("a photo", top_k=10, caption="100%_") == []
+    with pytest.raises(ValueError, match="caption filter is empty"):
+        index.search("a photo", caption=" ")
+
+
+def test_an_index_from_before_capture_dates_gains_them_without_encoding(tmp_path, one_thread):
+    import sqlite3
+    _dated_folder(tmp_path / "dated")
+    index = _build(tmp_path / "index", [tmp_path / "dated"])
+    before = {i: index.item(i) for i in index.ids()}
+    index.close()
+    with sqlite3.connect(tmp_path / "index" / "metadata.sqlite") as db:  # as an older clipforge wrote it
+        db.execute("ALTER TABLE items DROP COLUMN captured")
+        db.execute("ALTER TABLE items DROP COLUMN captured_from")
+    old = Index.open(tmp_path / "index")
+    assert old.item(1).captured is None and len(old.search("a photo", top_k=10)) == 6
+    with pytest.raises(ValueError, match="predates capture dates: run `clipforge index` on it once"):
+        old.search("a photo", after="2021-01-01")
+    again = _build(tmp_path / "index", [tmp_path / "dated"])
+    assert again.last_update["indexed"] == 0 and again.last_update["unchanged"] == 6
+    for i, item in before.items():
+        migrated = again.item(i)
+        assert migrated.captured_from == item.captured_from
+        # the EXIF offset was not kept by the older format: the wall-clock time is
+        assert migrated.captured[:19] == item.captured[:19]

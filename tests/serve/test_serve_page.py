@@ -146,3 +146,30 @@ def test_infinite_scroll_loads_every_result(page):
     ids = _shown_ids(page)
     assert len(set(ids)) == 57
     assert page.locator("#load-more").is_hidden()
+
+
+@pytest.mark.slow
+def test_date_range_and_order_controls_filter_through_the_api(page, search_server):
+    body = {"query": "a red circle"}
+    first = httpx.post(f"{search_server}/api/search", json={"top_k": 1, **body}, timeout=60).json()["results"][0]
+    day = first["captured"][:10]  # the generated photos carry no EXIF date: their mtime, today
+    page.goto("/?q=a+red+circle")
+    _wait_for_results(page)
+    assert page.locator(".result .date").first.inner_text() == day
+    page.select_option("#sort", "date")
+    page.wait_for_url("**sort=date**")
+    _wait_for_results(page)
+    assert _shown_ids(page) == _api_ids(search_server, {**body, "sort": "date"})
+    page.fill("#from", day)
+    page.dispatch_event("#from", "change")
+    page.wait_for_url(f"**from={day}**")
+    _wait_for_results(page)
+    assert _shown_ids(page) == _api_ids(search_server, {**body, "sort": "date", "after": day})
+    page.fill("#until", "2000-01-01")
+    page.fill("#from", "")
+    page.dispatch_event("#until", "change")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'No results'")
+    assert _shown_ids(page) == [] and "until=2000-01-01" in page.url
+    page.reload()  # the controls come back from the URL
+    page.wait_for_function("() => document.getElementById('status').textContent === 'No results'")
+    assert page.input_value("#until") == "2000-01-01" and page.input_value("#sort") == "date"

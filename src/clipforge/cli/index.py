@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-from", metavar="INDEX",
                         help="copy this index (a folder or a postgresql:// URL) into --index, vectors and ids as "
                              "they are, instead of indexing SOURCEs")
+    parser.add_argument("--from-embeddings", metavar="DIR",
+                        help="add the vectors and metadata of an embeddings folder (clipforge embed's output) to "
+                             "--index as they are, instead of indexing SOURCEs")
     add_model_options(parser, required=False)
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="leave out folder paths matching GLOB (relative to the folder; repeatable)")
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                          f"and {args.workers}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.copy_from is not None:
+    if args.copy_from is not None or args.from_embeddings is not None:
         return _copy(args)
     if not args.sources:
         raise ValueError("give the SOURCEs to index (image folders, CSV/TSV files, .tar shards), or --copy-from INDEX")
@@ -105,15 +108,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _copy(args: argparse.Namespace) -> int:
+    """--copy-from INDEX and --from-embeddings DIR: vectors as they are, with the model they were made with."""
+    option = "--copy-from" if args.copy_from is not None else "--from-embeddings"
+    if args.copy_from is not None and args.from_embeddings is not None:
+        raise ValueError("give --copy-from or --from-embeddings, not both")
     if args.sources or args.model is not None or args.pretrained is not None or args.random_init:
-        raise ValueError("--copy-from copies an index as it is: give no SOURCEs and no --model (the copy keeps the "
-                         "model of the index it copies); index new images into the copy afterwards")
-    index = Index.copy(args.copy_from, args.index, rebuild=args.rebuild, approximate=args.approximate,
-                       progress=not args.no_progress)
-    summary = index.last_update
-    print(json.dumps(summary, indent=2) if args.json else
-          f"copied {summary['copied']} items ({summary['already']} already there); {summary['items']} items in "
-          f"{index.store.location}")
+        raise ValueError(f"{option} takes vectors as they are: give no SOURCEs and no --model (the index keeps the "
+                         f"model that made them); index new images into it afterwards")
+    if args.copy_from is not None:
+        index = Index.copy(args.copy_from, args.index, rebuild=args.rebuild, approximate=args.approximate,
+                           progress=not args.no_progress)
+        summary = index.last_update
+        line = (f"copied {summary['copied']} items ({summary['already']} already there); {summary['items']} items in "
+                f"{index.store.location}")
+    else:
+        index = Index.from_embeddings(args.from_embeddings, args.index, rebuild=args.rebuild,
+                                      approximate=args.approximate, progress=not args.no_progress)
+        summary = index.last_update
+        line = summary_line(summary, index.store.location)
+        if summary["partitions_unfinished"]:
+            line += (f" ({summary['partitions_unfinished']} partitions of {args.from_embeddings} are not finished "
+                     f"yet: run this again once clipforge embed has written them)")
+    print(json.dumps(summary, indent=2) if args.json else line)
     return 0
 
 

@@ -16,14 +16,18 @@ alone between spaces; W:term weights a term; text in double quotes is always tex
 the weighted sum of the terms' L2-normalised embeddings, renormalised; results are ranked by cosine
 similarity to it, exactly (or with the approximate index, when the index has one).
 
-Output: score, id and path (shard.tar:key inside a shard) per line, or --json (a list of results), or
---paths-only for piping (e.g. into xargs). Queries are encoded with the model the index was built with
+Filters run in the store: --folder, --after/--before (the capture time: EXIF DateTimeOriginal, else the
+file's mtime, as the local time where the photo was taken), --caption-contains, --min-score.
+
+Output: score, id and path (shard.tar:key inside a shard) per line (and the capture time with --sort date
+or a date filter), or --json (a list of results), or --paths-only for piping (e.g. into xargs). Queries are encoded with the model the index was built with
 (its config.json or configuration row), on --device. In PostgreSQL, search and filters run in the
 database."""
 
 EXAMPLES = """examples:
   clipforge search ~/.clipforge/pictures "a dog on a beach" --top 5
   clipforge search idx "beach + 0.5:sunset - people" --folder ~/Pictures/2024 --dedup 0.95
+  clipforge search idx "birthday cake" --after 2024-01-01 --before 2025-01-01 --sort date --min-score 0.2
   clipforge search idx ./query.jpg + "at night" --json
   clipforge search idx id:42 --paths-only | xargs feh"""
 
@@ -38,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-score", type=float, metavar="S", help="only results with cosine at least S")
     parser.add_argument("--dedup", type=float, metavar="T",
                         help="drop results whose cosine to a better result is at least T (e.g. 0.95)")
+    parser.add_argument("--after", metavar="DATE", help="only items captured at or after DATE (YYYY-MM-DD or "
+                                                        "YYYY-MM-DDTHH:MM): EXIF time, else the file's mtime")
+    parser.add_argument("--before", metavar="DATE", help="only items captured before DATE (same forms)")
+    parser.add_argument("--caption-contains", metavar="TEXT", help="only items whose caption contains TEXT")
+    parser.add_argument("--sort", choices=["score", "date"], default="score",
+                        help="score: best first (default); date: newest first, of the results that pass "
+                             "--min-score and the filters")
     parser.add_argument("--captions", action="store_true", help="search the caption vectors instead of images")
     parser.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
     output = parser.add_mutually_exclusive_group()
@@ -54,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     with Index.open(args.index, device=args.device) as index:
         results = index.search(" ".join(args.query), top_k=args.top, offset=args.offset, folder=args.folder,
                                min_score=args.min_score, dedup=args.dedup, captions=args.captions,
-                               approximate=False if args.exact else None)
+                               approximate=False if args.exact else None, after=args.after, before=args.before,
+                               caption=args.caption_contains, sort=args.sort)
+    dated = args.sort == "date" or args.after is not None or args.before is not None
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
     elif args.paths_only:
@@ -62,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         for r in results:
             caption = f"  {r.caption}" if r.caption else ""
-            print(f"{r.score:7.4f}  id:{r.id:<6d} {r.path}{caption}")
+            when = f"  {r.captured[:19].replace('T', ' ')}" if dated and r.captured else ""
+            print(f"{r.score:7.4f}  id:{r.id:<6d} {r.path}{when}{caption}")
     return 0

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest query or thumbnail image decoded, in pixels (default 40,000,000)")
     parser.add_argument("--cache-dir", metavar="DIR", help="where thumbnails are kept (default INDEX/thumbnails; for "
                                                            "a PostgreSQL index ~/.cache/clipforge/thumbnails/TABLE-*)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web origin (e.g. http://192.168.1.5:3005) besides this machine's whose pages may "
+                             "call clip-retrieval's routes (/knn-service, /metadata, /indices-list); repeatable")
     add_device_option(parser)
     parser.add_argument("--float32-mib", type=float, default=1024, metavar="MIB",
                         help="RAM for float32 copies of the vectors, which exact search scans without widening "
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0 to 65535)")
     options = ServeOptions(token=args.token, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                           max_pixels=args.max_pixels, cache_dir=args.cache_dir)
+                           max_pixels=args.max_pixels, cache_dir=args.cache_dir,
+                           cors_origins=tuple(args.cors_origin))
     try:
         serve(args.index, host=args.host, port=args.port, options=options, device=args.device,
               log_level=args.log_level, float32_mib=args.float32_mib)

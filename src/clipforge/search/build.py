@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clipforge.data import DescribedImages, collate_described
+from clipforge.data import DescribedImages, capture_time, collate_described
+from clipforge.data.exif import mtime_capture
 from clipforge.encode import encode_images, encode_texts
 from clipforge.runtime.distributed import DistEnv, barrier, gather_objects, init_distributed
 from clipforge.search.model import load_model, model_identity, model_name
 from clipforge.search.plan import Entry, Plan, hash_all, list_sources, resolve, resolve_sources, triage
+from clipforge.search.records import captured_columns
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,11 @@ def _run(target: Target, planned, network, preprocess, model_check: _ModelCheck 
     bar.close()
     if writer is None:
         return {}
+    with writer:
+        return _finish(writer, plan, listing, network, preprocess, options, env)
+
+
+def _finish(writer: "Writer", plan: Plan, listing, network, preprocess, options: BuildOptions, env: DistEnv) -> dict:
     if writer.orphans:  # reused vectors whose donor another writer removed meanwhile: encode them here
         orphans, writer.orphans = writer.orphans, []
         alone = DistEnv(rank=0, local_rank=0, world_size=1, device=env.device, initialized=False)
@@ -208,13 +215,37 @@ def caption_vectors(network, captions: list[str | None]) -> list[np.ndarray | No
     return [next(vectors) if c else None for c in captions]
 
 
+def described(info, entry: Entry) -> tuple:
+    """(width, height, taken, captured, captured_from) of a decoded image: its EXIF capture time, else its
+    file's mtime (``clipforge.data.capture_time``)."""
+    when = capture_time(info, entry.mtime_ns)
+    return (info.width, info.height, info.taken, *captured_columns(when.when, when.source))
+
+
+def reused(donor: Mapping, entry: Entry) -> tuple:
+    """What a reused vector's item takes from its donor (same content, so the same size and EXIF date); an
+    mtime capture time is this file's own."""
+    if donor["captured_from"] == "exif":
+        return (donor["width"], donor["height"], donor["taken"], donor["captured"], "exif")
+    return (donor["width"], donor["height"], donor["taken"],
+            *captured_columns(mtime_capture(entry.mtime_ns).when, "mtime"))
+
+
+def touched(item: Mapping, entry: Entry) -> tuple[str, str]:
+    """(captured, captured_from) of an item whose file changed its mtime but not its content: an mtime
+    capture time follows the file."""
+    if item["captured_from"] == "exif":
+        return item["captured"], "exif"
+    return captured_columns(mtime_capture(entry.mtime_ns).when, "mtime")
+
+
 class Writer:
     """Rank 0's side of a run: a store's writer commits each batch (its items, vectors and skipped files)
     in one step that a crash either completes or undoes. Stores implement ``apply_plan``, ``_commit``,
     ``finish`` and ``_count``; this class keeps the run's counts and summary.
 
-    A record is (entry, content hash, (width, height, taken), caption vector or None); vectors are float16,
-    one row per record."""
+    A record is (entry, content hash, (width, height, taken, captured, captured_from), caption vector or
+    None); vectors are float16, one row per record."""
 
     def __init__(self, network):
         self.network = network
@@ -234,10 +265,13 @@ class Writer:
     def _count(self) -> int:
         raise NotImplementedError
 
+    def close(self) -> None:
+        pass
+
     def store_encoded(self, encode: list, good: list, bad: list) -> int:
         """Commit one round: ``good`` sorted by position; returns how many entries it settled."""
         good.sort(key=lambda g: g[0])
-        records = [(encode[p][0], encode[p][1], (info.width, info.height, info.taken), caption)
+        records = [(encode[p][0], encode[p][1], described(info, encode[p][0]), caption)
                    for p, _, caption, info in good]
         vectors = np.stack([g[1] for g in good]) if good else None
         bad_entries = [(encode[p][0], reason, message) for p, reason, message in sorted(bad)]
@@ -250,3 +284,9 @@ class Writer:
                 "reused": self.counts["reused"], "unchanged": plan.unchanged + len(plan.touched),
                 "removed": len(plan.removed) + self.counts["removed"], "skipped": dict(sorted(skipped.items())),
                 "items": self._count()}
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -36,7 +36,10 @@ class FolderStore:
     def refresh(self) -> None:
         """Re-read the committed rows (after another process updated the index)."""
         with self._lock:
-            found = self._db.execute("SELECT id, row, caption_row FROM items ORDER BY id").fetchall()
+            self._dated = store.has_capture_times(self._db)
+            captured = "captured" if self._dated else "NULL"
+            found = self._db.execute(f"SELECT id, row, caption_row, {captured} FROM items ORDER BY id").fetchall()
+            self._captured = dict((r[0], r[3]) for r in found)
             self._ids = np.array([r[0] for r in found], dtype=np.int64)
             self._rows = np.array([r[1] for r in found], dtype=np.int64)
             with_caption = [r for r in found if r[2] is not None]
@@ -80,16 +83,38 @@ class FolderStore:
             ids, found = self._approximate_top(vector[None], limit)
             keep = (ids[0] >= 0) & (found[0] >= (min_score if min_score is not None else -np.inf))
             return ids[0][keep], found[0][keep]
-        kind = "captions" if captions else "images"
-        ids, rows = (self._caption_ids, self._caption_rows) if captions else (self._ids, self._rows)
-        if filters.folder is not None:
-            keep = np.isin(ids, self._ids_under(filters.prefix))
-            ids, rows = ids[keep], rows[keep]
-        scores = exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
+        ids, scores = self._scored(vector, filters, captions)
         positions, best = exact.top_k(scores, limit)
         if min_score is not None:
             positions, best = positions[best >= min_score], best[best >= min_score]
         return ids[positions], best
+
+    def by_date(self, vector: np.ndarray, limit: int, filters: Filters = Filters(), captions: bool = False,
+                min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of the first ``limit`` items at or above ``min_score``, newest capture first (ties
+        by score, then id)."""
+        self._need_dates()
+        ids, scores = self._scored(vector, filters, captions)
+        keep = scores >= min_score if min_score is not None else np.ones(len(ids), dtype=bool)
+        ids, scores = ids[keep], scores[keep]
+        order = sorted(range(len(ids)), key=lambda j: ((self._captured.get(int(ids[j])) or "")[:19],
+                                                       float(scores[j]), -int(ids[j])), reverse=True)[:limit]
+        return ids[order], scores[order]
+
+    def _scored(self, vector: np.ndarray, filters: Filters, captions: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, exact scores) of every item ``filters`` keeps."""
+        kind = "captions" if captions else "images"
+        ids, rows = (self._caption_ids, self._caption_rows) if captions else (self._ids, self._rows)
+        if filters:
+            keep = np.isin(ids, self._ids_matching(filters))
+            ids, rows = ids[keep], rows[keep]
+        scores = exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
+        return ids, scores
+
+    def _need_dates(self) -> None:
+        if not self._dated:
+            raise ValueError(f"the index in {self.folder} predates capture dates: run `clipforge index` on it once "
+                             f"to add them (nothing is encoded again)")
 
     def search_batch(self, queries: np.ndarray, top_k: int, approximate: bool = False):
         if approximate:
@@ -122,15 +147,32 @@ class FolderStore:
         found, positions = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return np.where(positions < 0, -1, ids[np.maximum(positions, 0)]), found  # -1: fewer than k found
 
-    def _ids_under(self, prefix: str) -> np.ndarray:
-        found = self._db.execute("SELECT id FROM items WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
+    def _ids_matching(self, filters: Filters) -> np.ndarray:
+        conditions, params = [], []
+        if filters.folder is not None:
+            conditions.append("substr(path, 1, ?) = ?")
+            params += [len(filters.prefix), filters.prefix]
+        if filters.after is not None or filters.before is not None:
+            self._need_dates()
+        if filters.after is not None:
+            conditions.append("substr(captured, 1, 19) >= ?")
+            params.append(filters.after)
+        if filters.before is not None:
+            conditions.append("substr(captured, 1, 19) < ?")
+            params.append(filters.before)
+        if filters.caption is not None:
+            conditions.append("instr(lower(caption), lower(?)) > 0")
+            params.append(filters.caption)
+        with self._lock:
+            found = self._db.execute(f"SELECT id FROM items WHERE {' AND '.join(conditions)}", params).fetchall()
         return np.array([r[0] for r in found], dtype=np.int64)
 
     def items(self, ids: list[int]) -> list[Item]:
         if not ids:
             return []
+        columns = [c if self._dated or not c.startswith("captured") else "NULL" for c in store.ITEM_COLUMNS]
         with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(store.ITEM_COLUMNS)} FROM items WHERE id IN "
+            rows = self._db.execute(f"SELECT {', '.join(columns)} FROM items WHERE id IN "
                                     f"({', '.join('?' * len(ids))})", ids).fetchall()
         return [Item(*row) for row in rows]
 

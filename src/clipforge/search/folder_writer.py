@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from clipforge.search import approximate, store
-from clipforge.search.build import Writer, caption_vectors
+from clipforge.search.build import Writer, caption_vectors, reused, touched
 from clipforge.search.plan import Entry, Plan
 
 
@@ -111,9 +111,10 @@ class FolderWriter(Writer):
         """Removals, metadata-only updates and read errors in one transaction; then copied vectors."""
         with self.db:
             self.db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in plan.removed])
-            self.db.executemany("UPDATE items SET source = ?, size = ?, mtime_ns = ?, member = ?, offset = ? "
-                                "WHERE id = ?", [(e.source, e.size, e.mtime_ns, e.member, e.offset, item["id"])
-                                                 for e, _, item in plan.touched])
+            self.db.executemany("UPDATE items SET source = ?, size = ?, mtime_ns = ?, member = ?, offset = ?, "
+                                "captured = ?, captured_from = ? WHERE id = ?",
+                                [(e.source, e.size, e.mtime_ns, e.member, e.offset, *touched(item, e), item["id"])
+                                 for e, _, item in plan.touched])
             self._record_bad([(entry, reason, message) for entry, reason, message in plan.bad])
         for start in range(0, len(plan.reused), 256):
             self._store_reused(plan.reused[start:start + 256])
@@ -123,7 +124,7 @@ class FolderWriter(Writer):
         rows = [donor["row"] for _, _, donor in chunk]
         vectors = np.stack([images[r // store.SEGMENT_ROWS][r % store.SEGMENT_ROWS] for r in rows])
         captions = caption_vectors(self.network, [entry.caption for entry, _, _ in chunk])
-        records = [(entry, digest, (donor["width"], donor["height"], donor["taken"]), caption)
+        records = [(entry, digest, reused(donor, entry), caption)
                    for (entry, digest, donor), caption in zip(chunk, captions)]
         self._commit(records, vectors)
         self.counts["reused"] += len(chunk)
@@ -153,13 +154,14 @@ class FolderWriter(Writer):
         self.existing.add(key)
         self.db.execute(
             "INSERT INTO items (source, path, key, member, offset, size, mtime_ns, hash, width, height, caption, "
-            "taken, row, caption_row) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path, key) "
-            "DO UPDATE SET source = excluded.source, member = excluded.member, offset = excluded.offset, "
-            "size = excluded.size, mtime_ns = excluded.mtime_ns, hash = excluded.hash, width = excluded.width, "
-            "height = excluded.height, caption = excluded.caption, taken = excluded.taken, row = excluded.row, "
-            "caption_row = excluded.caption_row",
+            "taken, row, caption_row, captured, captured_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (path, key) DO UPDATE SET source = excluded.source, member = excluded.member, "
+            "offset = excluded.offset, size = excluded.size, mtime_ns = excluded.mtime_ns, hash = excluded.hash, "
+            "width = excluded.width, height = excluded.height, caption = excluded.caption, taken = excluded.taken, "
+            "row = excluded.row, caption_row = excluded.caption_row, captured = excluded.captured, "
+            "captured_from = excluded.captured_from",
             (entry.source, entry.path, entry.key, entry.member, entry.offset, entry.size, entry.mtime_ns, digest,
-             info[0], info[1], entry.caption, info[2], row, caption_row))
+             info[0], info[1], entry.caption, info[2], row, caption_row, info[3], info[4]))
         self.db.execute("DELETE FROM skipped WHERE path = ? AND key = ?", key)
 
     def _record_bad(self, bad) -> None:
@@ -181,13 +183,14 @@ class FolderWriter(Writer):
                 stat = os.stat(shard)
                 self.db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?)",
                                 (shard, stat.st_size, stat.st_mtime_ns))
-        for writer in self.segments.values():
-            writer.close()
 
     def _count(self) -> int:
-        total = self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def close(self) -> None:
+        for writer in self.segments.values():
+            writer.close()
         self.db.close()
-        return total
 
 
 class FolderImporter:
@@ -212,7 +215,8 @@ class FolderImporter:
             self.db.executemany(
                 f"INSERT INTO items ({', '.join(store.ITEM_COLUMNS)}) VALUES ({', '.join('?' * len(store.ITEM_COLUMNS))})",
                 [(item.id, item.source, item.path, item.key, item.member, item.offset, item.size, item.mtime_ns,
-                  item.hash, item.width, item.height, item.caption, item.taken, first + j, caption_rows.get(item.id))
+                  item.hash, item.width, item.height, item.caption, item.taken, first + j, caption_rows.get(item.id),
+                  item.captured, item.captured_from)
                  for j, item in enumerate(items)])
             self.db.execute("INSERT OR REPLACE INTO rows VALUES ('images', ?)", (first + len(items),))
             self.db.execute("INSERT OR REPLACE INTO rows VALUES ('captions', ?)", (first_caption + len(caption_rows),))

@@ -14,6 +14,7 @@ from clipforge.data import ImageRef, load_image, read_image_bytes
 from clipforge.encode import encode_images, encode_texts
 from clipforge.search.build import BuildOptions, build
 from clipforge.search.folder import FolderStore
+from clipforge.search.ingest import ingest
 from clipforge.search.model import indexed_spec, load_indexed_model, prepare_for_queries, weights_checksum
 from clipforge.search.query import Query, parse_query
 from clipforge.search.records import Filters, Item, SearchResult
@@ -83,6 +84,17 @@ class Index:
         again. The summary is on ``last_update``."""
         summary = copy_index(source, destination, rebuild, approximate, progress)
         index = cls(destination, device)
+        index.last_update = summary
+        return index
+
+    @classmethod
+    def from_embeddings(cls, folder: str | os.PathLike, location: str | os.PathLike, rebuild: bool = False,
+                        approximate: str = "auto", progress: bool = True, device: str | None = None) -> "Index":
+        """Create or add to the index at ``location`` from an embeddings folder written by ``clipforge embed``
+        (clip-retrieval's layout), taking its vectors and metadata as they are, after checking that its model
+        is the index's. The summary is on ``last_update``."""
+        summary = ingest(location, folder, rebuild, approximate, progress)
+        index = cls(location, device)
         index.last_update = summary
         return index
 
@@ -162,41 +174,72 @@ class Index:
 
     def search(self, query, top_k: int = 10, offset: int = 0, folder: str | None = None,
                min_score: float | None = None, dedup: float | None = None, captions: bool = False,
-               approximate: bool | None = None) -> list[SearchResult]:
+               approximate: bool | None = None, after: str | None = None, before: str | None = None,
+               caption: str | None = None, sort: str = "score") -> list[SearchResult]:
         """The ``top_k`` best items after ``offset``, best first, by cosine similarity to ``query`` (a
-        query string, a ``Query`` or a unit vector). ``folder`` keeps items whose path starts with it;
-        ``min_score`` drops weaker hits; ``dedup`` drops hits whose cosine to a better kept hit is at least
-        that; ``captions`` searches the caption vectors. Filters run in the store. Exact unless
-        ``approximate`` is True, or None and the index has an approximate index (used only without folder,
-        dedup and captions)."""
+        query string, a ``Query`` or a unit vector). Filters, which run in the store: ``folder`` keeps items
+        whose path starts with it; ``after`` / ``before`` (a date, YYYY-MM-DD, or date-time) keep items
+        captured at or after / before then (EXIF time, else the file's mtime; the local time where the photo
+        was taken); ``caption`` keeps items whose caption contains it; ``min_score`` drops weaker hits.
+        ``dedup`` drops hits whose cosine to a better kept hit is at least that; ``captions`` searches the
+        caption vectors; ``sort="date"`` orders the hits that pass (``min_score`` sets how close they must
+        be) newest first. Exact unless ``approximate`` is True, or None and the index has an approximate
+        index (used only without filters, dedup, captions and date order)."""
         if top_k < 1 or offset < 0:
             raise ValueError(f"top_k must be at least 1 and offset at least 0, got top_k={top_k}, offset={offset}")
+        if sort not in ("score", "date"):
+            raise ValueError(f"sort must be 'score' or 'date', got {sort!r}")
+        filters = Filters.of(folder, after, before, caption)
         vector = query if isinstance(query, np.ndarray) else self.encode_query(query)
-        filters, wanted = Filters(folder=folder), offset + top_k
-        if dedup is None:
+        wanted = offset + top_k
+        if (dedup is not None or sort == "date") and approximate:
+            raise ValueError("dedup and date order need exact search: leave approximate unset or False")
+        if sort == "date":
+            if dedup is not None:
+                ids, scores = self._dedup(vector, len(self), filters, captions, min_score, dedup)
+                ids, scores = self._newest_first(ids, scores)
+            else:
+                ids, scores = self.store.by_date(vector, wanted, filters, captions, min_score)
+        elif dedup is not None:
+            ids, scores = self._dedup(vector, wanted, filters, captions, min_score, dedup)
+        else:
             ids, scores = self.store.ranked(vector, wanted, filters, captions, min_score, approximate)
-            return self._results(ids[offset:wanted], scores[offset:wanted])
-        if approximate:
-            raise ValueError("dedup needs exact search: leave approximate unset or False")
-        ids, scores = self._dedup(vector, wanted, filters, captions, min_score, dedup)
         return self._results(ids[offset:wanted], scores[offset:wanted])
+
+    def _newest_first(self, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        captured = {item.id: (item.captured or "")[:19] for item in self.store.items([int(i) for i in ids])}
+        order = sorted(range(len(ids)), key=lambda j: (captured[int(ids[j])], float(scores[j]), -int(ids[j])),
+                       reverse=True)
+        return ids[order], scores[order]
 
     def _dedup(self, vector, wanted: int, filters: Filters, captions: bool, min_score, threshold: float):
         """The best ``wanted`` hits, each below ``threshold`` cosine to every better kept hit: candidates
-        are ranked by the store in growing windows, and only the candidates' vectors are read."""
+        are ranked by the store in growing windows, and only the candidates' vectors are read. Each window is
+        compared in blocks: one product of a block against the hits kept so far, then the block's own
+        candidates against each other in order."""
         limit = max(4 * wanted, 64)
         while True:
             ids, scores = self.store.ranked(vector, limit, filters, captions, min_score, False)
             vectors = self.vectors(ids, captions)
-            kept = []
-            for j in range(len(ids)):
-                if kept and float(np.max(vectors[kept] @ vectors[j])) >= threshold:
-                    continue
-                kept.append(j)
-                if len(kept) == wanted:
+            kept = np.empty((0, vectors.shape[1]), dtype=np.float32)
+            chosen: list[int] = []
+            for start in range(0, len(ids), 256):
+                block = vectors[start:start + 256]
+                fresh = np.ones(len(block), dtype=bool) if not len(kept) else (kept @ block.T).max(axis=0) < threshold
+                within = block @ block.T
+                taken: list[int] = []
+                for j in np.flatnonzero(fresh):
+                    if taken and within[j, taken].max() >= threshold:
+                        continue
+                    taken.append(int(j))
+                    if len(chosen) + len(taken) == wanted:
+                        break
+                chosen += [start + j for j in taken]
+                kept = np.concatenate([kept, block[taken]])
+                if len(chosen) == wanted:
                     break
-            if len(kept) == wanted or len(ids) < limit:
-                return ids[kept], scores[kept]
+            if len(chosen) == wanted or len(ids) < limit:
+                return ids[chosen], scores[chosen]
             limit *= 4
 
     def search_batch(self, queries: np.ndarray, top_k: int = 10,
@@ -208,7 +251,8 @@ class Index:
     def _results(self, ids: np.ndarray, found: np.ndarray) -> list[SearchResult]:
         items = {i.id: i for i in self.store.items([int(i) for i in ids])}
         return [SearchResult(int(i), float(s), items[int(i)].location, items[int(i)].caption,
-                             items[int(i)].width, items[int(i)].height) for i, s in zip(ids, found)]
+                             items[int(i)].width, items[int(i)].height, items[int(i)].captured)
+                for i, s in zip(ids, found)]
 
     # ------------------------------------------------------------------------------------------- items
 

@@ -128,6 +128,10 @@ def hash_all(entries: list[Entry], threads: int) -> list:
         return list(pool.map(content_hash, entries, chunksize=64))
 
 
+# skip reasons tried again on every run although the file did not change: what was missing may be installed now
+RETRIED = ("missing_extra",)
+
+
 @dataclass
 class Plan:
     """The run's work: removals, metadata-only updates, vectors to copy, images to encode."""
@@ -154,7 +158,8 @@ def triage(listing: Listing, catalog) -> tuple[Plan, list[Entry]]:
         if item is not None and (item["size"], item["mtime_ns"], item["caption"]) == (
                 entry.size, entry.mtime_ns, entry.caption) and item["source"] == entry.source:
             plan.unchanged += 1
-        elif item is None and bad is not None and (bad["size"], bad["mtime_ns"]) == (entry.size, entry.mtime_ns):
+        elif item is None and bad is not None and (bad["size"], bad["mtime_ns"]) == (entry.size, entry.mtime_ns) \
+                and bad["reason"] not in RETRIED:
             plan.skipped_again[bad["reason"]] += 1
         else:
             candidates.append(entry)

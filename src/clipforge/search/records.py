@@ -3,7 +3,9 @@ filters a search applies in the store."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import datetime
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,7 @@ class SearchResult:
     caption: str | None
     width: int
     height: int
+    captured: str | None = None  # ISO 8601 capture time (see Item)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Item:
     taken: str | None
     row: int | None
     caption_row: int | None
+    captured: str | None = None       # ISO 8601: EXIF DateTimeOriginal (with its offset when known), else mtime
+    captured_from: str | None = None  # "exif" or "mtime"
 
     @property
     def location(self) -> str:
@@ -49,9 +54,24 @@ class Item:
 @dataclass(frozen=True)
 class Filters:
     """What a search keeps: items whose path starts with ``folder`` (a folder; made absolute unless it
-    ends with a separator, which keeps a raw prefix)."""
+    ends with a separator, which keeps a raw prefix), captured at or after ``after`` and before ``before``
+    (``wall_clock`` forms: the local time where the photo was taken), and whose caption contains ``caption``
+    (ignoring ASCII case)."""
 
     folder: str | None = None
+    after: str | None = None
+    before: str | None = None
+    caption: str | None = None
+
+    @classmethod
+    def of(cls, folder=None, after=None, before=None, caption=None) -> "Filters":
+        """Filters from what a user typed: dates or date-times checked and normalised, empty caption refused."""
+        if caption is not None and not str(caption).strip():
+            raise ValueError("the caption filter is empty: give the text captions must contain, or leave it out")
+        after, before = wall_clock(after, "after"), wall_clock(before, "before")
+        if after is not None and before is not None and after >= before:
+            raise ValueError(f"after ({after}) is not earlier than before ({before}): no photo can match")
+        return cls(folder, after, before, caption)
 
     @property
     def prefix(self) -> str | None:
@@ -61,4 +81,38 @@ class Filters:
         return folder if folder.endswith(("/", os.sep)) else os.path.abspath(folder)
 
     def __bool__(self) -> bool:
-        return self.folder is not None
+        return any(v is not None for v in (self.folder, self.after, self.before, self.caption))
+
+
+_WHEN = re.compile(r"^(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d))?)?$")
+
+
+def wall_clock(text, name: str = "date") -> str | None:
+    """A date (YYYY-MM-DD) or date-time (YYYY-MM-DDTHH:MM[:SS]) as 'YYYY-MM-DDTHH:MM:SS', the form the
+    first 19 characters of a stored capture time take; ValueError naming ``name`` otherwise."""
+    if text is None:
+        return None
+    match = _WHEN.match(str(text).strip())
+    try:
+        if match is None:
+            raise ValueError
+        parts = [int(p) if p else 0 for p in match.groups()]
+        return datetime(*parts).isoformat(timespec="seconds")
+    except ValueError:
+        raise ValueError(f"{name} {text!r} is not a date (YYYY-MM-DD) or date-time (YYYY-MM-DDTHH:MM[:SS])") from None
+
+
+def captured_from_exif_text(taken: str | None, mtime_ns: int) -> tuple[str, str]:
+    """(captured, captured_from) from what an older index or an embeddings folder kept: the EXIF date text
+    (its offset was not kept), else the file's mtime."""
+    from clipforge.data.exif import mtime_capture, parse_exif_date
+    when = parse_exif_date(taken)
+    if when is not None:
+        return captured_columns(when, "exif")
+    return captured_columns(mtime_capture(mtime_ns).when, "mtime")
+
+
+def captured_columns(when, source: str) -> tuple[str, str]:
+    """(captured, captured_from) as the stores keep them: ISO 8601 (seconds, or microseconds when the
+    camera gave sub-seconds) and "exif" or "mtime"."""
+    return when.isoformat(), source

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from clipforge.io.runs import write_files
+from clipforge.search.records import captured_from_exif_text
 
 FORMAT_VERSION = 1
 SEGMENT_ROWS = 65536  # rows per .npy segment file
@@ -36,6 +37,8 @@ CREATE TABLE IF NOT EXISTS items (
     taken TEXT,                   -- EXIF DateTimeOriginal, 'YYYY:MM:DD HH:MM:SS'
     row INTEGER NOT NULL,         -- row of its image vector (segment row // SEGMENT_ROWS)
     caption_row INTEGER,          -- row of its caption vector, if it has a caption
+    captured TEXT,                -- ISO 8601 capture time: EXIF (with its offset when known), else mtime
+    captured_from TEXT,           -- 'exif' or 'mtime'
     UNIQUE (path, key)
 );
 CREATE INDEX IF NOT EXISTS items_hash ON items (hash);
@@ -48,7 +51,7 @@ CREATE TABLE IF NOT EXISTS rows (kind TEXT PRIMARY KEY, next INTEGER NOT NULL);
 """
 
 ITEM_COLUMNS = ("id", "source", "path", "key", "member", "offset", "size", "mtime_ns", "hash", "width", "height",
-                "caption", "taken", "row", "caption_row")
+                "caption", "taken", "row", "caption_row", "captured", "captured_from")
 
 
 def read_config(folder: Path) -> dict | None:
@@ -79,8 +82,27 @@ def connect(folder: Path, readonly: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
+        _add_capture_times(db)
     db.row_factory = sqlite3.Row
     return db
+
+
+def has_capture_times(db: sqlite3.Connection) -> bool:
+    return "captured" in {row[1] for row in db.execute("PRAGMA table_info(items)")}
+
+
+def _add_capture_times(db: sqlite3.Connection) -> None:
+    """Give an index written before capture times were recorded its ``captured`` columns, filled from the
+    EXIF date it kept (``taken``, without offset) or the file's mtime, in one transaction; nothing is read
+    from the images again."""
+    if has_capture_times(db):
+        return
+    with db:
+        db.execute("ALTER TABLE items ADD COLUMN captured TEXT")
+        db.execute("ALTER TABLE items ADD COLUMN captured_from TEXT")
+        updates = [(*captured_from_exif_text(taken, mtime_ns), id)
+                   for id, taken, mtime_ns in db.execute("SELECT id, taken, mtime_ns FROM items").fetchall()]
+        db.executemany("UPDATE items SET captured = ?, captured_from = ? WHERE id = ?", updates)
 
 
 def next_row(db: sqlite3.Connection, kind: str) -> int:

@@ -14,6 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
 
 from clipforge.serve.errors import add_error_handlers, validation_message
+from clipforge.serve.knn import add_knn_service
 from clipforge.serve.limits import LimitsMiddleware
 from clipforge.serve.metrics import Metrics, MetricsMiddleware
 from clipforge.serve.queries import SearchRequest, Term, Uploads
@@ -32,7 +33,8 @@ _SECURITY_HEADERS = {
 @dataclass(frozen=True)
 class ServeOptions:
     """How the service runs: ``token`` (None: no authentication), upload limits, where thumbnails are
-    kept (default: ``thumbnails/`` in the index folder), and whether only loopback Host names are answered."""
+    kept (default: ``thumbnails/`` in the index folder), whether only loopback Host names are answered, and
+    the web origins besides this machine's whose pages may read clip-retrieval's routes (``cors_origins``)."""
 
     token: str | None = None
     max_upload_bytes: int = 16 * 2**20
@@ -40,6 +42,7 @@ class ServeOptions:
     cache_dir: str | None = None
     loopback_only: bool = True
     upload_cache_bytes: int = 64 * 2**20
+    cors_origins: tuple[str, ...] = ()
 
 
 class Result(BaseModel):
@@ -49,6 +52,7 @@ class Result(BaseModel):
     caption: str | None
     width: int
     height: int
+    captured: str | None  # ISO 8601 capture time: EXIF, else the file's mtime
     thumbnail_url: str
 
 
@@ -70,6 +74,7 @@ def create_app(index, options: ServeOptions = ServeOptions()) -> FastAPI:
     app.state.service = service
     authorized = [Depends(_bearer_check(options.token))]
     _add_api(app, service, authorized, options.max_upload_bytes)
+    add_knn_service(app, service, authorized, options.cors_origins)
     _add_files(app, service, thumbnails, authorized, private=options.token is not None)
     _add_operations(app, index, metrics, authorized)
     _add_page(app)

@@ -46,6 +46,10 @@ class SearchRequest(BaseModel):
     min_score: float | None = Field(None, ge=-1, le=1)
     dedup: float | None = Field(None, gt=0, le=1)
     captions: bool = False
+    after: str | None = Field(None, max_length=32, description="captured at or after: YYYY-MM-DD[THH:MM[:SS]]")
+    before: str | None = Field(None, max_length=32, description="captured before: YYYY-MM-DD[THH:MM[:SS]]")
+    caption_contains: str | None = Field(None, min_length=1, max_length=1000)
+    sort: str = Field("score", pattern="^(score|date)$", description="score (best first) or date (newest first)")
 
 
 def encode_cursor(offset: int) -> str:

@@ -30,7 +30,11 @@ class SearchService:
 
     async def run_query(self, request: SearchRequest, upload_key: str | None = None) -> dict:
         """``search`` on the query thread, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._compute, self.search, request, upload_key)
+        return await self.on_query_thread(self.search, request, upload_key)
+
+    async def on_query_thread(self, function, *args):
+        """``function(*args)`` on the one thread that encodes and searches, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
 
     def warm_up(self) -> None:
         """Load the model, run it once and search once, so that the first client waits for neither the
@@ -52,7 +56,9 @@ class SearchService:
             vector = self.index.encode_query(query)
         with self.metrics.timed("search"):
             found = self.index.search(vector, top_k=request.top_k, offset=offset, folder=request.folder,
-                                      min_score=request.min_score, dedup=request.dedup, captions=request.captions)
+                                      min_score=request.min_score, dedup=request.dedup, captions=request.captions,
+                                      after=request.after, before=request.before,
+                                      caption=request.caption_contains, sort=request.sort)
         more = len(found) == request.top_k
         return {"results": [result_row(r) for r in found], "upload": upload_key,
                 "next_cursor": encode_cursor(offset + len(found)) if more else None}
@@ -102,4 +108,5 @@ class SearchService:
 
 def result_row(result) -> dict:
     return {"id": result.id, "path": result.path, "score": float(result.score), "caption": result.caption,
-            "width": result.width, "height": result.height, "thumbnail_url": thumbnail_url(result.id)}
+            "width": result.width, "height": result.height, "captured": result.captured,
+            "thumbnail_url": thumbnail_url(result.id)}

@@ -13,7 +13,7 @@ from PIL import Image
 from clipforge.data import load_image
 
 THUMBNAIL_SIZES = (128, 256, 512)
-_VERSION = "1"  # part of every ETag: bump when the way thumbnails are made changes
+_VERSION = "2"  # part of every ETag: bump when the way thumbnails are made changes (2: EXIF orientation applied)
 
 
 def default_folder(index) -> Path:

@@ -10,7 +10,7 @@ SCHEMA_VERSION = 1
 
 def names(table: str) -> dict:
     return {"items": table, "meta": f"{table}_meta", "skipped": f"{table}_skipped", "shards": f"{table}_shards",
-            "hnsw": f"{table}_hnsw", "by_hash": f"{table}_hash", "by_path": f"{table}_path"}
+            "hnsw": f"{table}_hnsw", "by_hash": f"{table}_hash", "by_path": f"{table}_path", "by_date": f"{table}_captured"}
 
 
 def lock_key(table: str, what: str = "") -> str:
@@ -80,6 +80,8 @@ def create(conn, table: str, dim: int, vector: str, config: dict) -> None:
             height integer NOT NULL,
             caption text,
             taken text,
+            captured text,
+            captured_from text,
             embedding {column} NOT NULL,
             caption_embedding {column},
             UNIQUE (path, key))""",
@@ -88,6 +90,7 @@ def create(conn, table: str, dim: int, vector: str, config: dict) -> None:
         "ALTER TABLE {items} ALTER COLUMN caption_embedding SET STORAGE MAIN",
         "CREATE INDEX {by_hash} ON {items} (hash)",
         "CREATE INDEX {by_path} ON {items} (path text_pattern_ops)",
+        "CREATE INDEX {by_date} ON {items} ((substr(captured, 1, 19)))",
         """CREATE TABLE {skipped} (path text NOT NULL, key text NOT NULL DEFAULT '', size bigint,
             mtime_ns bigint, reason text NOT NULL, message text NOT NULL, PRIMARY KEY (path, key))""",
         "CREATE TABLE {shards} (path text PRIMARY KEY, size bigint NOT NULL, mtime_ns bigint NOT NULL)",
@@ -111,4 +114,5 @@ def write_config(conn, table: str, config: dict) -> None:
 
 
 ITEM_COLUMNS = ("id", "source", "path", "key", "member", "member_offset", "size", "mtime_ns", "hash", "width",
-                "height", "caption", "taken")
+                "height", "caption", "taken")  # then NULL, NULL for Item's row and caption_row, then:
+CAPTURE_COLUMNS = ("captured", "captured_from")

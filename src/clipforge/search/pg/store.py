@@ -87,20 +87,46 @@ class PostgresStore:
     def ranked(self, vector: np.ndarray, limit: int, filters: Filters = Filters(), captions: bool = False,
                min_score: float | None = None, approximate: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of the best ``limit`` items, best first (exact: ties by id), in one statement."""
-        column = "caption_embedding" if captions else "embedding"
+        column, q = "caption_embedding" if captions else "embedding", hnsw.query_param(self._vector, vector)
+        conditions, params = self._where(column, q, filters, min_score)
+        ef = self._ef_search(approximate, filters, captions, limit)
+        order = f"{column} <#> %s" + (", id" if ef is None else "")  # a tie-break would keep HNSW out
+        statement = self._sql(f"SELECT id, -({column} <#> %s) FROM {{items}} WHERE {conditions} "
+                              f"ORDER BY {order} LIMIT %s")
+        return self._search(statement, (q, *params, q, int(limit)), ef)
+
+    def by_date(self, vector: np.ndarray, limit: int, filters: Filters = Filters(), captions: bool = False,
+                min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of the first ``limit`` items at or above ``min_score``, newest capture first (ties
+        by score, then id), in one statement."""
+        column, q = "caption_embedding" if captions else "embedding", hnsw.query_param(self._vector, vector)
+        conditions, params = self._where(column, q, filters, min_score)
+        statement = self._sql(f"SELECT id, -({column} <#> %s) AS score FROM {{items}} WHERE {conditions} "
+                              f"ORDER BY substr(captured, 1, 19) DESC NULLS LAST, score DESC, id LIMIT %s")
+        return self._search(statement, (q, *params, int(limit)), None)
+
+    @staticmethod
+    def _where(column: str, q, filters: Filters, min_score: float | None) -> tuple[str, list]:
+        """The WHERE clause of a search and its parameters: every value a parameter, never SQL text."""
         conditions, params = [f"{column} IS NOT NULL"], []
-        q = hnsw.query_param(self._vector, vector)
         if filters.folder is not None:
             conditions.append("starts_with(path, %s)")
             params.append(filters.prefix)
+        if filters.after is not None:
+            conditions.append("substr(captured, 1, 19) >= %s")
+            params.append(filters.after)
+        if filters.before is not None:
+            conditions.append("substr(captured, 1, 19) < %s")
+            params.append(filters.before)
+        if filters.caption is not None:
+            conditions.append("strpos(lower(caption), lower(%s)) > 0")
+            params.append(filters.caption)
         if min_score is not None:
             conditions.append(f"({column} <#> %s) <= %s")
             params += [q, -float(min_score)]
-        ef = self._ef_search(approximate, filters, captions, limit)
-        order = f"{column} <#> %s" + (", id" if ef is None else "")  # a tie-break would keep HNSW out
-        statement = self._sql(f"SELECT id, -({column} <#> %s) FROM {{items}} WHERE {' AND '.join(conditions)} "
-                              f"ORDER BY {order} LIMIT %s")
-        arguments = (q, *params, q, int(limit))
+        return " AND ".join(conditions), params
+
+    def _search(self, statement, arguments: tuple, ef: int | None) -> tuple[np.ndarray, np.ndarray]:
 
         def work(conn):
             with conn.transaction():
@@ -136,10 +162,10 @@ class PostgresStore:
     def items(self, ids: list[int]) -> list[Item]:
         if not ids:
             return []
+        columns = ", ".join((*schema.ITEM_COLUMNS, "NULL", "NULL", *schema.CAPTURE_COLUMNS))
         rows = self._run("reading items", lambda conn: conn.execute(self._sql(
-            f"SELECT {', '.join(schema.ITEM_COLUMNS)} FROM {{items}} WHERE id = ANY(%s)"), ([int(i) for i in ids],))
-            .fetchall())
-        return [Item(*row, None, None) for row in rows]
+            f"SELECT {columns} FROM {{items}} WHERE id = ANY(%s)"), ([int(i) for i in ids],)).fetchall())
+        return [Item(*row) for row in rows]
 
     float32_bytes = 0
 

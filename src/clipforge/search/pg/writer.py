@@ -10,31 +10,28 @@ import sys
 
 import numpy as np
 
-from clipforge.search.build import Writer, caption_vectors
+from clipforge.search.build import Writer, caption_vectors, reused, touched
 from clipforge.search.pg import hnsw, schema
 from clipforge.search.pg.connection import connect, database_errors, vector_type
 from clipforge.search.pg.url import parse
 from clipforge.search.plan import Entry, Plan
 
-_UPSERT = """INSERT INTO {items} AS old (source, path, key, member, member_offset, size, mtime_ns, hash, width,
-    height, caption, taken, embedding, caption_embedding) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-    %s, %s)
-    ON CONFLICT (path, key) DO UPDATE SET source = excluded.source, member = excluded.member,
+_UPDATE_ALL = """ON CONFLICT (path, key) DO UPDATE SET source = excluded.source, member = excluded.member,
     member_offset = excluded.member_offset, size = excluded.size, mtime_ns = excluded.mtime_ns, hash = excluded.hash,
     width = excluded.width, height = excluded.height, caption = excluded.caption, taken = excluded.taken,
-    embedding = excluded.embedding, caption_embedding = excluded.caption_embedding
+    captured = excluded.captured, captured_from = excluded.captured_from, embedding = excluded.embedding,
+    caption_embedding = excluded.caption_embedding
     RETURNING (xmax = 0)"""
+
+_UPSERT = """INSERT INTO {items} AS old (source, path, key, member, member_offset, size, mtime_ns, hash, width,
+    height, caption, taken, captured, captured_from, embedding, caption_embedding) VALUES (%s, %s, %s, %s, %s, %s,
+    %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) """ + _UPDATE_ALL
 
 # a reused vector is copied inside the database; no row comes back when the donor is gone
 _REUSE = """INSERT INTO {items} AS old (source, path, key, member, member_offset, size, mtime_ns, hash, width,
-    height, caption, taken, embedding, caption_embedding)
-    SELECT %s, %s, %s, %s, %s, %s, %s, %s, width, height, %s, taken, embedding, CAST(%s AS {vectype})
-    FROM {items} WHERE id = %s
-    ON CONFLICT (path, key) DO UPDATE SET source = excluded.source, member = excluded.member,
-    member_offset = excluded.member_offset, size = excluded.size, mtime_ns = excluded.mtime_ns, hash = excluded.hash,
-    width = excluded.width, height = excluded.height, caption = excluded.caption, taken = excluded.taken,
-    embedding = excluded.embedding, caption_embedding = excluded.caption_embedding
-    RETURNING (xmax = 0)"""
+    height, caption, taken, captured, captured_from, embedding, caption_embedding)
+    SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, embedding, CAST(%s AS {vectype})
+    FROM {items} WHERE id = %s """ + _UPDATE_ALL
 
 
 class PostgresTarget:
@@ -135,24 +132,23 @@ class PostgresCatalog:
         found = self._rows("SELECT size, mtime_ns FROM {shards} WHERE path = %s", (path,))
         return (found[0]["size"], found[0]["mtime_ns"]) if found else None
 
+    _COLUMNS = "id, source, path, key, size, mtime_ns, hash, width, height, caption, taken, captured, captured_from"
+
     def items(self):
-        return self._rows("SELECT id, source, path, key, size, mtime_ns, hash, width, height, caption, taken "
-                          "FROM {items}")
+        return self._rows(f"SELECT {self._COLUMNS} FROM {{items}}")
 
     def skipped(self):
         return self._rows("SELECT * FROM {skipped}")
 
     def item_at(self, path: str, key: str):
-        found = self._rows("SELECT id, source, path, key, size, mtime_ns, hash, width, height, caption, taken "
-                           "FROM {items} WHERE path = %s AND key = %s", (path, key))
+        found = self._rows(f"SELECT {self._COLUMNS} FROM {{items}} WHERE path = %s AND key = %s", (path, key))
         return found[0] if found else None
 
     def shards(self):
         return self._rows("SELECT * FROM {shards}")
 
     def first_with_hash(self, digest: str):
-        found = self._rows("SELECT id, width, height, taken FROM {items} WHERE hash = %s ORDER BY id LIMIT 1",
-                           (digest,))
+        found = self._rows(f"SELECT {self._COLUMNS} FROM {{items}} WHERE hash = %s ORDER BY id LIMIT 1", (digest,))
         return found[0] if found else None
 
 
@@ -186,16 +182,19 @@ class PostgresWriter(Writer):
                 self.conn.execute(self._sql("DELETE FROM {items} WHERE id = ANY(%s)"), (list(plan.removed),))
             for entry, _, item in plan.touched:
                 self.conn.execute(self._sql("UPDATE {items} SET source = %s, size = %s, mtime_ns = %s, member = %s, "
-                                            "member_offset = %s WHERE id = %s"),
-                                  (entry.source, entry.size, entry.mtime_ns, entry.member, entry.offset, item["id"]))
+                                            "member_offset = %s, captured = %s, captured_from = %s WHERE id = %s"),
+                                  (entry.source, entry.size, entry.mtime_ns, entry.member, entry.offset,
+                                   *touched(item, entry), item["id"]))
             self._record_bad(plan.bad)
 
     def _store_reused(self, chunk: list) -> None:
         captions = caption_vectors(self.network, [entry.caption for entry, _, _ in chunk])
         with database_errors(self.target.where, "copying reused vectors"), self.conn.transaction():
             for (entry, digest, donor), caption in zip(chunk, captions):
-                found = self.conn.execute(self._sql(_REUSE), (*_columns(entry, digest), entry.caption,
-                                                              self._adapt(caption), donor["id"])).fetchone()
+                width, height, taken, captured, captured_from = reused(donor, entry)
+                found = self.conn.execute(self._sql(_REUSE), (
+                    *_columns(entry, digest), width, height, entry.caption, taken, captured, captured_from,
+                    self._adapt(caption), donor["id"])).fetchone()
                 if found is None:
                     self.orphans.append((entry, digest))
                     continue
@@ -208,8 +207,8 @@ class PostgresWriter(Writer):
         with database_errors(self.target.where, "storing a batch"), self.conn.transaction():
             for (entry, digest, info, caption), vector in zip(records, vectors if vectors is not None else []):
                 inserted = self.conn.execute(self._sql(_UPSERT), (
-                    *_columns(entry, digest), info[0], info[1], entry.caption, info[2], self._adapt(vector),
-                    self._adapt(caption))).fetchone()[0]
+                    *_columns(entry, digest), info[0], info[1], entry.caption, info[2], info[3], info[4],
+                    self._adapt(vector), self._adapt(caption))).fetchone()[0]
                 self.counts["indexed" if inserted else "updated"] += 1
                 self.conn.execute(self._sql("DELETE FROM {skipped} WHERE path = %s AND key = %s"),
                                   (entry.path, entry.key))
@@ -253,11 +252,11 @@ class PostgresImporter:
             with self.conn.cursor() as cur:
                 cur.executemany(sql(
                     "INSERT INTO {items} (id, source, path, key, member, member_offset, size, mtime_ns, hash, width, "
-                    "height, caption, taken, embedding, caption_embedding) OVERRIDING SYSTEM VALUE VALUES (%s, %s, %s, "
-                    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"),
+                    "height, caption, taken, captured, captured_from, embedding, caption_embedding) OVERRIDING SYSTEM "
+                    "VALUE VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"),
                     [(item.id, item.source, item.path, item.key, item.member, item.offset, item.size, item.mtime_ns,
-                      item.hash, item.width, item.height, item.caption, item.taken, adapt(vector),
-                      adapt(captions.get(item.id))) for item, vector in zip(items, vectors)])
+                      item.hash, item.width, item.height, item.caption, item.taken, item.captured, item.captured_from,
+                      adapt(vector), adapt(captions.get(item.id))) for item, vector in zip(items, vectors)])
             # the next item indexed here gets an id after every copied one
             self.conn.execute(sql("SELECT setval(pg_get_serial_sequence(%s, 'id'), "
                                   "(SELECT max(id) FROM {items}))"), (f'"{self.target.table}"',))

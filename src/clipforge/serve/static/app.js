@@ -22,8 +22,22 @@ async function post(body) {
   return data;
 }
 
+// The date range and order, as the inputs hold them: "until" is inclusive, so the API's exclusive "before"
+// is the day after it.
+function filters() {
+  const out = {};
+  if ($("from").value) out.after = $("from").value;
+  if ($("until").value) {
+    const day = new Date($("until").value + "T00:00:00Z");
+    day.setUTCDate(day.getUTCDate() + 1);
+    out.before = day.toISOString().slice(0, 10);
+  }
+  if ($("sort").value === "date") out.sort = "date";
+  return out;
+}
+
 function requestFor(search, cursor) {
-  const base = { top_k: PAGE_SIZE, cursor };
+  const base = { top_k: PAGE_SIZE, cursor, ...filters() };
   return search.q !== undefined ? { ...base, query: search.q } : { ...base, terms: [{ upload: search.image }] };
 }
 
@@ -34,17 +48,19 @@ function resultElement(result) {
   link.href = "?q=" + encodeURIComponent(`id:${result.id}`);
   link.dataset.id = result.id;
   const name = result.path.split("/").pop();
+  const date = result.captured ? result.captured.slice(0, 10) : "";
   link.title = `${result.path}${result.caption ? "\n" + result.caption : ""}\n${result.width}×${result.height}` +
-               " — open to see more like it";
+               `${date ? "\ntaken " + result.captured.slice(0, 16).replace("T", " ") : ""} — open to see more like it`;
   const img = document.createElement("img");
   img.src = result.thumbnail_url;
   img.alt = result.caption || name;
   img.loading = "lazy";
   const meta = document.createElement("span");
   meta.className = "meta";
-  meta.innerHTML = '<span class="name"></span><span class="score"></span>';
-  meta.firstChild.textContent = name;
-  meta.lastChild.textContent = result.score.toFixed(3);
+  meta.innerHTML = '<span class="name"></span><span class="date"></span><span class="score"></span>';
+  meta.children[0].textContent = name;
+  meta.children[1].textContent = date;
+  meta.children[2].textContent = result.score.toFixed(3);
   link.append(img, meta);
   item.append(link);
   return item;
@@ -105,12 +121,16 @@ async function start(search, firstPage) {
 
 function go(search, firstPage) {
   const params = new URLSearchParams(search.q !== undefined ? { q: search.q } : { image: search.image });
+  for (const id of ["from", "until", "sort"]) if ($(id).value && $(id).value !== "score") params.set(id, $(id).value);
   history.pushState(null, "", "?" + params.toString());
   return start(search, firstPage);
 }
 
 function fromUrl() {
   const params = new URLSearchParams(location.search);
+  $("from").value = params.get("from") || "";
+  $("until").value = params.get("until") || "";
+  $("sort").value = params.get("sort") === "date" ? "date" : "score";
   if (params.get("q")) return start({ q: params.get("q") });
   if (params.get("image")) return start({ image: params.get("image") });
   setStatus("Type a query, or choose or drop an image.");
@@ -120,7 +140,7 @@ async function searchByImage(file) {
   if (!file || !file.type.startsWith("image/")) return setStatus("That is not an image file.", true);
   const form = new FormData();
   form.append("image", file);
-  form.append("request", JSON.stringify({ top_k: PAGE_SIZE }));
+  form.append("request", JSON.stringify({ top_k: PAGE_SIZE, ...filters() }));
   setStatus("Uploading…");
   const preview = URL.createObjectURL(file);
   try {
@@ -159,6 +179,9 @@ function wire() {
     window.scrollTo(0, 0);
   });
   $("results").addEventListener("keydown", moveFocus);
+  for (const id of ["from", "until", "sort"]) {
+    $(id).addEventListener("change", () => { if (state.search) go(state.search); });
+  }
   $("choose-image").addEventListener("click", () => $("image-input").click());
   $("image-input").addEventListener("change", (event) => searchByImage(event.target.files[0]));
   $("load-more").addEventListener("click", () => { state.failed = false; loadMore(); });
