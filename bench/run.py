@@ -1,7 +1,8 @@
 """Run every clipforge benchmark against the reference libraries and print one summary table.
 
 Parts: ``encode`` (images/s and texts/s vs OpenCLIP and transformers), ``train`` (one training step vs
-OpenCLIP), and, where their modules exist, ``tokenizer``, ``preprocess`` and ``loss``. Every figure
+OpenCLIP), and, where their modules exist, ``tokenizer``, ``preprocess``, ``loss`` and ``int8`` (int8 CPU inference
+vs clipforge's float32: speed, and its cost in quality on a trained model). Every figure
 comes from one process on one machine, and each clipforge figure is printed with its ratio to the
 references measured in the same run. ``--quick`` shrinks every part to a few minutes on 2 CPU cores;
 ``--gpu`` is the preset used by ``bench/gpu.sh`` (bf16, SDPA flash attention, ViT-B/32 and ViT-B/16).
@@ -24,13 +25,14 @@ import torch  # noqa: E402
 
 from common import DTYPES, environment, format_table, matmul_peak_gflops  # noqa: E402
 
-PARTS = ("encode", "train", "tokenizer", "preprocess", "loss")
+PARTS = ("encode", "train", "tokenizer", "preprocess", "loss", "int8")
 REFERENCE_LIBRARIES = ("open_clip", "transformers")  # what the parts compare with; optional in the project venv
 # Keyword arguments for the other benchmarks' run(); only those their signature accepts are passed.
 OTHER_ARGS = {
     "tokenizer": {"full": {}, "quick": {"n_captions": 2000, "repeats": 2}},
     "preprocess": {"full": {}, "quick": {"repeats": 1}},
     "loss": {"full": {}, "quick": {"sizes": (4096, 16384), "repeats": 1}},
+    "int8": {"full": {}, "quick": {"models": ("ViT-B-32",), "repeats": 3, "train_steps": 150}},
 }
 
 

@@ -8,7 +8,13 @@ from typing import Callable
 
 import torch
 
-from clipforge.cli.options import add_device_option, add_json_option, add_model_options, load_model
+from clipforge.cli.options import (
+    add_device_option,
+    add_json_option,
+    add_model_options,
+    add_precision_option,
+    load_model,
+)
 from clipforge.data.classnames import check_classnames, classname_set_names, load_classnames
 from clipforge.data.images import load_image
 from clipforge.zeroshot import ZeroShotClassifier, load_templates
@@ -32,7 +38,8 @@ without a placeholder, an unknown model)."""
 EXAMPLES = """examples:
   clipforge classify CLIP.png --model ViT-B/32 --labels "a diagram,a dog,a cat" --no-template
   clipforge classify photos/*.jpg --model runs/tiny --classes labels.txt --templates openai --json
-  clipforge classify street.jpg --model ViT-B/32 --labels "car,bicycle,person,tree" --multi-label"""
+  clipforge classify street.jpg --model ViT-B/32 --labels "car,bicycle,person,tree" --multi-label
+  clipforge classify photos/*.jpg --model ViT-B/32 --labels "a dog,a cat" --precision int8"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_option(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images encoded at once (default 32)")
     add_device_option(parser)
+    add_precision_option(parser)
 
 
 def parse_labels(text: str) -> list[str]:

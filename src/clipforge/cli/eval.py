@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from clipforge.cli.options import add_device_option, add_model_options, model_spec
+from clipforge.cli.options import add_device_option, add_model_options, add_precision_option, model_spec
 from clipforge.evaluate import EVALUATORS, get_evaluator
 from clipforge.io.factory import load
 
@@ -38,7 +38,8 @@ EXAMPLES = """examples:
   clipforge eval --model ViT-B/32 --task zeroshot --data imagenet/val --classnames imagenet1k --templates openai
   clipforge eval --model runs/tiny --task retrieval --data coco/dataset_coco.json --split test
   clipforge eval --model runs/tiny --task linear-probe --train-data shapes/train --data shapes/test --k-shot 4
-  clipforge eval --model ViT-B/32 --task robustness --data imagenet/val --shifted v2=imagenetv2 sketch=sketch"""
+  clipforge eval --model ViT-B/32 --task robustness --data imagenet/val --shifted v2=imagenetv2 sketch=sketch
+  clipforge eval --model runs/tiny --task zeroshot --data shapes/test --precision int8   # beside --precision fp32"""
 
 # command-line option -> (evaluator field, tasks that take it)
 _OPTIONS = {
@@ -78,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once (default 64)")
     parser.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
     add_device_option(parser)
+    add_precision_option(parser)
 
 
 def _parse_shifted(items: list[str]) -> dict[str, str]:
@@ -125,7 +127,7 @@ def format_table(metrics: dict[str, float]) -> str:
 def run(args: argparse.Namespace) -> int:
     spec = model_spec(args)  # an architecture without weights is refused before the data is read
     evaluator = get_evaluator(args.task, **evaluator_options(args))
-    model, preprocess = load(spec, device=args.device)
+    model, preprocess = load(spec, device=args.device, precision=args.precision)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = evaluator.run(model, preprocess)

@@ -17,6 +17,10 @@ onnx: image_encoder.onnx (float32 images (N, 3, H, W) -> features) and text_enco
       describes the preprocessing, tokenizer files, context length and trained logit scale (also stored
       as metadata in each .onnx). Both graphs are run with ONNX Runtime after export and must match
       PyTorch within --atol. Load them with clipforge.io.onnx.OnnxEncoder(folder), or from any language.
+      --int8 quantises both graphs with ONNX Runtime's dynamic quantiser (int8 weights, activations
+      quantised at run time, in the Transformer blocks; onnx_config.json says "precision": "int8"):
+      about a quarter of the blocks' bytes and faster on CPUs; verified by the cosine (at least 0.99)
+      between its features and PyTorch's float32 ones instead of --atol.
       Needs the onnx extra: pip install 'clipforge[onnx]'.
 hf:   a Hugging Face transformers CLIPModel folder (config.json + model.safetensors, tokenizer files and
       preprocessor_config.json): CLIPProcessor, AutoTokenizer and pipeline() load it as is; ViT models only."""
@@ -25,6 +29,7 @@ EXAMPLES = """examples:
   clipforge export onnx --model ViT-B/32 --output exported/vit-b-32
   clipforge export onnx --model runs/tiny --output exported/tiny
   clipforge export onnx --model tiny-vit --random-init --output /tmp/tiny-onnx
+  clipforge export onnx --model ViT-B/32 --int8 --output exported/vit-b-32-int8
   clipforge export hf --model ViT-B/32 --output exported/vit-b-32-hf"""
 
 
@@ -37,9 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest allowed ONNX-vs-PyTorch feature difference (default 1e-4)")
     parser.add_argument("--no-verify", action="store_true", help="skip running the ONNX graphs after export")
+    parser.add_argument("--int8", action="store_true",
+                        help="onnx: quantise both graphs to int8 with ONNX Runtime's dynamic quantiser (see above)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.int8 and args.format != "onnx":
+        raise ValueError("--int8 applies to the onnx format only (a Hugging Face folder holds float weights)")
     model, preprocess = load_model(args.model, args.random_init, args.pretrained)
     if args.format == "hf":
         from clipforge.io.hf import export_hf
@@ -47,13 +56,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from clipforge.io.onnx import export_onnx
     paths = export_onnx(model, args.output, opset=args.opset, verify=not args.no_verify, atol=args.atol,
-                        preprocess=preprocess)
+                        preprocess=preprocess, int8=args.int8)
     for name in ("image", "text", "config"):
         print(f"wrote {paths[name]}")
-    diffs = json.loads(paths["config"].read_text()).get("max_difference")
-    if diffs:
+    meta = json.loads(paths["config"].read_text())
+    if meta.get("min_cosine"):
+        print("verified with ONNX Runtime: int8 features' lowest cosine to PyTorch's float32 ones "
+              + ", ".join(f"{name} {value:.4f}" for name, value in meta["min_cosine"].items()))
+    elif meta.get("max_difference"):
         print("verified with ONNX Runtime: largest difference from PyTorch "
-              + ", ".join(f"{name} {value:.1e}" for name, value in diffs.items()))
+              + ", ".join(f"{name} {value:.1e}" for name, value in meta["max_difference"].items()))
     return 0
 
 

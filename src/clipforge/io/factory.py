@@ -18,12 +18,14 @@ from clipforge.io.pretrained import PRETRAINED, PretrainedWeights, download_weig
 from clipforge.io.spec import ModelSpec, resolve_spec, resolve_weights, spec_and_weights
 from clipforge.io.tensors import Checkpoint
 from clipforge.models import CLIP, CLIPConfig, get_model_config
+from clipforge.models.quantize import INT8_DEVICE_ERROR, quantize_int8
 from clipforge.runtime.device import resolve_device
 from clipforge.transforms import PreprocessConfig, image_transform
 
 __all__ = ["available_models", "create_model", "create_model_and_transforms", "load", "save"]
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = (*_PRECISIONS, "int8")  # int8: clipforge.models.quantize, CPU inference only
 _JIT_UNSUPPORTED = (
     "jit=True is not supported: OpenAI's TorchScript module would have to be run as the archive's own code, "
     "and clipforge reads TorchScript archives as data, never executing them, so that a downloaded file cannot "
@@ -46,8 +48,10 @@ def create_model(name_or_config: str | Path | dict | CLIPConfig, pretrained: str
     Names mean what OpenCLIP's do: ``ViT-B-32`` is GELU, ``ViT-B-32-quickgelu``
     QuickGELU; weights trained with the other activation than the name's give a warning, as in OpenCLIP.
     ``overrides`` change the config (``image_size=336`` interpolates the checkpoint's positional
-    embeddings). ``precision``: "fp32", "fp16" or "bf16".
+    embeddings). ``precision``: "fp32", "fp16", "bf16", or "int8" (CPU inference: int8 linear layers in both
+    towers, ``clipforge.models.quantize.quantize_int8``; the model is returned in eval mode).
     """
+    _check_precision(device, precision)  # before any weights are read
     model, _ = _create(name_or_config, pretrained, overrides)
     return _place(model, device, precision)
 
@@ -56,6 +60,7 @@ def create_model_and_transforms(name_or_config: str | Path | dict | CLIPConfig,
                                 pretrained: str | Path | None = None, device: str | torch.device | None = None,
                                 precision: str = "fp32", **overrides: Any) -> tuple[CLIP, Callable, Callable]:
     """``create_model`` plus (train transform, eval transform) for its image size and preprocessing."""
+    _check_precision(device, precision)
     model, preprocess = _create(name_or_config, pretrained, overrides)
     model = _place(model, device, precision)
     return model, _transform(preprocess, model, is_train=True), _transform(preprocess, model, is_train=False)
@@ -74,14 +79,17 @@ def load(name_or_path: str | Path | ModelSpec, device: str | torch.device | None
     kept by ``--keep-best``). An architecture without weights (``"ViT-H-14"``, ``"tiny-vit"``) raises
     ``clipforge.io.spec.NoWeightsError`` listing its tags, unless ``random_init=True`` asks for seed-0
     random weights (tests and demos). ``device``
-    defaults to CUDA when available; ``precision`` to fp16 on CUDA and fp32 elsewhere, as OpenAI's.
+    defaults to CUDA when available; ``precision`` to fp16 on CUDA and fp32 elsewhere, as OpenAI's; "int8"
+    (CPU only; ``device`` then defaults to the CPU) quantises both towers' linear layers
+    (``clipforge.models.quantize``), features within a cosine of about 0.99 of fp32's.
     Returns ``(model, preprocess)`` where ``preprocess`` maps a PIL image to a (3, H, W) tensor.
     The model is always the built one: ``jit=True`` raises ValueError (see ``_JIT_UNSUPPORTED``).
     """
     if jit:
         raise ValueError(_JIT_UNSUPPORTED)
-    device = resolve_device(device)
+    device = resolve_device(_int8_device(device) if precision == "int8" else device)
     precision = precision or ("fp16" if device.type == "cuda" else "fp32")
+    _check_precision(device, precision)  # before any weights are read
     model, preprocess = build_from_spec(resolve_spec(name_or_path, pretrained, random_init), download_root)
     model = _place(model, device, precision).eval()
     return model, _transform(preprocess, model, is_train=False)
@@ -148,9 +156,30 @@ def _warn_activation_mismatch(config: CLIPConfig, weights: PretrainedWeights, wh
 
 
 def _place(model: CLIP, device: str | torch.device | None, precision: str) -> CLIP:
-    if precision not in _PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(_PRECISIONS)}")
+    _check_precision(device, precision)
+    if precision == "int8":  # int8 weights and dynamically quantised activations, on the CPU only
+        return quantize_int8(model.float().cpu().eval())
     return model.to(device=device, dtype=_PRECISIONS[precision])
+
+
+def _check_precision(device: str | torch.device | None, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        _int8_device(device)
+
+
+def _int8_device(device: str | torch.device | None) -> str | torch.device:
+    """The CPU, where int8 runs (also the default): ValueError for any other device, before anything is loaded."""
+    if device is None or device == "auto":
+        return "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = resolve_device(device).type  # raises its ValueError for a name torch does not know
+    if kind != "cpu":
+        raise ValueError(f"device {str(device)!r}: {INT8_DEVICE_ERROR}")
+    return device
 
 
 def _transform(preprocess: PreprocessConfig | None, model: CLIP, is_train: bool) -> Callable:

@@ -6,12 +6,16 @@ axis (the text graph also with a dynamic length: ``OnnxEncoder`` cuts rows after
 using PyTorch's TorchScript-based exporter (ONNX opset 17; no ``onnxscript`` needed), plus
 ``onnx_config.json``: the model config and, for users of other languages, the preprocessing, the tokenizer
 files written beside it, the context length and the trained logit scale (also in each graph's metadata).
-``OnnxEncoder`` runs them with ONNX Runtime.
+``int8=True`` writes the same folder with both graphs quantised by ONNX Runtime's dynamic quantiser (int8
+weights, activations quantised at run time) in the layers ``clipforge.models.quantize`` quantises.
+``OnnxEncoder`` runs either with ONNX Runtime.
 """
 from __future__ import annotations
 
 import copy
 import json
+import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,17 @@ IMAGE_FILE, TEXT_FILE, META_FILE = "image_encoder.onnx", "text_encoder.onnx", "o
 FORMAT, FORMAT_VERSION = "clipforge-onnx", 1
 DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-4
+INT8_MIN_COSINE = 0.99  # an int8 export's features must be at least this close to PyTorch's float32 ones
+# The graph nodes an int8 export quantises, by the exporter's scope names: every MatMul of the Transformer blocks
+# (attention projections, MLP) and a ResNet's attention-pool query, key and value projections, as
+# clipforge.models.quantize does. Embeddings, convolutions and the projections into the joint space stay float32.
+_INT8_SCOPES = ("/transformer/resblocks", "/attnpool/q_proj/", "/attnpool/k_proj/", "/attnpool/v_proj/")
+INT8_DESCRIPTION = {
+    "method": "onnxruntime.quantization.quantize_dynamic",
+    "weights": "int8, one scale per tensor", "activations": "uint8, scale and zero point computed at each run",
+    "quantized": "the MatMul nodes of the Transformer blocks (attention and MLP) and a ResNet's attention-pool "
+                 "query/key/value projections",
+    "float32": "embeddings, convolutions, LayerNorm, attention scores, the projections into the joint space"}
 _INSTALL_HINT = "install the ONNX extra: pip install 'clipforge[onnx]' (onnx, onnxruntime)"
 
 
@@ -46,7 +61,8 @@ class _Encoder(nn.Module):
 
 
 def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, verify: bool = True,
-                atol: float = DEFAULT_ATOL, preprocess: PreprocessConfig | None = None) -> dict[str, Path]:
+                atol: float = DEFAULT_ATOL, preprocess: PreprocessConfig | None = None,
+                int8: bool = False) -> dict[str, Path]:
     """Write ``model``'s image and text encoders as ONNX graphs into ``folder``; return the paths.
 
     ``preprocess`` (default OpenAI's at the model's image size) and the tokenizer are described in
@@ -58,36 +74,106 @@ def export_onnx(model: CLIP, folder: str | Path, opset: int = DEFAULT_OPSET, ver
     and raises RuntimeError unless every output is within ``atol`` (relative to the largest feature
     magnitude, when that exceeds 1) of PyTorch's; the differences go into ``onnx_config.json``
     as ``max_difference``. Returns the paths of ``image``, ``text`` and ``config``.
+
+    ``int8=True``: both graphs dynamically quantised by ONNX Runtime (``quantize_onnx``; ``onnx_config.json``
+    says ``"precision": "int8"`` and how, under ``quantization``), for plain ONNX Runtime on a CPU. Verification
+    then requires a cosine of at least ``INT8_MIN_COSINE`` between every ONNX Runtime feature and PyTorch's
+    float32 one (``min_cosine`` in ``onnx_config.json``) instead of ``atol``.
     """
-    if not isinstance(model, CLIP):
-        raise TypeError(f"export_onnx needs a clipforge CLIP model, got {type(model).__name__}")
-    if model.config.text_cfg.hf_model_name or model.config.vision_cfg.timm_model_name:
-        raise ValueError("ONNX export covers CLIP's own towers (its graphs and tokenizer files assume them), "
-                         "not a Hugging Face text tower or a timm image tower; save the model with "
-                         "clipforge.save(model, folder) instead")
+    _check_exportable(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).float().cpu().eval()
     paths = {"image": folder / IMAGE_FILE, "text": folder / TEXT_FILE}
-    _export(_Encoder(model, "image"), example_images(model.config, 2), "images", paths["image"], opset)
-    # any length up to context_length, so OnnxEncoder can stop at the batch's last end-of-text as CLIP does
-    _export(_Encoder(model, "text"), example_tokens(model.config, 2), "tokens", paths["text"], opset,
-            dynamic_length=True)
+    if int8:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".float32-") as tmp:
+            float_paths = _export_both(model, Path(tmp), opset)
+            for name in ("image", "text"):
+                quantize_onnx(float_paths[name], paths[name])
+    else:
+        _export_both(model, folder, opset)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "opset": opset, **describe(model, preprocess),
-            "model_cfg": model.config.to_dict()}
+            "model_cfg": model.config.to_dict(), "precision": "int8" if int8 else "fp32"}
+    if int8:
+        meta["quantization"] = {**INT8_DESCRIPTION, "onnxruntime": _onnxruntime().__version__}
     _add_metadata(paths.values(), meta)
     for name, text in hf_tokenizer_files(model.context_length).items():
         (folder / name).write_text(text, encoding="utf-8")
     paths["config"] = folder / META_FILE
     paths["config"].write_text(json.dumps(meta, indent=2))
     if verify:
-        meta["max_difference"] = worst = verify_onnx(model, folder)
-        bad = {name: diff for name, diff in worst.items() if diff > atol}
-        if bad:
-            raise RuntimeError(f"ONNX export in {folder} does not match PyTorch: largest scaled differences "
-                               f"{bad} exceed {atol}")
+        meta.update(_verified(model, folder, atol, int8))
         paths["config"].write_text(json.dumps(meta, indent=2))
     return paths
+
+
+def _check_exportable(model: CLIP) -> None:
+    if not isinstance(model, CLIP):
+        raise TypeError(f"export_onnx needs a clipforge CLIP model, got {type(model).__name__}")
+    if model.config.text_cfg.hf_model_name or model.config.vision_cfg.timm_model_name:
+        raise ValueError("ONNX export covers CLIP's own towers (its graphs and tokenizer files assume them), "
+                         "not a Hugging Face text tower or a timm image tower; save the model with "
+                         "clipforge.save(model, folder) instead")
+    if getattr(model, "int8", False):
+        raise ValueError("this model is already int8 (PyTorch's quantised modules have no ONNX export): export "
+                         "the float32 model with int8=True (clipforge export onnx --int8), which quantises the "
+                         "same layers with ONNX Runtime's quantiser")
+
+
+def _export_both(model: CLIP, folder: Path, opset: int) -> dict[str, Path]:
+    """Both float32 graphs written into ``folder``: their paths by encoder name."""
+    paths = {"image": folder / IMAGE_FILE, "text": folder / TEXT_FILE}
+    _export(_Encoder(model, "image"), example_images(model.config, 2), "images", paths["image"], opset)
+    # any length up to context_length, so OnnxEncoder can stop at the batch's last end-of-text as CLIP does
+    _export(_Encoder(model, "text"), example_tokens(model.config, 2), "tokens", paths["text"], opset,
+            dynamic_length=True)
+    return paths
+
+
+def _verified(model: CLIP, folder: Path, atol: float, int8: bool) -> dict[str, dict[str, float]]:
+    """What verification found (``max_difference``, and for int8 ``min_cosine``); RuntimeError past the bound."""
+    pairs = _features_both_ways(model, folder)
+    found = {"max_difference": _scaled_differences(pairs)}
+    if int8:
+        found["min_cosine"] = {name: F.cosine_similarity(ours, theirs).min().item()
+                               for name, (ours, theirs) in pairs.items()}
+        bad = {name: cos for name, cos in found["min_cosine"].items() if cos < INT8_MIN_COSINE}
+        if bad:
+            raise RuntimeError(f"the int8 ONNX export in {folder} is too far from PyTorch's float32 features: "
+                               f"lowest cosines {bad} are below {INT8_MIN_COSINE}; use the float32 export")
+        return found
+    bad = {name: diff for name, diff in found["max_difference"].items() if diff > atol}
+    if bad:
+        raise RuntimeError(f"ONNX export in {folder} does not match PyTorch: largest scaled differences "
+                           f"{bad} exceed {atol}")
+    return found
+
+
+def quantize_onnx(source: str | Path, target: str | Path) -> Path:
+    """``source``, a float32 encoder graph written by ``export_onnx``, dynamically quantised by ONNX Runtime into
+    ``target``: int8 weights and run-time quantised activations in the nodes ``_INT8_SCOPES`` names."""
+    _onnxruntime()
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    graph = onnx.load(str(source), load_external_data=False).graph
+    nodes = [node.name for node in graph.node if node.op_type == "MatMul" and node.name.startswith("/")
+             and any(scope in node.name for scope in _INT8_SCOPES)]
+    if not nodes:
+        raise RuntimeError(f"{source}: found none of the Transformer block or attention-pool MatMul nodes to "
+                           "quantise (has the exporter renamed them?)")
+    logger = logging.getLogger()
+    advice = _DropAdvice()
+    logger.addFilter(advice)  # the quantiser advises shape-inference pre-processing, which these graphs have had
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_quantize=nodes)
+    finally:
+        logger.removeFilter(advice)
+    return Path(target)
+
+
+class _DropAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
 
 
 def describe(model: CLIP, preprocess: PreprocessConfig | None = None) -> dict[str, Any]:
@@ -166,18 +252,27 @@ def verify_onnx(model: CLIP, folder: str | Path, batch: int = 3) -> dict[str, fl
     Differences are divided by ``max(1, largest |feature|)``, so large random-init features are
     compared relatively and unit-scale features absolutely.
     """
+    return _scaled_differences(_features_both_ways(model, folder, batch))
+
+
+def _scaled_differences(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    return {name: ((ours - theirs).abs().max() / ours.abs().max().clamp_min(1.0)).item()
+            for name, (ours, theirs) in pairs.items()}
+
+
+def _features_both_ways(model: CLIP, folder: str | Path,
+                        batch: int = 3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"image" | "text": (PyTorch's features, ONNX Runtime's)} of the same example inputs."""
     encoder = OnnxEncoder(folder)
     images, tokens = example_images(model.config, batch, seed=1), example_tokens(model.config, batch, seed=1)
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
     try:
         with torch.inference_mode():
-            pairs = {"image": (model.encode_image(images.to(device)).float().cpu(), encoder.encode_image(images)),
-                     "text": (model.encode_text(tokens.to(device)).float().cpu(), encoder.encode_text(tokens))}
+            return {"image": (model.encode_image(images.to(device)).float().cpu(), encoder.encode_image(images)),
+                    "text": (model.encode_text(tokens.to(device)).float().cpu(), encoder.encode_text(tokens))}
     finally:
         model.train(was_training)
-    return {name: ((ours - theirs).abs().max() / ours.abs().max().clamp_min(1.0)).item()
-            for name, (ours, theirs) in pairs.items()}
 
 
 class OnnxEncoder:

@@ -151,18 +151,24 @@ class Attention(nn.Module):
                         "out_proj": _PackedLinear(self.out_proj.weight, self.out_proj.bias)}
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        n, length, width = x.shape
         packed_in, packed_out = self._packed.get("in_proj"), self._packed.get("out_proj")
         if packed_in is not None and packed_in.usable(x):
             qkv = packed_in(x)
         else:
             qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, L, 3D)
-        # chunk, not view + unbind: its backward is one concatenation, with no copy of the packed gradient
-        q, k, v = (t.view(n, length, self.heads, width // self.heads).transpose(1, 2)
-                   for t in qkv.chunk(3, dim=-1))  # each (N, heads, L, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        out = out.transpose(1, 2).reshape(n, length, width)  # (N, L, D)
+        out = attend(qkv, self.heads, causal)
         return packed_out(out) if packed_out is not None and packed_out.usable(out) else self.out_proj(out)
+
+
+def attend(qkv: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of packed projections (N, L, 3D) -> (N, L, D), before the
+    output projection."""
+    n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    # chunk, not view + unbind: its backward is one concatenation, with no copy of the packed gradient
+    q, k, v = (t.view(n, length, heads, width // heads).transpose(1, 2)
+               for t in qkv.chunk(3, dim=-1))  # each (N, heads, L, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out.transpose(1, 2).reshape(n, length, width)  # (N, L, D)
 
 
 class ResidualAttentionBlock(nn.Module):

@@ -1,0 +1,203 @@
+"""Int8 inference on the CPU: dynamic quantisation (Jacob et al. 2018) of CLIP's linear layers.
+
+Every attention projection and MLP layer of both towers' Transformer blocks, and a ModifiedResNet's
+attention-pool query, key and value projections, become ``Int8Linear``: PyTorch's dynamically quantised linear
+kernel (``quantized::linear_dynamic``, FBGEMM's or oneDNN's) with int8 weights, one scale per output channel,
+and activations quantised to 8 bits at each call from their own range. Embeddings,
+convolutions (the patch embedding, a ResNet's body), LayerNorm, the projections into the joint space
+(``proj``, ``text_projection``, a ResNet's ``attnpool.c_proj``) and the objectives' heads stay float32;
+``docs/int8.md`` gives the measurements behind that choice.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+
+import torch
+from torch import nn
+
+from clipforge.models.clip import CLIP
+from clipforge.models.layers import MLP, Attention, Transformer, attend
+from clipforge.models.resnet import AttentionPool2d
+
+__all__ = ["INT8_DEVICE_ERROR", "is_int8", "quantize_int8"]
+
+_PACKING = threading.Lock()
+INT8_DEVICE_ERROR = ("precision 'int8' runs on the CPU only (PyTorch's dynamically quantised int8 kernels have "
+                     "no GPU version): use device='cpu', or fp16/bf16 on a GPU")
+
+
+def quantize_int8(model: CLIP) -> CLIP:
+    """``model`` (float32, on the CPU) with int8 linear layers in both towers, for inference: changed in place
+    and returned, in eval mode. Its features are within a cosine of about 0.99 of the float32 ones (see
+    ``docs/int8.md``). The result is for encoding only: it has no gradients and cannot move to a GPU. Its
+    ``state_dict()`` holds plain tensors (each int8 layer's ``weight`` as int8, ``weight_scale`` and ``bias``), the
+    same on every machine, and loads into another int8 model of the architecture; ``copy.deepcopy`` works."""
+    _check(model)
+    for tower, transformer in _transformers(model):
+        engine = _packing_engine(tower)
+        for block in transformer.resblocks:
+            block.attn = Int8Attention(block.attn, engine)
+            block.mlp = Int8MLP(block.mlp, engine)
+    pool = getattr(model.visual, "attnpool", None)
+    if isinstance(pool, AttentionPool2d):
+        for name in ("q_proj", "k_proj", "v_proj"):  # c_proj, the projection into the joint space, stays
+            linear = getattr(pool, name)
+            setattr(pool, name, Int8Linear(linear.weight, linear.bias, _packing_engine("image")))
+    model.int8 = True
+    return model.eval()
+
+
+def is_int8(model: nn.Module) -> bool:
+    """Whether ``model`` went through ``quantize_int8``."""
+    return bool(getattr(model, "int8", False))
+
+
+class Int8Linear(nn.Module):
+    """``F.linear(x, weight, bias)`` through PyTorch's dynamically quantised kernel (``quantized::linear_dynamic``):
+    the weight int8 with one scale per output channel (PyTorch's per-channel dynamic qconfig), the input quantised
+    to 8 bits from its own range at each call. On CPUs without AVX-512 VNNI the input keeps 7 bits
+    (``reduce_range``, PyTorch's default there): their 8-bit products are summed in pairs into 16-bit
+    registers, which full-range values can saturate.
+
+    The state dict holds plain tensors (``weight`` int8, ``weight_scale``, ``bias``); the kernel's packed copy is
+    made from them for the engine this layer was made for (``_packing_engine``), and made again on the next
+    call after a deep copy, a pickle or ``load_state_dict``, rather than carrying one machine's layout.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, engine: str | None = None):
+        super().__init__()
+        with _quiet_quantization():
+            from torch.ao.quantization import per_channel_dynamic_qconfig
+            observer = per_channel_dynamic_qconfig.weight()
+            observer(weight.detach().float())
+            scale, zero_point = observer.calculate_qparams()
+            quantized = torch.quantize_per_channel(weight.detach().float(), scale.float(), zero_point, 0, torch.qint8)
+        self.register_buffer("weight", quantized.int_repr())  # (out, in) int8, symmetric: zero points are 0
+        self.register_buffer("weight_scale", scale.float())  # (out,)
+        self.register_buffer("bias", bias.detach().float().clone())  # (out,)
+        self.engine = engine or torch.backends.quantized.engine
+        self._packed: tuple[torch.ScriptObject, bool] | None = self._pack()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = self._pack()
+        packed, reduce_range = self._packed
+        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=reduce_range)
+
+    def _pack(self) -> tuple[torch.ScriptObject, bool]:
+        if self.weight.device.type != "cpu":
+            raise RuntimeError(INT8_DEVICE_ERROR)
+        # the engine is process-wide: one layer packs at a time, so concurrent first calls cannot mix engines
+        with _PACKING, _quiet_quantization(), _engine(self.engine):
+            zero_point = torch.zeros_like(self.weight_scale, dtype=torch.long)
+            quantized = torch._make_per_channel_quantized_tensor(self.weight, self.weight_scale.double(), zero_point, 0)
+            return torch.ops.quantized.linear_prepack(quantized, self.bias.float()), not _has_vnni()
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_packed": None}
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._packed = None
+
+    def _apply(self, fn, recurse: bool = True):
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, engine={self.engine}"
+
+
+class Int8Attention(nn.Module):
+    """``Attention`` with int8 input and output projections; the attention itself runs in float32."""
+
+    def __init__(self, attention: Attention, engine: str | None = None):
+        super().__init__()
+        self.heads = attention.heads
+        self.in_proj = Int8Linear(attention.in_proj_weight, attention.in_proj_bias, engine)
+        self.out_proj = Int8Linear(attention.out_proj.weight, attention.out_proj.bias, engine)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        return self.out_proj(attend(self.in_proj(x), self.heads, causal))  # (N, L, D)
+
+
+class Int8MLP(nn.Sequential):
+    """``MLP`` with int8 ``c_fc`` and ``c_proj``; the activation between them runs in float32."""
+
+    def __init__(self, mlp: MLP, engine: str | None = None):
+        super().__init__()
+        self.c_fc = Int8Linear(mlp.c_fc.weight, mlp.c_fc.bias, engine)
+        self.gelu = mlp.gelu
+        self.c_proj = Int8Linear(mlp.c_proj.weight, mlp.c_proj.bias, engine)
+
+
+def _has_vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI, by PyTorch's own test (which also chooses its oneDNN qconfig by it)."""
+    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(is_vnni is not None and is_vnni())
+
+
+def _packing_engine(tower: str) -> str:
+    """The int8 kernels for a tower: oneDNN's where the CPU has AMX and the tower is the image one, else PyTorch's
+    default x86 engine (FBGEMM). Measured (docs/int8.md): with AMX, oneDNN encodes images (50 or more rows per
+    product) up to twice as fast as FBGEMM, and a text query (about ten rows) slightly slower; with only AVX-512
+    VNNI or AVX2 (oneDNN capped by ONEDNN_MAX_CPU_ISA) it is slower than FBGEMM for both."""
+    engines = torch.backends.quantized.supported_engines
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if tower == "image" and "onednn" in engines and has_amx is not None and has_amx():
+        return "onednn"
+    return "x86" if "x86" in engines else torch.backends.quantized.engine
+
+
+@contextlib.contextmanager
+def _engine(name: str):
+    """PyTorch's quantised engine set to ``name`` (where this machine has it) for packing, then put back: a packed
+    weight keeps the engine it was packed for, whatever the global engine is when it runs."""
+    before = torch.backends.quantized.engine
+    if name in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+@contextlib.contextmanager
+def _quiet_quantization():
+    """torch.ao's eager quantisation API and quantised tensors are marked deprecated, in favour of torchao, whose
+    CPU int8 path is slower in eager mode (docs/int8.md); the kernels are the FBGEMM and oneDNN ones torch ships."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*|.*quantize_per_.*")
+        yield
+
+
+def _transformers(model: CLIP) -> list[tuple[str, Transformer]]:
+    """("image" | "text", Transformer stack) of both towers (a ResNet image tower and a CBOW text tower have none)."""
+    stacks = [("image", getattr(model.visual, "transformer", None)), ("text", model.transformer)]
+    return [(tower, stack) for tower, stack in stacks if isinstance(stack, Transformer)]
+
+
+def _check(model: CLIP) -> None:
+    if not isinstance(model, CLIP):
+        raise TypeError(f"int8 quantisation needs a clipforge CLIP model, got {type(model).__name__}")
+    if is_int8(model):
+        raise ValueError("this model is already int8")
+    if model.config.text_cfg.hf_model_name or model.config.vision_cfg.timm_model_name:
+        raise ValueError("precision 'int8' covers CLIP's own towers, not a Hugging Face text tower or a timm image "
+                         "tower; use fp32 for this model")
+    devices = {p.device.type for p in model.parameters()}
+    if devices != {"cpu"}:
+        raise ValueError(INT8_DEVICE_ERROR)
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"int8 quantisation starts from float32 weights; this model holds "
+                         f"{', '.join(sorted(map(str, dtypes)))}: call model.float() first")
+    if not (set(torch.backends.quantized.supported_engines) - {"none"}
+            and hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch, "quantize_per_channel")):
+        raise RuntimeError(f"this PyTorch ({torch.__version__}) has no dynamically quantised int8 CPU kernels "
+                           "(torch.ao.quantization): use fp32 here, or the int8 ONNX export (clipforge export "
+                           "onnx --int8) with ONNX Runtime")
+
