@@ -43,8 +43,11 @@ def queries(n: int) -> list[str]:
     return [f"a photo of a {COLOURS[i % 8]} {SHAPES[i // 8 % 6]} {PLACES[i // 48 % 5]} number {i}" for i in range(n)]
 
 
-def build_index(folder: Path, items: int, seed: int = 0) -> Path:
-    """A ViT-B/32 (random weights) index of 32 real JPEGs, grown to ``items`` rows of random unit vectors."""
+def build_index(folder: Path, items: int, seed: int = 0, clusters: int | None = None) -> Path:
+    """A ViT-B/32 (random weights) index of 32 real JPEGs, grown to ``items`` rows of random unit vectors
+    (``clusters``: drawn around that many random centres, as real image embeddings gather by content;
+    uniformly random unit vectors in 512 dimensions are all about equally far apart, the worst case for a
+    graph or cell index)."""
     torch.manual_seed(seed)
     save(create_model("ViT-B-32-quickgelu"), folder / "model")
     photos = folder / "photos"
@@ -54,20 +57,24 @@ def build_index(folder: Path, items: int, seed: int = 0) -> Path:
         shapes.image(i).save(photos / f"{i:05d}.jpg", quality=90)
     index_dir = folder / "index"
     Index.build(index_dir, [str(photos)], model=str(folder / "model"), progress=False).close()
-    _grow(index_dir, items, np.random.default_rng(seed))
+    _grow(index_dir, items, np.random.default_rng(seed), clusters=clusters)
     return index_dir
 
 
-def _grow(index_dir: Path, items: int, rng: np.random.Generator, batch: int = 20000) -> None:
+def _grow(index_dir: Path, items: int, rng: np.random.Generator, batch: int = 20000,
+          clusters: int | None = None) -> None:
     """Append random unit vectors and rows pointing at the indexed images, as the indexer commits them:
     vectors first, then one transaction for the rows that use them."""
     db = store.connect(index_dir)
     real = db.execute(f"SELECT {', '.join(store.ITEM_COLUMNS)} FROM items").fetchall()
     dim = int(store.read_config(index_dir)["dim"])
     writer = store.SegmentWriter(index_dir, "images", dim)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32) if clusters else None
     while (first := store.next_row(db, "images")) < items:
         count = min(batch, items - first)
         vectors = rng.standard_normal((count, dim)).astype(np.float32)
+        if centres is not None:  # a centre plus noise of about the same length: neighbours share a centre
+            vectors = centres[rng.integers(0, clusters, count)] + 1.0 * vectors
         writer.write(first, (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16))
         with db:
             for n in range(count):

@@ -347,3 +347,46 @@ def test_an_index_from_before_capture_dates_gains_them_without_encoding(tmp_path
         assert migrated.captured_from == item.captured_from
         # the EXIF offset was not kept by the older format: the wall-clock time is
         assert migrated.captured[:19] == item.captured[:19]
+
+
+def _expected_tags(index, labels, threshold, top):
+    """Each item's tags computed here: the classifier's multi-label scores of the stored vectors, top labels."""
+    from clipforge.zeroshot import ZeroShotClassifier
+    model, _ = load_model("tiny-vit", "cpu", random_init=True)
+    ids = index.ids()
+    scores = ZeroShotClassifier(model, labels).multilabel_scores(torch.from_numpy(index.vectors(ids))).numpy()
+    expected = {}
+    for id, row in zip(ids.tolist(), scores):
+        best = [j for j in np.argsort(-row, kind="stable")[:top] if row[j] >= threshold]
+        expected[id] = [labels[j] for j in best]
+    return expected, scores
+
+
+def test_tags_are_the_classifiers_and_filter_searches(tmp_path, index_at, photos, one_thread):
+    from clipforge.cli import main
+    labels = ["a red thing", "a green thing", "a blue thing", "a yellow thing"]
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
+    index = _build(index_at, [photos])
+    _, scores = _expected_tags(index, labels, 0.5, 2)
+    threshold = float(np.median(scores))  # about half the scores pass, whatever the random weights give
+    assert main(["tag", str(index_at), "--labels", str(tmp_path / "labels.txt"), "--threshold", str(threshold),
+                 "--top", "2", "--json"]) == 0
+    index = Index.open(index_at)
+    expected, _ = _expected_tags(index, labels, threshold, 2)
+    assert {i: [label for label, _ in index.tags(i)] for i in expected} == expected
+    assert index.config["tags"]["threshold"] == threshold and index.config["tags"]["count"] == 4
+    for label in labels:
+        hits = index.search(f'a photo tag:{label.replace(" ", "_")}', top_k=50)
+        assert {r.id for r in hits} == {i for i, tags in expected.items() if label in tags}
+        assert all(label in r.tags for r in hits)
+    both = index.search("a photo", top_k=50, tags=labels[:2])
+    assert {r.id for r in both} == {i for i, tags in expected.items() if set(labels[:2]) <= set(tags)}
+    # an update: a changed file loses its old tags and gets new ones, a new file is tagged, a deleted one goes
+    changed = next(i for i, tags in expected.items() if tags)
+    make_image(77).save(index.item(changed).path)
+    write_folder(photos / "later", 1, start=60)
+    os.remove(photos / "img005.jpg")
+    updated = _build(index_at, [photos])
+    again, _ = _expected_tags(updated, labels, threshold, 2)
+    assert {i: [label for label, _ in updated.tags(i)] for i in again} == again
+    assert not updated.search("a photo tag:nothing_like_this", top_k=5)

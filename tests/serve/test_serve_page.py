@@ -173,3 +173,76 @@ def test_date_range_and_order_controls_filter_through_the_api(page, search_serve
     page.reload()  # the controls come back from the URL
     page.wait_for_function("() => document.getElementById('status').textContent === 'No results'")
     assert page.input_value("#until") == "2000-01-01" and page.input_value("#sort") == "date"
+
+
+@pytest.fixture(scope="module")
+def tagged_server(tmp_path_factory, search_photos, trained_tiny_model):
+    """A service over an index of the search photos tagged with colour and shape labels."""
+    from clipforge.search import Index
+    from clipforge.serve.server import start_child
+    folder = tmp_path_factory.mktemp("tagged") / "index"
+    Index.build(folder, [str(search_photos)], model=str(trained_tiny_model), progress=False, workers=0).close()
+    with Index.open(folder) as index:
+        index.tag(["red", "green", "blue", "circle", "square", "triangle"], threshold=0.5, top=2)
+    process, base = start_child(folder)
+    yield base
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_results_tags_show_and_filter_when_clicked(browser, tagged_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=tagged_server)
+    page = context.new_page()
+    page.goto("/?q=a+photo")
+    _wait_for_results(page)
+    chips = page.locator(".tag")
+    assert chips.count() > 0
+    label = chips.first.inner_text()
+    api = httpx.post(f"{tagged_server}/api/search", json={"query": "a photo", "top_k": PAGE_SIZE}, timeout=60).json()
+    shown = [[c for c in li.locator(".tag").all_inner_texts()] for li in page.locator("#results > li").all()]
+    assert shown == [r["tags"] for r in api["results"]]
+    chips.first.click()
+    page.wait_for_url(f"**tag%3A{label.replace(' ', '_')}**")
+    _wait_for_results(page)
+    expected = _api_ids(tagged_server, {"query": f"a photo tag:{label.replace(' ', '_')}"})
+    assert _shown_ids(page) == expected and expected
+    shown = [li.locator(".tag").all_inner_texts() for li in page.locator("#results > li").all()]
+    assert all(label in tags for tags in shown), (label, shown)
+    context.close()
+
+
+@pytest.mark.slow
+def test_a_video_result_plays_from_its_time(browser, tmp_path):
+    pytest.importorskip("av", reason="videos need the video extra (PyAV)")
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data_layer"))
+    from video_files import BLUE, GREEN, RED, video
+
+    from clipforge.search import Index
+    from clipforge.serve.server import start_child
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "clip.webm").write_bytes(video([(3, RED), (4, BLUE), (3, GREEN)], suffix=".webm"))
+    Index.build(tmp_path / "index", [photos], model="tiny-vit", random_init=True, workers=0, progress=False).close()
+    with Index.open(tmp_path / "index") as index:
+        frame = next(index.item(i) for i in index.ids() if index.item(i).time == 5.0)
+    process, base = start_child(tmp_path / "index", "--device", "cpu")
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=base)
+    try:
+        page = context.new_page()
+        page.goto(f"/?q=id%3A{frame.id}")
+        _wait_for_results(page, frame.id)
+        play = page.locator(f'.play[data-id="{frame.id}"]')
+        assert play.inner_text() == "▶ 00:05"
+        play.click()
+        page.wait_for_function("() => { const v = document.getElementById('player-video');"
+                               " return document.getElementById('player').open && v.readyState >= 1; }")
+        page.wait_for_function("() => Math.abs(document.getElementById('player-video').currentTime - 5) < 0.6")
+        assert page.locator("#player-video").evaluate("v => v.src").endswith(f"/api/items/{frame.id}/video#t=5")
+        ranged = httpx.get(f"{base}/api/items/{frame.id}/video", headers={"Range": "bytes=0-99"}, timeout=60)
+        assert ranged.status_code == 206 and len(ranged.content) == 100  # seeking needs byte ranges
+    finally:
+        context.close()
+        process.terminate()
+        process.wait(timeout=30)

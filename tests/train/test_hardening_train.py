@@ -74,11 +74,11 @@ def test_training_reports_bad_samples_on_the_console(tmp_path, micro_json, capsy
     lines = [line.strip() for line in captured.err.splitlines()]  # the progress bar redraws with \r
     warned = [line for line in lines if line.startswith("warning: skipping bad samples")]
     assert len(warned) == 2  # one line per reason, when first met, naming the file
-    assert any("the image file or tar member has zero bytes" in w and "_empty.png" in w for w in warned)
+    assert any("the image or video file, or tar member, has zero bytes" in w and "_empty.png" in w for w in warned)
     assert any("cannot be decoded" in w and ("bad1_truncated.png" in w or "bad2_not_an_image" in w) for w in warned)
     total = [line for line in lines if line.startswith("warning: skipped bad samples in total")]
-    assert total == ["warning: skipped bad samples in total: 2 empty_file (the image file or tar member has zero "
-                     "bytes), 2 unreadable_image (the image cannot be decoded (corrupt, truncated or not an image))"]
+    assert total == ["warning: skipped bad samples in total: 2 empty_file (the image or video file, or tar member, "
+                     "has zero bytes), 2 unreadable_image (the image cannot be decoded (corrupt, truncated or not an image))"]
     assert json.loads(captured.out.splitlines()[-1])["skipped"] == {"empty_file": 2, "unreadable_image": 2}
 
 

@@ -8,7 +8,8 @@ import argparse
 import importlib
 import sys
 
-_SUBCOMMANDS = ["demo", "train", "classify", "explain", "eval", "export", "embed", "index", "search", "serve", "study"]
+_SUBCOMMANDS = ["demo", "train", "classify", "explain", "eval", "export", "embed", "index", "search", "duplicates",
+                "serve", "tag", "study"]
 
 
 def build_parser() -> argparse.ArgumentParser:

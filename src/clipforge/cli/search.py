@@ -10,19 +10,20 @@ from clipforge.search import Index
 
 HELP = """Search an index built by `clipforge index` (a folder, or a postgresql:// URL).
 
-QUERY is text, an image path, or id:N (the indexed item N: "more like this"), combined with signs and
-weights: "beach + 0.5:sunset - people", ./query.jpg + "at night", id:42 - 0.3:id:7. A + or - must stand
-alone between spaces; W:term weights a term; text in double quotes is always text. The query vector is
-the weighted sum of the terms' L2-normalised embeddings, renormalised; results are ranked by cosine
-similarity to it, exactly (or with the approximate index, when the index has one).
+QUERY is text, an image path, or id:N (the indexed item N: "more like this"), combined with signs and weights:
+"beach + 0.5:sunset - people", ./query.jpg + "at night", id:42 - 0.3:id:7. A + or - must stand alone between
+spaces; W:term weights a term; text in double quotes is always text. The query vector is the weighted sum of
+the terms' L2-normalised embeddings, renormalised; results are ranked by cosine similarity to it, exactly (or
+with the approximate index, when the index has one).
 
-Filters run in the store: --folder, --after/--before (the capture time: EXIF DateTimeOriginal, else the
-file's mtime, as the local time where the photo was taken), --caption-contains, --min-score.
+Filters run in the store: --folder, --after/--before (the capture time: EXIF DateTimeOriginal, else the file's
+mtime, as the local time where the photo was taken), --caption-contains, --min-score, and tag:LABEL in the
+query (labels given by `clipforge tag`; _ for a space). A frame of an indexed video prints as VIDEO@mm:ss.
 
-Output: score, id and path (shard.tar:key inside a shard) per line (and the capture time with --sort date
-or a date filter), or --json (a list of results), or --paths-only for piping (e.g. into xargs). Queries are encoded with the model the index was built with
-(its config.json or configuration row), on --device. In PostgreSQL, search and filters run in the
-database."""
+Output: score, id and path (shard.tar:key inside a shard) per line (and the capture time with --sort date or a
+date filter), or --json (a list of results), or --paths-only for piping (e.g. into xargs). Queries are encoded
+with the model the index was built with (its config.json or configuration row), on --device. In PostgreSQL,
+search and filters run in the database."""
 
 EXAMPLES = """examples:
   clipforge search ~/.clipforge/pictures "a dog on a beach" --top 5

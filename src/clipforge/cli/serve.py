@@ -6,11 +6,11 @@ import os
 
 from clipforge.cli.options import add_device_option
 
-HELP = """Serve an index (a folder, or a postgresql:// URL) over HTTP: a web page at / to search by text, by image or by example, and a JSON API
-(POST /api/search, GET /api/items/ID, GET /thumbnails/ID, GET /healthz, GET /metrics; schema at
-/openapi.json). Listens on 127.0.0.1 unless --host says otherwise; --token (or the CLIPFORGE_TOKEN
-environment variable) makes every request need 'Authorization: Bearer TOKEN'. Needs the serve extra:
-pip install 'clipforge[serve]'."""
+HELP = """Serve an index (a folder, or a postgresql:// URL) over HTTP: a web page at / to search by text, by image or by
+example, and a JSON API (POST /api/search, GET /api/items/ID, GET /thumbnails/ID, GET /healthz, GET /metrics;
+schema at /openapi.json). Listens on 127.0.0.1 unless --host says otherwise; --token (or the CLIPFORGE_TOKEN
+environment variable) makes every request need 'Authorization: Bearer TOKEN'. Needs the serve extra: pip
+install 'clipforge[serve]'."""
 
 EXAMPLES = """examples:
   clipforge serve photos.index

@@ -1,6 +1,7 @@
 """The one data layer: listing, opening and decoding images and captions from folders, CSV/TSV files,
 WebDataset shards and the built-in shapes data, for training (skip and count bad samples), evaluation
-and search (clear errors). Every reader decodes through ``load_image``.
+and search (clear errors), and the frames of videos for search. Every image reader decodes through
+``load_image``, every video through ``.video``.
 
 Names are imported lazily, so that a module needing one reader does not load the training loader.
 """
@@ -17,6 +18,9 @@ _API = {
     "load_image": "images", "read_image_bytes": "images", "ImageInfo": "images", "image_info": "images",
     "DescribedImages": "images", "collate_described": "images", "capture_time": "images",
     "CaptureTime": "exif", "upright": "exif",
+    "VIDEO_EXTENSIONS": "images", "VideoFrame": "video", "VideoInfo": "video", "format_timestamp": "video",
+    "is_video_name": "images", "parse_timestamp": "video", "video_capture_time": "video", "video_frame": "video",
+    "video_frames": "video", "video_info": "video",
     "expand_shards": "shards", "scan_tar": "shards", "ShardImage": "shards", "shard_images": "shards",
     "table_images": "tables",
     "Table": "tables", "read_table": "tables",

@@ -27,9 +27,10 @@ _OFFSET = re.compile(r"([+-])(\d\d):(\d\d)")
 
 @dataclass(frozen=True)
 class CaptureTime:
-    """When a photo was taken, and where that came from: ``source`` is ``"exif"`` (the camera's clock) or
-    ``"mtime"`` (the file's modification time). ``when`` is timezone-aware when the offset is known (EXIF
-    OffsetTime*, and always for an mtime, in this machine's local zone); else naive, the camera's local time."""
+    """When a photo or video was taken, and where that came from: ``source`` is ``"exif"`` (the camera's clock),
+    ``"video"`` (a video container's creation time) or ``"mtime"`` (the file's modification time). ``when`` is
+    timezone-aware when the offset is known (EXIF OffsetTime*, and always for a video or an mtime, the latter in
+    this machine's local zone); else naive, the camera's local time."""
 
     when: datetime
     source: str

@@ -62,17 +62,26 @@ class ImageRef:
 ImageSource = Union[str, os.PathLike, bytes, IO[bytes], ImageRef]
 
 
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm")  # what clipforge.data.video reads
+
+
+def is_video_name(name: str) -> bool:
+    """Whether a file name has a video extension and is not hidden (``.x.mp4``, macOS ``._x.mp4``)."""
+    return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
+
+
 def is_image_name(name: str) -> bool:
     """Whether a file name has an image extension and is not hidden (``.x.jpg``, macOS ``._x.jpg``)."""
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def list_images(folder: str | os.PathLike, exclude: Iterable[str] = ()) -> list[str]:
-    """Image files under ``folder``, recursively, in a fixed (sorted) order.
+def list_images(folder: str | os.PathLike, exclude: Iterable[str] = (), videos: bool = False) -> list[str]:
+    """Image files under ``folder`` (and video files, with ``videos``), recursively, in a fixed (sorted) order.
 
     Hidden files and folders and ``SKIPPED_FOLDERS`` are passed over, as are paths (relative to
     ``folder``, with ``/``) matching any glob in ``exclude``.
     """
+    wanted = (lambda f: is_image_name(f) or is_video_name(f)) if videos else is_image_name
     exclude = list(exclude)
     found = []
     for root, dirs, files in os.walk(folder):
@@ -81,7 +90,7 @@ def list_images(folder: str | os.PathLike, exclude: Iterable[str] = ()) -> list[
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS
                          and not _excluded(relative + d, exclude))
         found += [os.path.join(root, f) for f in sorted(files)
-                  if is_image_name(f) and not _excluded(relative + f, exclude)]
+                  if wanted(f) and not _excluded(relative + f, exclude)]
     return found
 
 

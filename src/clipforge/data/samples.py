@@ -1,17 +1,21 @@
 """Bad samples: the reason codes every reader uses, caption checks, and the skip counter that stops a run
-once most of a source is bad. Image decoding, with the same reason codes, is in ``.images``."""
+once most of a source is bad. Image decoding, with the same reason codes, is in ``.images``, videos in
+``.video``."""
 from __future__ import annotations
 
 from collections import Counter
 
 REASONS = {
-    "missing_file": "the image file does not exist",
-    "unreadable_file": "the image file cannot be opened (permissions, or not a regular file)",
-    "empty_file": "the image file or tar member has zero bytes",
+    "missing_file": "the image or video file does not exist",
+    "unreadable_file": "the image or video file cannot be opened (permissions, or not a regular file)",
+    "empty_file": "the image or video file, or tar member, has zero bytes",
     "unreadable_image": "the image cannot be decoded (corrupt, truncated or not an image)",
-    "too_many_pixels": "the image has more pixels than max_pixels",
-    "missing_extra": "the image needs an optional package that is not installed (HEIC/HEIF and camera RAW: "
-                     "pip install 'clipforge[photos]')",
+    "unreadable_video": "the video cannot be read (not MP4, MOV, Matroska or WebM, no video stream, corrupt or "
+                        "truncated)",
+    "video_timeout": "reading the video ran past its time budget",
+    "too_many_pixels": "the image, or a video's frame, has more pixels than max_pixels",
+    "missing_extra": "the file needs an optional package that is not installed (HEIC/HEIF and camera RAW: "
+                     "pip install 'clipforge[photos]'; videos: pip install 'clipforge[video]')",
     "missing_image": "a tar sample has no image member (jpg, png, webp, ...)",
     "missing_caption": "no caption (no .txt file, no tar member, or a short CSV row)",
     "empty_caption": "the caption is empty or only whitespace",

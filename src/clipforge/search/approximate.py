@@ -1,19 +1,29 @@
-"""The approximate index: faiss IVF (inverted lists over k-means cells, inner product) beside the exact vectors,
-with its recall@10 against exact search measured on sampled queries when it is built. An extra:
-``pip install 'clipforge[search]'``."""
+"""The approximate index of the folder store, beside the exact vectors: faiss IVF-Flat (inverted lists over
+k-means cells, inner product, in RAM), or IVF-PQ for more vectors than RAM (``clipforge.search.ivfpq``: compressed
+codes on disk, memory-mapped, re-ranked exactly). Its recall@10 against exact search is measured on sampled
+queries when it is built and recorded in config.json. An extra: ``pip install 'clipforge[search]'``."""
 from __future__ import annotations
 
+import contextlib
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from clipforge.io.runs import write_files
-from clipforge.search import exact, store
+from clipforge.search import exact, ivfpq, store
 
 AUTO_THRESHOLD = 200_000  # items above which ``approximate="auto"`` builds it
 FILE, IDS = "approximate.faiss", "approximate-ids.npy"
+FLAT_KIND = "faiss IVFFlat (inner product)"
+MODES = ("auto", "always", "never", "ivfpq")
 TARGET_RECALL = 0.95
 SAMPLED_QUERIES = 200
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"approximate must be 'auto', 'always' (IVF-Flat), 'ivfpq' or 'never', got {mode!r}")
 
 
 def _faiss():
@@ -26,11 +36,7 @@ def _faiss():
 
 def live_vectors(segments: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     """The float32 vectors of ``rows`` (N,), in that order."""
-    out = np.empty((len(rows), segments[0].shape[1]), dtype=np.float32)
-    for number, segment in enumerate(segments):
-        inside = np.nonzero(rows // store.SEGMENT_ROWS == number)[0]
-        out[inside] = segment[rows[inside] % store.SEGMENT_ROWS]
-    return out
+    return ivfpq.gather(segments, rows)
 
 
 def sample_queries(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
@@ -74,12 +80,21 @@ def build(folder: Path, ids: np.ndarray, vectors: np.ndarray, rows_used: int) ->
             np.save(f, ids)
 
     write_files(folder, {FILE: lambda path: faiss.write_index(index, str(path)), IDS: save_ids})
-    return {"kind": "faiss IVFFlat (inner product)", "cells": cells, "nprobe": nprobe, "items": int(len(ids)),
+    return {"kind": FLAT_KIND, "cells": cells, "nprobe": nprobe, "items": int(len(ids)),
             "rows": int(rows_used), "recall@10": round(recall, 4), "recall_queries": SAMPLED_QUERIES}
 
 
-def load(folder: Path, info: dict):
-    """(faiss index with its nprobe, ids of its vectors in order), or None if its files do not match ``info``."""
+def load(folder: Path, info: dict, ids: np.ndarray | None = None, rows: np.ndarray | None = None,
+         generation: int = 0):
+    """(searcher with its nprobe, ids of its vectors in order), or None if its files do not match ``info``. An
+    IVF-PQ index is given the current items' ``ids`` and segment ``rows`` (of segment ``generation``) in id
+    order: its labels are positions there, and its candidates are re-ranked by the vectors at those rows."""
+    if info.get("kind") == ivfpq.KIND:
+        index = ivfpq.read(_faiss(), folder, info["files"])
+        if index is None or index.ntotal != info["items"] or ids is None or len(ids) != info["items"]:
+            return None
+        index.nprobe = info["nprobe"]
+        return ivfpq.Reranked(index, ivfpq.StoredVectors(folder, index.d, generation), rows, info["rerank"]), ids
     if not (folder / FILE).exists() or not (folder / IDS).exists():
         return None
     index, ids = _faiss().read_index(str(folder / FILE)), np.load(folder / IDS)
@@ -94,31 +109,82 @@ def is_current(info: dict | None, items: int, rows: int) -> bool:
     return bool(info) and info["items"] == items and info["rows"] == rows
 
 
-def refresh(folder: Path, mode: str) -> dict | None:
-    """After an update: build the approximate index (``mode`` "always", or "auto" above
-    ``AUTO_THRESHOLD`` items) unless it is current, or drop a stale one; records it in config.json."""
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"approximate must be 'auto', 'always' or 'never', got {mode!r}")
+def refresh(folder: Path, mode: str, max_index_memory: int | None = None) -> dict | None:
+    """After an update: build the approximate index that ``mode`` asks for (``choose``) unless it is current,
+    or drop it; records it in config.json and removes the files of any other."""
+    check_mode(mode)
     config = store.read_config(folder)
-    with store.connect(folder) as db:
-        found = db.execute("SELECT id, row FROM items ORDER BY id").fetchall()
+    with contextlib.closing(store.connect(folder)) as db:
+        ids, rows = np.ascontiguousarray(store.int_columns(db, "SELECT id, row FROM items ORDER BY id").T)
         rows_used = store.next_row(db, "images")
-    wanted = mode == "always" or (mode == "auto" and len(found) >= AUTO_THRESHOLD)
-    info = config.get("approximate")
-    if wanted and len(found) and not is_current(info, len(found), rows_used):
-        rows = np.array([r[1] for r in found], dtype=np.int64)
+    info, dim = config.get("approximate"), int(config["dim"])
+    kind, limit = choose(mode, len(ids), dim, max_index_memory, info)
+    current = (is_current(info, len(ids), rows_used) and info.get("kind") == kind
+               and all((folder / name).exists() for name in _files(info)))
+    if kind == ivfpq.KIND:
+        chosen = ivfpq.plan(len(ids), dim, limit)
+        if current and info["factory"] == chosen.factory:
+            info = {**info, "max_index_memory": limit}
+        else:
+            segments = store.open_segments(folder, "images", rows_used)
+            built = ivfpq.build(folder, segments, rows, chosen, _faiss(), sample_queries, TARGET_RECALL,
+                                SAMPLED_QUERIES)
+            info = {**built, "items": int(len(ids)), "rows": int(rows_used), "max_index_memory": limit}
+    elif kind == FLAT_KIND and not current:
         vectors = live_vectors(store.open_segments(folder, "images", rows_used), rows)
-        info = build(folder, np.array([r[0] for r in found], dtype=np.int64), vectors, rows_used)
-    elif not wanted or not is_current(info, len(found), rows_used):
+        info = build(folder, ids, vectors, rows_used)
+    elif kind is None:
         info = None
-    if info is None:
-        remove(folder)
     if info != config.get("approximate"):
         store.write_config(folder, {**config, "approximate": info})
+    remove(folder, keep=_files(info))
     return info
 
 
-def remove(folder: Path) -> None:
-    for name in (FILE, IDS):
-        if (folder / name).exists():
-            (folder / name).unlink()
+def choose(mode: str, items: int, dim: int, max_index_memory: int | None, info: dict | None):
+    """(kind of approximate index to have, or None; the memory it may take). "always" is IVF-Flat, "ivfpq"
+    IVF-PQ, "never" none. "auto" keeps an IVF-PQ index that was asked for before (with its memory limit);
+    otherwise it builds IVF-Flat from ``AUTO_THRESHOLD`` items, or IVF-PQ where ``max_index_memory`` is given and
+    IVF-Flat (its float32 vectors in RAM) would take more."""
+    had_pq = bool(info) and info.get("kind") == ivfpq.KIND
+    if max_index_memory is None and had_pq:
+        max_index_memory = info.get("max_index_memory")
+    if mode == "never" or items == 0:
+        return None, max_index_memory
+    if mode == "always":
+        return FLAT_KIND, max_index_memory
+    if mode == "ivfpq" or had_pq:
+        return ivfpq.KIND, max_index_memory
+    if items < AUTO_THRESHOLD:
+        return None, max_index_memory
+    if max_index_memory is not None and flat_bytes(items, dim) > max_index_memory:
+        return ivfpq.KIND, max_index_memory
+    return FLAT_KIND, max_index_memory
+
+
+def flat_bytes(items: int, dim: int) -> int:
+    """What an IVF-Flat index of ``items`` vectors holds in RAM: float32 vectors and 64-bit ids."""
+    return items * (4 * dim + 8)
+
+
+def describe(info: dict) -> str:
+    """One line on the approximate index ``info`` describes: what was chosen, what it measured."""
+    if info.get("kind") == ivfpq.KIND:
+        return ivfpq.describe(info)
+    if info.get("kind") == FLAT_KIND:
+        return (f"approximate index: IVF-Flat, {info['cells']} cells ({info['items']:,} vectors), nprobe "
+                f"{info['nprobe']}: recall@10 {info['recall@10']:.3f}")
+    return f"approximate index: {info.get('kind')}, recall@10 {info['recall@10']:.3f}"
+
+
+def _files(info: dict | None) -> set[str]:
+    if not info:
+        return set()
+    return set(info["files"].values()) if info.get("kind") == ivfpq.KIND else {FILE, IDS}
+
+
+def remove(folder: Path, keep: set[str] = frozenset()) -> None:
+    """Remove the approximate index files (and builds cut short) in ``folder``, except those in ``keep``."""
+    for path in folder.glob("approximate*"):
+        if path.name not in keep:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ContextManager, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from clipforge.data import DescribedImages, capture_time, collate_described
+from clipforge.data import (
+    BadSample,
+    DescribedImages,
+    capture_time,
+    collate_described,
+    video_capture_time,
+    video_frames,
+    video_info,
+)
 from clipforge.data.exif import mtime_capture
 from clipforge.encode import encode_images, encode_texts
 from clipforge.runtime.distributed import DistEnv, barrier, gather_objects, init_distributed
+from clipforge.search.approximate import check_mode
 from clipforge.search.model import load_model, model_identity, model_name
-from clipforge.search.plan import Entry, Plan, hash_all, list_sources, resolve, resolve_sources, triage
+from clipforge.search.plan import Entry, Plan, frame_key, hash_all, list_sources, resolve, resolve_sources, triage
 from clipforge.search.records import captured_columns
 
 
@@ -28,7 +37,8 @@ from clipforge.search.records import captured_columns
 class BuildOptions:
     """How to index: images per batch, DataLoader workers (decoding + preprocessing; also the threads
     hashing files), folder globs to leave out, the pixel limit, draft JPEG decoding, a progress bar,
-    starting over, and whether to build the approximate index ("auto", "always", "never")."""
+    starting over, which approximate index to build ("auto", "always", "never", "ivfpq") and the bytes it may
+    take (``clipforge.search.approximate.choose``; None: no limit)."""
 
     batch_size: int = 64
     workers: int = 2
@@ -38,6 +48,9 @@ class BuildOptions:
     progress: bool = True
     rebuild: bool = False
     approximate: str = "auto"
+    max_index_memory: int | None = None
+    video_every: float | None = 5.0  # a video frame every this many seconds (None: none)...
+    video_scenes: bool = True        # ...plus one at each scene change (clipforge.data.video_frames)
 
 
 class Catalog(Protocol):
@@ -72,7 +85,7 @@ class Target(Protocol):
     def lock_sources(self, sources: list[str]) -> ContextManager: ...
     def writer(self, dim: int, network) -> "Writer": ...
     def importer(self) -> Importer: ...
-    def refresh_approximate(self, mode: str) -> dict | None: ...
+    def refresh_approximate(self, mode: str, max_index_memory: int | None = None) -> dict | None: ...
     def close(self) -> None: ...
 
 
@@ -81,8 +94,7 @@ def build(target: Target, sources, model: str, device: str | None, options: Buil
     """Create or incrementally update the index ``target`` with the model spec ``model`` (``random_init``:
     seed-0 random weights); returns the run's summary (rank 0's)."""
     sources = resolve_sources(sources)
-    if options.approximate not in ("auto", "always", "never"):
-        raise ValueError(f"approximate must be 'auto', 'always' or 'never', got {options.approximate!r}")
+    check_mode(options.approximate)
     env = init_distributed(device or "auto")
     network, preprocess = load_model(str(model), env.device, random_init)
     try:
@@ -93,7 +105,10 @@ def build(target: Target, sources, model: str, device: str | None, options: Buil
             plan = _plan(target, sources, options, env)
             summary = _run(target, plan, network, preprocess, model_check, options, env)
         if env.is_master:
-            target.refresh_approximate(options.approximate)
+            compacted = target.compact()
+            if compacted is not None:
+                summary["compacted"] = compacted
+            target.refresh_approximate(options.approximate, options.max_index_memory)
     finally:
         target.close()
     barrier(env)
@@ -145,6 +160,9 @@ def _plan(target: Target, sources: list[str], options: BuildOptions, env: DistEn
     if env.is_master:
         with target.catalog() as catalog:
             plan = resolve(plan, candidates, hashes, catalog)
+    if env.is_master:  # videos are read by rank 0 after the images (one video is many frames, decoded in order)
+        plan.videos = [e for e in plan.encode if e[0].video]
+        plan.encode = [e for e in plan.encode if not e[0].video]
     encode = gather_objects(plan.encode if env.is_master else None, env)[0]
     return plan, listing, encode
 
@@ -171,6 +189,8 @@ def _run(target: Target, planned, network, preprocess, model_check: _ModelCheck 
 
 
 def _finish(writer: "Writer", plan: Plan, listing, network, preprocess, options: BuildOptions, env: DistEnv) -> dict:
+    for entry, digest in getattr(plan, "videos", []):
+        _store_video(writer, entry, digest, network, preprocess, options)
     if writer.orphans:  # reused vectors whose donor another writer removed meanwhile: encode them here
         orphans, writer.orphans = writer.orphans, []
         alone = DistEnv(rank=0, local_rank=0, world_size=1, device=env.device, initialized=False)
@@ -204,6 +224,33 @@ def _rounds(batches, rounds: int, mine: list[int], encode: list, network, env: D
             good = [(mine[i], vectors[j], captions[j], info) for j, (i, info) in enumerate(zip(local, infos))]
         bad = [(mine[i], reason, message) for i, reason, message in bad]
         yield gather_objects((good, bad), env)
+
+
+def _store_video(writer: "Writer", entry: Entry, digest: str, network, preprocess, options: BuildOptions) -> None:
+    """A video's frames (every ``video_every`` seconds and at scene changes), encoded and committed in one
+    step: an item per frame, keyed by its time. Frames read before a decoding error are kept; a video that
+    gives none is skipped by reason, like a bad image."""
+    frames, error = [], None
+    try:
+        for frame in video_frames(entry.path, every_s=options.video_every, scenes=options.video_scenes,
+                                  max_pixels=options.max_pixels, draft_size=preprocess.config.image_size):
+            frames.append(frame)
+    except BadSample as bad:
+        error = bad
+    if not frames:
+        writer._commit([], None, [(entry, error.reason, str(error))] if error else [])
+        return
+    try:
+        info = video_info(entry.path)
+        size, when = (info.width, info.height), video_capture_time(info, entry.mtime_ns)
+    except BadSample:  # frames were read: keep them, dated by the file
+        size, when = frames[0].image.size, mtime_capture(entry.mtime_ns)
+    captured = captured_columns(when.when, when.source)
+    tensors = torch.stack([preprocess(frame.image) for frame in frames])
+    vectors = encode_images(network, tensors, batch_size=options.batch_size).cpu().numpy().astype(np.float16)
+    records = [(replace(entry, key=frame_key(frame.time)), digest, (*size, None, *captured), None)
+               for frame in frames]
+    writer._commit(records, vectors)
 
 
 def caption_vectors(network, captions: list[str | None]) -> list[np.ndarray | None]:

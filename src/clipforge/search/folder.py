@@ -14,6 +14,21 @@ from clipforge.search.approximate import load as load_approximate
 from clipforge.search.records import Filters, Item
 
 
+class _CaptureTimes:
+    """Item id -> capture time, read from the database on first use: a store that never orders by date does not
+    hold it (over a gigabyte at ten million items)."""
+
+    def __init__(self, db, lock, dated: bool):
+        self._db, self._lock, self._dated, self._times = db, lock, dated, None
+
+    def get(self, id: int, default=None):
+        if self._times is None:
+            with self._lock:
+                found = self._db.execute("SELECT id, captured FROM items").fetchall() if self._dated else []
+                self._times = dict((r[0], r[1]) for r in found)
+        return self._times.get(id, default)
+
+
 class FolderStore:
     """An index folder, opened read-only. Exact search keeps float32 copies of up to ``float32_mib`` MiB of
     the vectors in RAM (``clipforge.search.exact.Float32Copies``)."""
@@ -34,31 +49,54 @@ class FolderStore:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the committed rows (after another process updated the index)."""
+        """Re-read the committed rows (after another process updated the index), from one snapshot of the
+        database; files a compaction removed meanwhile make it read again."""
         with self._lock:
-            self._dated = store.has_capture_times(self._db)
-            captured = "captured" if self._dated else "NULL"
-            found = self._db.execute(f"SELECT id, row, caption_row, {captured} FROM items ORDER BY id").fetchall()
-            self._captured = dict((r[0], r[3]) for r in found)
-            self._ids = np.array([r[0] for r in found], dtype=np.int64)
-            self._rows = np.array([r[1] for r in found], dtype=np.int64)
-            with_caption = [r for r in found if r[2] is not None]
-            self._caption_ids = np.array([r[0] for r in with_caption], dtype=np.int64)
-            self._caption_rows = np.array([r[2] for r in with_caption], dtype=np.int64)
-            opened = {kind: store.open_identified_segments(self.folder, kind, store.next_row(self._db, kind))
-                      for kind in store.KINDS}
-            self._segments = {kind: [segment for segment, _ in pairs] for kind, pairs in opened.items()}
-            self._identities = {kind: [identity for _, identity in pairs] for kind, pairs in opened.items()}
-            self._scanned: dict[str, list[np.ndarray]] = {}  # kind -> segments as exact search reads them
-            self.config = store.read_config(self.folder)
-            info = self.config.get("approximate")
-            current = is_current(info, len(self._ids), store.next_row(self._db, "images"))
-            self._approximate = load_approximate(self.folder, info) if current else None
+            for attempt in range(3):
+                # before the snapshot: a commit between the two makes one refresh too many, never one too few
+                self._version = self._db.execute("PRAGMA data_version").fetchone()[0]
+                self._db.execute("BEGIN")  # one read transaction: the rows, their generation and counts agree
+                try:
+                    self._read()
+                    return
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+                finally:
+                    self._db.execute("END")
+
+    def _current(self) -> None:
+        """Refresh first if another connection committed since (a running indexer or compaction): SQLite's
+        data_version changes then, so a service shows new items without a restart."""
+        with self._lock:
+            if self._db.execute("PRAGMA data_version").fetchone()[0] != self._version:
+                self.refresh()
+
+    def _read(self) -> None:
+        self._dated = store.has_capture_times(self._db)
+        self._captured = _CaptureTimes(self._db, self._lock, self._dated)
+        found = store.int_columns(self._db, "SELECT id, row, coalesce(caption_row, -1) FROM items ORDER BY id")
+        self._ids, self._rows = np.ascontiguousarray(found[:, 0]), np.ascontiguousarray(found[:, 1])
+        with_caption = found[found[:, 2] >= 0]
+        self._caption_ids, self._caption_rows = with_caption[:, 0].copy(), with_caption[:, 2].copy()
+        generation = store.current_generation(self._db)
+        opened = {kind: store.open_identified_segments(self.folder, kind, store.next_row(self._db, kind),
+                                                       generation)
+                  for kind in store.KINDS}
+        self._segments = {kind: [segment for segment, _ in pairs] for kind, pairs in opened.items()}
+        self._identities = {kind: [identity for _, identity in pairs] for kind, pairs in opened.items()}
+        self._scanned: dict[str, list[np.ndarray]] = {}  # kind -> segments as exact search reads them
+        self.config = store.read_config(self.folder)
+        info = self.config.get("approximate")
+        current = is_current(info, len(self._ids), store.next_row(self._db, "images"))
+        self._approximate = load_approximate(self.folder, info, self._ids, self._rows, generation) if current else None
 
     def __len__(self) -> int:
+        self._current()
         return len(self._ids)
 
     def ids(self, captions: bool = False) -> np.ndarray:
+        self._current()
         return (self._caption_ids if captions else self._ids).copy()
 
     def vectors(self, ids, captions: bool = False) -> np.ndarray:
@@ -79,6 +117,7 @@ class FolderStore:
     def ranked(self, vector: np.ndarray, limit: int, filters: Filters = Filters(), captions: bool = False,
                min_score: float | None = None, approximate: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of the best ``limit`` items for the unit ``vector``, best first; ties by id."""
+        self._current()
         if self._wants_approximate(approximate, filters, captions):
             ids, found = self._approximate_top(vector[None], limit)
             keep = (ids[0] >= 0) & (found[0] >= (min_score if min_score is not None else -np.inf))
@@ -93,6 +132,7 @@ class FolderStore:
                 min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of the first ``limit`` items at or above ``min_score``, newest capture first (ties
         by score, then id)."""
+        self._current()
         self._need_dates()
         ids, scores = self._scored(vector, filters, captions)
         keep = scores >= min_score if min_score is not None else np.ones(len(ids), dtype=bool)
@@ -117,6 +157,7 @@ class FolderStore:
                              f"to add them (nothing is encoded again)")
 
     def search_batch(self, queries: np.ndarray, top_k: int, approximate: bool = False):
+        self._current()
         if approximate:
             return self._approximate_top(queries, top_k)
         all_scores = exact.scores(self._scan_segments("images"), queries)[self._rows]  # (N, Q)
@@ -163,6 +204,9 @@ class FolderStore:
         if filters.caption is not None:
             conditions.append("instr(lower(caption), lower(?)) > 0")
             params.append(filters.caption)
+        for label in filters.tags:
+            conditions.append("id IN (SELECT id FROM tags WHERE label = ?)")
+            params.append(label)
         with self._lock:
             found = self._db.execute(f"SELECT id FROM items WHERE {' AND '.join(conditions)}", params).fetchall()
         return np.array([r[0] for r in found], dtype=np.int64)
@@ -175,6 +219,18 @@ class FolderStore:
             rows = self._db.execute(f"SELECT {', '.join(columns)} FROM items WHERE id IN "
                                     f"({', '.join('?' * len(ids))})", ids).fetchall()
         return [Item(*row) for row in rows]
+
+    def tags_of(self, ids: list[int]) -> dict[int, list[tuple[str, float]]]:
+        """Each item's (label, score) tags, best first (items without tags are left out)."""
+        if not ids:
+            return {}
+        found: dict[int, list[tuple[str, float]]] = {}
+        with self._lock:
+            for id, label, score in self._db.execute(
+                    f"SELECT id, label, score FROM tags WHERE id IN ({', '.join('?' * len(ids))}) "
+                    f"ORDER BY score DESC, label", ids):
+                found.setdefault(id, []).append((label, score))
+        return found
 
     @property
     def float32_bytes(self) -> int:

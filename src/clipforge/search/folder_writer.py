@@ -52,8 +52,25 @@ class FolderTarget:
     def importer(self) -> "FolderImporter":
         return FolderImporter(self.folder, int(self.read_config()["dim"]))
 
-    def refresh_approximate(self, mode: str) -> dict | None:
-        return approximate.refresh(self.folder, mode)
+    def refresh_approximate(self, mode: str, max_index_memory: int | None = None) -> dict | None:
+        return approximate.refresh(self.folder, mode, max_index_memory)
+
+    def compact(self) -> dict | None:
+        """Reclaim the rows of deleted and changed items once they are half the used rows
+        (``clipforge.search.store.compact``)."""
+        config = store.read_config(self.folder)
+        return store.compact(self.folder, int(config["dim"])) if config is not None else None
+
+    def store_tags(self, info: dict, rows: list[tuple[int, str, float]], ids: list[int] | None = None) -> None:
+        """Replace the tags of ``ids`` (None: of every item) by ``rows`` (id, label, score) in one transaction,
+        then record ``info`` (the label set and threshold) in config.json."""
+        with contextlib.closing(store.connect(self.folder)) as db, db:
+            if ids is None:
+                db.execute("DELETE FROM tags")
+            else:
+                db.executemany("DELETE FROM tags WHERE id = ?", [(i,) for i in ids])
+            db.executemany("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", rows)
+        store.write_config(self.folder, {**store.read_config(self.folder), "tags": info})
 
     def close(self) -> None:
         pass
@@ -104,13 +121,15 @@ class FolderWriter(Writer):
         super().__init__(network)
         self.folder = folder
         self.db = store.connect(folder)
-        self.segments = {kind: store.SegmentWriter(folder, kind, dim) for kind in store.KINDS}
+        self.generation = store.current_generation(self.db)
+        self.segments = {kind: store.SegmentWriter(folder, kind, dim, self.generation) for kind in store.KINDS}
         self.existing = {(r[0], r[1]) for r in self.db.execute("SELECT path, key FROM items")}
 
     def apply_plan(self, plan: Plan) -> None:
         """Removals, metadata-only updates and read errors in one transaction; then copied vectors."""
         with self.db:
             self.db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in plan.removed])
+            self.db.executemany("DELETE FROM tags WHERE id = ?", [(i,) for i in plan.removed])
             self.db.executemany("UPDATE items SET source = ?, size = ?, mtime_ns = ?, member = ?, offset = ?, "
                                 "captured = ?, captured_from = ? WHERE id = ?",
                                 [(e.source, e.size, e.mtime_ns, e.member, e.offset, *touched(item, e), item["id"])
@@ -120,7 +139,7 @@ class FolderWriter(Writer):
             self._store_reused(plan.reused[start:start + 256])
 
     def _store_reused(self, chunk: list) -> None:
-        images = store.open_segments(self.folder, "images", store.next_row(self.db, "images"))
+        images = store.open_segments(self.folder, "images", store.next_row(self.db, "images"), self.generation)
         rows = [donor["row"] for _, _, donor in chunk]
         vectors = np.stack([images[r // store.SEGMENT_ROWS][r % store.SEGMENT_ROWS] for r in rows])
         captions = caption_vectors(self.network, [entry.caption for entry, _, _ in chunk])
@@ -151,6 +170,8 @@ class FolderWriter(Writer):
     def _upsert(self, entry: Entry, digest: str, info: tuple, row: int, caption_row: int | None) -> None:
         key = (entry.path, entry.key)
         self.counts["updated" if key in self.existing else "indexed"] += 1
+        if key in self.existing:  # new content: the old content's tags go
+            self.db.execute("DELETE FROM tags WHERE id IN (SELECT id FROM items WHERE path = ? AND key = ?)", key)
         self.existing.add(key)
         self.db.execute(
             "INSERT INTO items (source, path, key, member, offset, size, mtime_ns, hash, width, height, caption, "
@@ -169,6 +190,7 @@ class FolderWriter(Writer):
             self.skipped[reason] += 1
             key = (entry.path, entry.key)
             if key in self.existing:  # its stored vector is of content the file no longer holds
+                self.db.execute("DELETE FROM tags WHERE id IN (SELECT id FROM items WHERE path = ? AND key = ?)", key)
                 self.db.execute("DELETE FROM items WHERE path = ? AND key = ?", key)
                 self.existing.discard(key)
                 self.counts["removed"] += 1
@@ -199,7 +221,8 @@ class FolderImporter:
 
     def __init__(self, folder: Path, dim: int):
         self.db = store.connect(folder)
-        self.segments = {kind: store.SegmentWriter(folder, kind, dim) for kind in store.KINDS}
+        generation = store.current_generation(self.db)
+        self.segments = {kind: store.SegmentWriter(folder, kind, dim, generation) for kind in store.KINDS}
 
     def add(self, items: list, vectors: np.ndarray, captions: dict) -> None:
         first, first_caption = store.next_row(self.db, "images"), store.next_row(self.db, "captions")
@@ -213,7 +236,8 @@ class FolderImporter:
                                             .astype(np.float16))
         with self.db:
             self.db.executemany(
-                f"INSERT INTO items ({', '.join(store.ITEM_COLUMNS)}) VALUES ({', '.join('?' * len(store.ITEM_COLUMNS))})",
+                f"INSERT INTO items ({', '.join(store.ITEM_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(store.ITEM_COLUMNS))})",
                 [(item.id, item.source, item.path, item.key, item.member, item.offset, item.size, item.mtime_ns,
                   item.hash, item.width, item.height, item.caption, item.taken, first + j, caption_rows.get(item.id),
                   item.captured, item.captured_from)

@@ -12,13 +12,15 @@ import torch
 
 from clipforge.data import ImageRef, load_image, read_image_bytes
 from clipforge.encode import encode_images, encode_texts
+from clipforge.runtime.distributed import process_env
 from clipforge.search.build import BuildOptions, build
-from clipforge.search.folder import FolderStore
 from clipforge.search.ingest import ingest
+from clipforge.search.ivfpq import parse_size
 from clipforge.search.model import indexed_spec, load_indexed_model, prepare_for_queries, weights_checksum
 from clipforge.search.query import Query, parse_query
 from clipforge.search.records import Filters, Item, SearchResult
 from clipforge.search.stores import build_target, is_database_url, open_store
+from clipforge.search.tags import TAG_THRESHOLD, TAG_TOP, tag_items
 from clipforge.search.transfer import copy_index
 
 __all__ = ["Index", "Item", "SearchResult", "is_database_url", "set_threads"]
@@ -63,37 +65,46 @@ class Index:
     def build(cls, location: str | os.PathLike, sources, model: str, device: str | None = None, batch_size: int = 64,
               workers: int = 2, exclude=(), max_pixels: int | None = None, rebuild: bool = False,
               progress: bool = True, fast_decode: bool = False, approximate: str = "auto",
-              random_init: bool = False) -> "Index":
+              random_init: bool = False, max_index_memory: int | str | None = None, video_every: float | None = 5.0,
+              video_scenes: bool = True) -> "Index":
         """Create the index, or update it incrementally; the run's summary is on ``last_update``.
         ``model`` is a model spec (``clipforge.io.spec``); ``random_init``: seed-0 random weights of an
         architecture (tests and demos; recorded with the model identity). ``approximate``: build the
-        approximate index (faiss IVF in a folder, HNSW in PostgreSQL) "always", "never", or "auto" (above
-        200,000 items)."""
+        approximate index (faiss IVF-Flat in a folder, HNSW in PostgreSQL) "always", "never", or "auto" (above
+        200,000 items); "ivfpq": a folder's compressed faiss IVF-PQ index, on disk and re-ranked exactly, whose
+        parameters fit ``max_index_memory`` (bytes, or a size such as "4GB"; with "auto" too, IVF-PQ is chosen
+        where IVF-Flat would not fit it). Videos in folders (the ``video`` extra) become an item per frame:
+        one every ``video_every`` seconds (None: only the first) and, with ``video_scenes``, one at each scene
+        change."""
         options = BuildOptions(batch_size, workers, tuple(exclude), max_pixels, fast_decode, progress, rebuild,
-                               approximate)
+                               approximate, _size(max_index_memory), video_every, video_scenes)
         summary = build(build_target(location), sources, str(model), device, options, random_init)
         index = cls(location, device)
         index.last_update = summary
+        index._tag_new_items()
         return index
 
     @classmethod
     def copy(cls, source: str | os.PathLike, destination: str | os.PathLike, rebuild: bool = False,
-             approximate: str = "auto", progress: bool = True, device: str | None = None) -> "Index":
+             approximate: str = "auto", progress: bool = True, device: str | None = None,
+             max_index_memory: int | str | None = None) -> "Index":
         """Copy the index at ``source`` into ``destination`` (folder to PostgreSQL or back, or the same kind)
         with its ids and vectors, encoding nothing; a copy cut short continues where it stopped when run
-        again. The summary is on ``last_update``."""
-        summary = copy_index(source, destination, rebuild, approximate, progress)
+        again. The summary is on ``last_update``. ``approximate`` and ``max_index_memory`` as ``build``."""
+        summary = copy_index(source, destination, rebuild, approximate, progress, _size(max_index_memory))
         index = cls(destination, device)
         index.last_update = summary
         return index
 
     @classmethod
     def from_embeddings(cls, folder: str | os.PathLike, location: str | os.PathLike, rebuild: bool = False,
-                        approximate: str = "auto", progress: bool = True, device: str | None = None) -> "Index":
+                        approximate: str = "auto", progress: bool = True, device: str | None = None,
+                        max_index_memory: int | str | None = None) -> "Index":
         """Create or add to the index at ``location`` from an embeddings folder written by ``clipforge embed``
         (clip-retrieval's layout), taking its vectors and metadata as they are, after checking that its model
-        is the index's. The summary is on ``last_update``."""
-        summary = ingest(location, folder, rebuild, approximate, progress)
+        is the index's. The summary is on ``last_update``. ``approximate`` and ``max_index_memory`` as
+        ``build``."""
+        summary = ingest(location, folder, rebuild, approximate, progress, _size(max_index_memory))
         index = cls(location, device)
         index.last_update = summary
         return index
@@ -105,7 +116,15 @@ class Index:
         spec, random_init = indexed_spec(self.config)
         self.last_update = build(build_target(self._address), sources, spec, device, options, random_init)
         self.refresh()
+        self._tag_new_items()
         return self.last_update
+
+    def _tag_new_items(self) -> None:
+        """After an update of a tagged index: tag what came in with the label set it was tagged with."""
+        info = self.config.get("tags")
+        if info and (self.last_update.get("indexed") or self.last_update.get("updated")) and process_env().is_master:
+            self.last_update["tagged"] = self.tag(info["labels"], info["templates"], info["threshold"], info["top"],
+                                                  only_untagged=True)["tagged"]
 
     def refresh(self) -> None:
         """Re-read what another process committed (a folder index; a PostgreSQL index reads it live)."""
@@ -175,12 +194,13 @@ class Index:
     def search(self, query, top_k: int = 10, offset: int = 0, folder: str | None = None,
                min_score: float | None = None, dedup: float | None = None, captions: bool = False,
                approximate: bool | None = None, after: str | None = None, before: str | None = None,
-               caption: str | None = None, sort: str = "score") -> list[SearchResult]:
+               caption: str | None = None, sort: str = "score", tags=()) -> list[SearchResult]:
         """The ``top_k`` best items after ``offset``, best first, by cosine similarity to ``query`` (a
         query string, a ``Query`` or a unit vector). Filters, which run in the store: ``folder`` keeps items
         whose path starts with it; ``after`` / ``before`` (a date, YYYY-MM-DD, or date-time) keep items
         captured at or after / before then (EXIF time, else the file's mtime; the local time where the photo
-        was taken); ``caption`` keeps items whose caption contains it; ``min_score`` drops weaker hits.
+        was taken); ``caption`` keeps items whose caption contains it; ``tags`` (and ``tag:LABEL`` in a query
+        string) keeps items ``tag`` gave every one of those labels; ``min_score`` drops weaker hits.
         ``dedup`` drops hits whose cosine to a better kept hit is at least that; ``captions`` searches the
         caption vectors; ``sort="date"`` orders the hits that pass (``min_score`` sets how close they must
         be) newest first. Exact unless ``approximate`` is True, or None and the index has an approximate
@@ -189,7 +209,9 @@ class Index:
             raise ValueError(f"top_k must be at least 1 and offset at least 0, got top_k={top_k}, offset={offset}")
         if sort not in ("score", "date"):
             raise ValueError(f"sort must be 'score' or 'date', got {sort!r}")
-        filters = Filters.of(folder, after, before, caption)
+        query = self.parse(query) if isinstance(query, str) else query
+        tags = tuple(dict.fromkeys([*tags, *(query.tags if isinstance(query, Query) else ())]))
+        filters = Filters.of(folder, after, before, caption, tags)
         vector = query if isinstance(query, np.ndarray) else self.encode_query(query)
         wanted = offset + top_k
         if (dedup is not None or sort == "date") and approximate:
@@ -250,9 +272,26 @@ class Index:
 
     def _results(self, ids: np.ndarray, found: np.ndarray) -> list[SearchResult]:
         items = {i.id: i for i in self.store.items([int(i) for i in ids])}
+        tags = self.store.tags_of([int(i) for i in ids])
         return [SearchResult(int(i), float(s), items[int(i)].location, items[int(i)].caption,
-                             items[int(i)].width, items[int(i)].height, items[int(i)].captured)
+                             items[int(i)].width, items[int(i)].height, items[int(i)].captured,
+                             tuple(label for label, _ in tags.get(int(i), ())), items[int(i)].time)
                 for i, s in zip(ids, found)]
+
+    def tags(self, id: int) -> list[tuple[str, float]]:
+        """Item ``id``'s (label, score) tags from ``clipforge tag``, best first."""
+        return self.store.tags_of([int(id)]).get(int(id), [])
+
+    def tag(self, labels, templates=None, threshold: float = TAG_THRESHOLD, top: int = TAG_TOP,
+            only_untagged: bool = False) -> dict:
+        """Tag every item's image vector with the labels (a list, a file of one label per line, or a shipped set
+        such as ``imagenet1k``) scoring at least ``threshold``, at most ``top`` a picture, with the zero-shot
+        classifier of the index's model (``clipforge.search.tags``); nothing is encoded again but the labels'
+        prompts. Returns the summary; the tags filter searches (``tag:LABEL``)."""
+        model, _ = self.model()
+        summary = tag_items(self, self._address, model, labels, templates, threshold, top, only_untagged)
+        self.refresh()
+        return summary
 
     # ------------------------------------------------------------------------------------------- items
 
@@ -264,8 +303,16 @@ class Index:
         return found[0]
 
     def image_bytes(self, id: int) -> bytes:
-        """The original encoded image of item ``id``, from its file or shard member; KeyError if unknown."""
+        """The original encoded image of item ``id``, from its file or shard member (a video frame: that frame,
+        as a JPEG); KeyError if unknown."""
         item = self.item(id)
+        if item.time is not None:
+            import io
+
+            from clipforge.data import video_frame
+            buffer = io.BytesIO()
+            video_frame(item.path, item.time).save(buffer, format="JPEG", quality=92)
+            return buffer.getvalue()
         ref = ImageRef(item.path, item.member, item.offset, item.size) if item.member else item.path
         return read_image_bytes(ref)
 
@@ -283,3 +330,8 @@ def set_threads(threads: int | None) -> None:
     """Torch's intra-op threads for encoding and search (default: all the cores it finds)."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def _size(size: int | str | None) -> int | None:
+    """Bytes of ``max_index_memory``: as given, or parsed from a size such as "4GB"."""
+    return parse_size(size) if isinstance(size, str) else size

@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clipforge.search import embeddings
+from clipforge.search.approximate import check_mode
 from clipforge.search.model import IDENTITY_KEYS
 from clipforge.search.plan import Entry
 from clipforge.search.records import captured_from_exif_text
@@ -19,15 +20,14 @@ CHUNK = 1024
 
 
 def ingest(location: str | os.PathLike, folder: str | os.PathLike, rebuild: bool = False, approximate: str = "auto",
-           progress: bool = True) -> dict:
+           progress: bool = True, max_index_memory: int | None = None) -> dict:
     """Add the complete partitions of the embeddings ``folder`` to the index at ``location`` (created if new);
     returns the summary (``indexed``, ``updated``, ``unchanged``, ``skipped``, ``items``, ``partitions``)."""
     config = embeddings.read_config(folder)
     if config is None or config.get("format") != embeddings.FORMAT:
         raise FileNotFoundError(f"{folder} holds no embeddings (no {embeddings.CONFIG}); write them with "
                                 f"`clipforge embed SOURCE... --model MODEL --output {folder}`")
-    if approximate not in ("auto", "always", "never"):
-        raise ValueError(f"approximate must be 'auto', 'always' or 'never', got {approximate!r}")
+    check_mode(approximate)
     identity = {k: config[k] for k in IDENTITY_KEYS if k in config}
     done = sorted(embeddings.finished(folder, config["partitions"]))
     target = build_target(location)
@@ -45,7 +45,7 @@ def ingest(location: str | os.PathLike, folder: str | os.PathLike, rebuild: bool
             existing = {(r["path"], r["key"]): (r["hash"], r["caption"]) for r in catalog.items()}
         with target.writer(int(identity["dim"]), None) as writer:
             summary = _add_partitions(writer, folder, config, done, existing, progress)
-        target.refresh_approximate(approximate)
+        target.refresh_approximate(approximate, max_index_memory)
         return summary
     finally:
         target.close()
@@ -79,10 +79,9 @@ def _add_partitions(writer, folder, config: dict, done: list[int], existing: dic
         bar.update(1)
     bar.close()
     return {"indexed": writer.counts["indexed"], "updated": writer.counts["updated"], "reused": 0,
-               "unchanged": unchanged, "removed": 0, "skipped": dict(sorted(skipped.items())),
-               "items": writer._count(), "partitions": len(done),
-               "partitions_unfinished": config["partitions"] - len(done)}
-    return summary
+            "unchanged": unchanged, "removed": 0, "skipped": dict(sorted(skipped.items())),
+            "items": writer._count(), "partitions": len(done),
+            "partitions_unfinished": config["partitions"] - len(done)}
 
 
 def _record(row: dict, caption_vector) -> tuple:

@@ -7,16 +7,27 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Mapping
 from pathlib import Path
+from typing import Mapping
 
-from clipforge.data import BadSample, ImageRef, expand_shards, list_images, read_image_bytes, shard_images, table_images
+from clipforge.data import (
+    BadSample,
+    ImageRef,
+    expand_shards,
+    is_video_name,
+    list_images,
+    read_image_bytes,
+    shard_images,
+    table_images,
+)
 from clipforge.data.sources import source_kind
+from clipforge.search.records import FRAME_PREFIX, frame_key  # noqa: F401 (frame_key: the key of FRAME_PREFIX)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One image a source names: a file (``key`` '') or a shard member, with its caption if any."""
+    """One image a source names: a file (``key`` '') or a shard member, with its caption if any; or a video
+    file (``video``), whose frames become items keyed ``t=SECONDS`` (``frame_key``)."""
 
     source: str
     path: str
@@ -26,6 +37,7 @@ class Entry:
     caption: str | None = None
     member: str | None = None
     offset: int | None = None
+    video: bool = False
 
     @property
     def ref(self) -> str | ImageRef:
@@ -54,7 +66,8 @@ def list_sources(sources: list[str], catalog, exclude=()) -> Listing:
         kind = _kind(spec)
         if kind == "folder":
             source = os.path.abspath(spec)
-            listing.entries += _stat_entries(source, [(p, None) for p in list_images(source, exclude)], listing)
+            listing.entries += _stat_entries(source, [(p, None) for p in list_images(source, exclude, videos=True)],
+                                             listing)
         elif kind == "csv":
             source = os.path.abspath(spec)
             rows = table_images(source)
@@ -87,7 +100,8 @@ def _stat_entries(source: str, files: list[tuple[str, str | None]], listing: Lis
         except OSError:
             listing.problems["missing_file"] += 1
             continue
-        entries.append(Entry(source, os.path.abspath(path), "", stat.st_size, stat.st_mtime_ns, caption))
+        entries.append(Entry(source, os.path.abspath(path), "", stat.st_size, stat.st_mtime_ns, caption,
+                             video=is_video_name(os.path.basename(path))))
     return entries
 
 
@@ -113,8 +127,15 @@ def _list_shard(source: str, shard: str, catalog, listing: Listing) -> None:
 
 
 def content_hash(entry: Entry) -> str | tuple[str, str]:
-    """BLAKE2b-128 (hex) of the entry's encoded bytes, or (reason, message) if they cannot be read."""
+    """BLAKE2b-128 (hex) of the entry's encoded bytes, or (reason, message) if they cannot be read. A video
+    is read in pieces: it may be larger than memory."""
     try:
+        if entry.video:
+            try:
+                with open(entry.path, "rb") as f:
+                    return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+            except OSError as e:
+                return "unreadable_file", f"cannot read video {entry.path}: {e.strerror or e}"
         return hashlib.blake2b(read_image_bytes(entry.ref), digest_size=16).hexdigest()
     except BadSample as e:
         return e.reason, str(e)
@@ -150,10 +171,20 @@ def triage(listing: Listing, catalog) -> tuple[Plan, list[Entry]]:
     plan, candidates, seen = Plan(), [], set()
     stored = {(r["path"], r["key"]): r for r in catalog.items()}
     skipped = {(r["path"], r["key"]): r for r in catalog.skipped()}
+    frames: dict[str, list] = {}  # a video's stored frames
+    for (path, key), item in stored.items():
+        if key.startswith(FRAME_PREFIX):
+            frames.setdefault(path, []).append(item)
     for entry in listing.entries:
         if (entry.path, entry.key) in seen:
             continue
         seen.add((entry.path, entry.key))
+        if entry.video and entry.path in frames:
+            mine = frames[entry.path]
+            if all((f["size"], f["mtime_ns"], f["source"]) == (entry.size, entry.mtime_ns, entry.source) for f in mine):
+                plan.unchanged += len(mine)
+                seen.update((entry.path, f["key"]) for f in mine)
+                continue
         item, bad = stored.get((entry.path, entry.key)), skipped.get((entry.path, entry.key))
         if item is not None and (item["size"], item["mtime_ns"], item["caption"]) == (
                 entry.size, entry.mtime_ns, entry.caption) and item["source"] == entry.source:
@@ -178,6 +209,9 @@ def resolve(plan: Plan, candidates: list[Entry], hashes: list, catalog) -> Plan:
     for entry, digest in zip(candidates, hashes):
         if isinstance(digest, tuple):
             plan.bad.append((entry, *digest))
+            continue
+        if entry.video:  # its frames are encoded again: a video's vectors are not copied between paths
+            plan.encode.append((entry, digest))
             continue
         item = catalog.item_at(entry.path, entry.key)
         if item is not None and item["hash"] == digest and item["caption"] == entry.caption:

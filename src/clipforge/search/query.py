@@ -11,6 +11,7 @@ from clipforge.data import is_image_name
 KINDS = ("text", "image", "bytes", "id")
 _WEIGHT = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)):(.+)$", re.DOTALL)
 _ID = re.compile(r"^id:(\d+)$")
+_TAG = re.compile(r'(?<![^\s])tag:([^\s"]+)')
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Query:
     renormalised."""
 
     terms: tuple[Term, ...]
+    tags: tuple[str, ...] = ()  # ``tag:LABEL`` filters: only items tagged with every one (``clipforge tag``)
 
     @classmethod
     def from_terms(cls, terms) -> "Query":
@@ -61,7 +63,16 @@ def parse_query(text: str, look_up_files: bool = True) -> Query:
     negates the next term's weight); ``W:term`` weights a term; ``id:N`` is indexed item N; a word naming
     an existing file, or ending in an image extension, is an image; anything else, or text in double
     quotes, is text. ``t-shirt`` and ``"rock - paper"`` stay one text term. ``look_up_files=False`` decides
-    by the name alone, never asking the file system (a service must not tell clients which files exist)."""
+    by the name alone, never asking the file system (a service must not tell clients which files exist).
+    ``tag:LABEL`` (``_`` for a space) is a filter, not a term: only items ``clipforge tag`` gave that label."""
+    tags = tuple(dict.fromkeys(m.replace("_", " ") for m in _TAG.findall(text)))
+    if tags:  # filters, not terms: what is left is the query; a query of tags alone searches for their names
+        text = _TAG.sub(" ", text)
+        text = re.sub(r"(?<!\S)([+-])(\s+[+-](?!\S))+", r"\1", text)  # "a + tag:x + b": one operator left
+        text = re.sub(r"^(\s*[+-](?!\S))+|((?<!\S)[+-]\s*)+$", "", text).strip()
+        if not text:
+            return Query((Term("text", ", ".join(tags)),), tags)
+        return Query(parse_query(text, look_up_files).terms, tags)
     terms, words, sign, quoted = [], [], 1.0, False
     for token, is_quoted in _tokens(text):
         if not is_quoted and token in ("+", "-"):

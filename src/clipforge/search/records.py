@@ -7,6 +7,17 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
+FRAME_PREFIX = "t="  # a video frame's item key: t=SECONDS
+
+
+def frame_key(seconds: float) -> str:
+    return f"{FRAME_PREFIX}{seconds:.3f}"
+
+
+def frame_time(key: str | None) -> float | None:
+    """The time in its video of a frame's item key, or None for an image's."""
+    return float(key[len(FRAME_PREFIX):]) if key and key.startswith(FRAME_PREFIX) else None
+
 
 @dataclass(frozen=True)
 class SearchResult:
@@ -19,6 +30,8 @@ class SearchResult:
     width: int
     height: int
     captured: str | None = None  # ISO 8601 capture time (see Item)
+    tags: tuple[str, ...] = ()   # labels ``clipforge tag`` gave the item, best first
+    time: float | None = None    # a video frame's time in its video, in seconds (``path`` is then VIDEO@mm:ss)
 
 
 @dataclass(frozen=True)
@@ -46,8 +59,16 @@ class Item:
     captured_from: str | None = None  # "exif" or "mtime"
 
     @property
+    def time(self) -> float | None:
+        """A video frame's time in its video, in seconds; None for an image."""
+        return frame_time(self.key)
+
+    @property
     def location(self) -> str:
-        """The file path, or ``shard.tar:key`` for an image inside a shard."""
+        """The file path, ``shard.tar:key`` for an image inside a shard, ``video.mp4@mm:ss`` for a frame."""
+        if self.time is not None:
+            from clipforge.data.video import format_timestamp
+            return f"{self.path}@{format_timestamp(self.time)}"
         return f"{self.path}:{self.key}" if self.key else self.path
 
 
@@ -55,23 +76,24 @@ class Item:
 class Filters:
     """What a search keeps: items whose path starts with ``folder`` (a folder; made absolute unless it
     ends with a separator, which keeps a raw prefix), captured at or after ``after`` and before ``before``
-    (``wall_clock`` forms: the local time where the photo was taken), and whose caption contains ``caption``
-    (ignoring ASCII case)."""
+    (``wall_clock`` forms: the local time where the photo was taken), whose caption contains ``caption``
+    (ignoring ASCII case), and that carry every label of ``tags`` (``clipforge tag``)."""
 
     folder: str | None = None
     after: str | None = None
     before: str | None = None
     caption: str | None = None
+    tags: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, folder=None, after=None, before=None, caption=None) -> "Filters":
+    def of(cls, folder=None, after=None, before=None, caption=None, tags=()) -> "Filters":
         """Filters from what a user typed: dates or date-times checked and normalised, empty caption refused."""
         if caption is not None and not str(caption).strip():
             raise ValueError("the caption filter is empty: give the text captions must contain, or leave it out")
         after, before = wall_clock(after, "after"), wall_clock(before, "before")
         if after is not None and before is not None and after >= before:
             raise ValueError(f"after ({after}) is not earlier than before ({before}): no photo can match")
-        return cls(folder, after, before, caption)
+        return cls(folder, after, before, caption, tuple(tags))
 
     @property
     def prefix(self) -> str | None:
@@ -81,7 +103,7 @@ class Filters:
         return folder if folder.endswith(("/", os.sep)) else os.path.abspath(folder)
 
     def __bool__(self) -> bool:
-        return any(v is not None for v in (self.folder, self.after, self.before, self.caption))
+        return any(v is not None for v in (self.folder, self.after, self.before, self.caption)) or bool(self.tags)
 
 
 _WHEN = re.compile(r"^(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d))?)?$")

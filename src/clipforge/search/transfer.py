@@ -8,6 +8,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from clipforge.search.approximate import check_mode
 from clipforge.search.model import IDENTITY_KEYS
 from clipforge.search.stores import build_target, open_store
 
@@ -15,12 +16,12 @@ CHUNK = 1024
 
 
 def copy_index(source: str | os.PathLike, destination: str | os.PathLike, rebuild: bool = False,
-               approximate: str = "auto", progress: bool = True) -> dict:
+               approximate: str = "auto", progress: bool = True, max_index_memory: int | None = None) -> dict:
     """Copy the index at ``source`` into ``destination`` (a new index, one that is an unfinished copy of the
     same, or anything with ``rebuild``), then build the destination's approximate index as ``approximate``
-    says ("auto", "always", "never"); returns {"copied", "already", "items"}."""
-    if approximate not in ("auto", "always", "never"):
-        raise ValueError(f"approximate must be 'auto', 'always' or 'never', got {approximate!r}")
+    says ("auto", "always", "never", "ivfpq", within ``max_index_memory`` bytes); returns {"copied", "already",
+    "items"}."""
+    check_mode(approximate)
     src, source_target = open_store(source), build_target(source)
     target = build_target(destination)
     try:
@@ -56,7 +57,7 @@ def copy_index(source: str | os.PathLike, destination: str | os.PathLike, rebuil
             importer.add_skipped(list(catalog.skipped()))
             importer.add_shards(list(catalog.shards()))
         importer.close()
-        target.refresh_approximate(approximate)
+        target.refresh_approximate(approximate, max_index_memory)
         return {"copied": int(len(todo)), "already": len(have), "items": int(len(ids))}
     finally:
         src.close()

@@ -11,8 +11,10 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi import Query as QueryParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ValidationError
 
+from clipforge.serve.duplicates import add_duplicates
 from clipforge.serve.errors import add_error_handlers, validation_message
 from clipforge.serve.knn import add_knn_service
 from clipforge.serve.limits import LimitsMiddleware
@@ -53,6 +55,8 @@ class Result(BaseModel):
     width: int
     height: int
     captured: str | None  # ISO 8601 capture time: EXIF, else the file's mtime
+    tags: list[str]  # labels clipforge tag gave the item, best first
+    time: float | None  # a video frame's time in its video (seconds); the video is /api/items/ID/video
     thumbnail_url: str
 
 
@@ -75,6 +79,7 @@ def create_app(index, options: ServeOptions = ServeOptions()) -> FastAPI:
     authorized = [Depends(_bearer_check(options.token))]
     _add_api(app, service, authorized, options.max_upload_bytes)
     add_knn_service(app, service, authorized, options.cors_origins)
+    add_duplicates(app, service, authorized)
     _add_files(app, service, thumbnails, authorized, private=options.token is not None)
     _add_operations(app, index, metrics, authorized)
     _add_page(app)
@@ -160,12 +165,30 @@ def _add_files(app: FastAPI, service: SearchService, thumbnails: Thumbnails, aut
         if size not in THUMBNAIL_SIZES:
             raise HTTPException(422, f"thumbnail size {size} is not one of {', '.join(map(str, THUMBNAIL_SIZES))}")
         with service.metrics.timed("metadata"):
-            content_key = service.index.item(item_id).hash
+            item = service.index.item(item_id)
+            content_key = item.hash if item.time is None else f"{item.hash}:{item.key}"  # a frame of its video
             etag = thumbnails.etag(content_key, size)
             headers = {"ETag": etag, "Cache-Control": cache_control}
             if etag in request.headers.get("if-none-match", ""):
                 return Response(status_code=304, headers=headers)
             return Response(thumbnails.get(item_id, content_key, size), media_type="image/jpeg", headers=headers)
+
+
+    @app.get("/api/items/{item_id}/video", dependencies=authorized, response_class=FileResponse,
+             responses={200: {"content": {"video/mp4": {}}}, 206: {"description": "the range asked for"}},
+             summary="The video file a video frame's item comes from (byte ranges, for seeking)")
+    def video(item_id: int):
+        item = service.index.item(item_id)
+        if item.time is None:
+            raise HTTPException(404, f"item {item_id} is an image, not a frame of a video")
+        kind = VIDEO_TYPES.get(Path(item.path).suffix.lower(), "application/octet-stream")
+        if not Path(item.path).is_file():
+            raise HTTPException(404, f"the video of item {item_id} is no longer on disk")
+        return FileResponse(item.path, media_type=kind, headers={"Cache-Control": cache_control})
+
+
+VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
+               ".webm": "video/webm"}
 
 
 def _add_operations(app: FastAPI, index, metrics: Metrics, authorized: list) -> None:

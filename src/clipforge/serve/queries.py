@@ -50,6 +50,7 @@ class SearchRequest(BaseModel):
     before: str | None = Field(None, max_length=32, description="captured before: YYYY-MM-DD[THH:MM[:SS]]")
     caption_contains: str | None = Field(None, min_length=1, max_length=1000)
     sort: str = Field("score", pattern="^(score|date)$", description="score (best first) or date (newest first)")
+    tags: list[str] = Field(default_factory=list, max_length=16, description="only items with every one of these tags")
 
 
 def encode_cursor(offset: int) -> str:

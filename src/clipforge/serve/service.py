@@ -58,7 +58,7 @@ class SearchService:
             found = self.index.search(vector, top_k=request.top_k, offset=offset, folder=request.folder,
                                       min_score=request.min_score, dedup=request.dedup, captions=request.captions,
                                       after=request.after, before=request.before,
-                                      caption=request.caption_contains, sort=request.sort)
+                                      caption=request.caption_contains, sort=request.sort, tags=query.tags)
         more = len(found) == request.top_k
         return {"results": [result_row(r) for r in found], "upload": upload_key,
                 "next_cursor": encode_cursor(offset + len(found)) if more else None}
@@ -67,20 +67,25 @@ class SearchService:
         with self.metrics.timed("metadata"):
             item = self.index.item(item_id)
         row = dataclasses.asdict(item) if dataclasses.is_dataclass(item) else dict(vars(item))
-        return {**row, "thumbnail_url": thumbnail_url(item_id)}
+        tags = [{"label": label, "score": score} for label, score in self.index.tags(item_id)]
+        video = {"time": item.time, "video_url": f"/api/items/{item_id}/video"} if item.time is not None else {}
+        return {**row, "tags": tags, **video, "thumbnail_url": thumbnail_url(item_id)}
 
     def _query(self, request: SearchRequest, upload_key: str | None):
+        """The request as one Query: the query string's terms and tag:LABEL filters, the terms, the upload,
+        and the ``tags`` field."""
         from clipforge.search import Query
-        terms = list(self._parsed_terms(request.query)) if request.query else []
+        parsed = self.index.parse(request.query, look_up_files=False) if request.query else Query((), ())
+        terms = self._checked_terms(parsed.terms)
         terms += [self._term(term) for term in request.terms]
         if upload_key is not None:
             terms.append(("bytes", self._upload(upload_key), 1.0))
         if not terms:
             raise ValueError("empty query: give a query string, terms, or an image")
-        return Query.from_terms(terms)
+        tags = tuple(dict.fromkeys([*parsed.tags, *request.tags]))
+        return Query(Query.from_terms(terms).terms, tags)
 
-    def _parsed_terms(self, text: str) -> list:
-        terms = self.index.parse(text, look_up_files=False).terms
+    def _checked_terms(self, terms) -> list:
         for term in terms:
             if term.kind == "id":
                 self.index.item(term.value)  # KeyError (404) for an unknown id
@@ -108,5 +113,5 @@ class SearchService:
 
 def result_row(result) -> dict:
     return {"id": result.id, "path": result.path, "score": float(result.score), "caption": result.caption,
-            "width": result.width, "height": result.height, "captured": result.captured,
-            "thumbnail_url": thumbnail_url(result.id)}
+            "width": result.width, "height": result.height, "captured": result.captured, "tags": list(result.tags),
+            "time": result.time, "thumbnail_url": thumbnail_url(result.id)}

@@ -10,7 +10,9 @@ SCHEMA_VERSION = 1
 
 def names(table: str) -> dict:
     return {"items": table, "meta": f"{table}_meta", "skipped": f"{table}_skipped", "shards": f"{table}_shards",
-            "hnsw": f"{table}_hnsw", "by_hash": f"{table}_hash", "by_path": f"{table}_path", "by_date": f"{table}_captured"}
+            "hnsw": f"{table}_hnsw", "by_hash": f"{table}_hash", "by_path": f"{table}_path",
+            "by_date": f"{table}_captured",
+            "tags": f"{table}_tags", "by_label": f"{table}_tags_label"}
 
 
 def lock_key(table: str, what: str = "") -> str:
@@ -94,6 +96,9 @@ def create(conn, table: str, dim: int, vector: str, config: dict) -> None:
         """CREATE TABLE {skipped} (path text NOT NULL, key text NOT NULL DEFAULT '', size bigint,
             mtime_ns bigint, reason text NOT NULL, message text NOT NULL, PRIMARY KEY (path, key))""",
         "CREATE TABLE {shards} (path text PRIMARY KEY, size bigint NOT NULL, mtime_ns bigint NOT NULL)",
+        """CREATE TABLE {tags} (id bigint NOT NULL REFERENCES {items} (id) ON DELETE CASCADE, label text NOT NULL,
+            score real NOT NULL, PRIMARY KEY (id, label))""",
+        "CREATE INDEX {by_label} ON {tags} (label)",
         """CREATE TABLE {meta} (one boolean PRIMARY KEY DEFAULT true CHECK (one),
             schema_version integer NOT NULL, config jsonb NOT NULL)""",
     ]
@@ -106,7 +111,7 @@ def create(conn, table: str, dim: int, vector: str, config: dict) -> None:
 def drop(conn, table: str) -> None:
     """Drop the index's tables (in the caller's transaction); a table that is not clipforge's is refused by
     ``read_config`` before this is called."""
-    conn.execute(composed("DROP TABLE IF EXISTS {items}, {meta}, {skipped}, {shards}", table))
+    conn.execute(composed("DROP TABLE IF EXISTS {tags}, {items}, {meta}, {skipped}, {shards}", table))
 
 
 def write_config(conn, table: str, config: dict) -> None:

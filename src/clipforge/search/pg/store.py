@@ -121,6 +121,9 @@ class PostgresStore:
         if filters.caption is not None:
             conditions.append("strpos(lower(caption), lower(%s)) > 0")
             params.append(filters.caption)
+        for label in filters.tags:
+            conditions.append("id IN (SELECT id FROM {tags} WHERE label = %s)")
+            params.append(label)
         if min_score is not None:
             conditions.append(f"({column} <#> %s) <= %s")
             params += [q, -float(min_score)]
@@ -166,6 +169,18 @@ class PostgresStore:
         rows = self._run("reading items", lambda conn: conn.execute(self._sql(
             f"SELECT {columns} FROM {{items}} WHERE id = ANY(%s)"), ([int(i) for i in ids],)).fetchall())
         return [Item(*row) for row in rows]
+
+    def tags_of(self, ids: list[int]) -> dict[int, list[tuple[str, float]]]:
+        """Each item's (label, score) tags, best first (items without tags are left out)."""
+        if not ids:
+            return {}
+        rows = self._run("reading tags", lambda conn: conn.execute(self._sql(
+            "SELECT id, label, score FROM {tags} WHERE id = ANY(%s) ORDER BY score DESC, label"),
+            ([int(i) for i in ids],)).fetchall())
+        found: dict[int, list[tuple[str, float]]] = {}
+        for id, label, score in rows:
+            found.setdefault(id, []).append((label, float(score)))
+        return found
 
     float32_bytes = 0
 

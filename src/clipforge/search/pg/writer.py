@@ -97,10 +97,31 @@ class PostgresTarget:
     def writer(self, dim: int, network) -> "PostgresWriter":
         return PostgresWriter(self, network)
 
+    def compact(self) -> dict | None:
+        return None  # a deleted or updated row's space is the server's to reclaim (autovacuum)
+
+    def store_tags(self, info: dict, rows: list[tuple[int, str, float]], ids: list[int] | None = None) -> None:
+        """Replace the tags of ``ids`` (None: of every item) by ``rows`` (id, label, score) and record ``info``
+        in the configuration row, in one transaction; tags of items deleted meanwhile are left out."""
+        with database_errors(self.where, "storing tags"), self.conn.transaction(), self.conn.cursor() as cur:
+            if ids is None:
+                cur.execute(schema.composed("DELETE FROM {tags}", self.table))
+            else:
+                cur.execute(schema.composed("DELETE FROM {tags} WHERE id = ANY(%s)", self.table), (list(ids),))
+            cur.executemany(schema.composed("INSERT INTO {tags} SELECT %s, %s, %s WHERE EXISTS (SELECT 1 FROM {items} "
+                                            "WHERE id = %s)", self.table),
+                            [(i, label, score, i) for i, label, score in rows])
+            config = self.conn.execute(schema.composed("SELECT config FROM {meta} FOR UPDATE", self.table)) \
+                .fetchone()[0]
+            schema.write_config(self.conn, self.table, {**config, "tags": info})
+
     def importer(self) -> "PostgresImporter":
         return PostgresImporter(self)
 
-    def refresh_approximate(self, mode: str) -> dict | None:
+    def refresh_approximate(self, mode: str, max_index_memory: int | None = None) -> dict | None:
+        if mode == "ivfpq":
+            raise ValueError("--approximate ivfpq is the folder store's compressed index; a PostgreSQL index has "
+                             "pgvector's HNSW index: use --approximate always (or auto)")
         with database_errors(self.where, "building the HNSW index"):
             return hnsw.refresh(self.conn, self.table, self.location, mode)
 
@@ -192,6 +213,7 @@ class PostgresWriter(Writer):
         with database_errors(self.target.where, "copying reused vectors"), self.conn.transaction():
             for (entry, digest, donor), caption in zip(chunk, captions):
                 width, height, taken, captured, captured_from = reused(donor, entry)
+                self._drop_tags(entry)
                 found = self.conn.execute(self._sql(_REUSE), (
                     *_columns(entry, digest), width, height, entry.caption, taken, captured, captured_from,
                     self._adapt(caption), donor["id"])).fetchone()
@@ -206,6 +228,7 @@ class PostgresWriter(Writer):
     def _commit(self, records: list, vectors: np.ndarray | None, bad: list = ()) -> None:
         with database_errors(self.target.where, "storing a batch"), self.conn.transaction():
             for (entry, digest, info, caption), vector in zip(records, vectors if vectors is not None else []):
+                self._drop_tags(entry)
                 inserted = self.conn.execute(self._sql(_UPSERT), (
                     *_columns(entry, digest), info[0], info[1], entry.caption, info[2], info[3], info[4],
                     self._adapt(vector), self._adapt(caption))).fetchone()[0]
@@ -213,6 +236,11 @@ class PostgresWriter(Writer):
                 self.conn.execute(self._sql("DELETE FROM {skipped} WHERE path = %s AND key = %s"),
                                   (entry.path, entry.key))
             self._record_bad(bad)
+
+    def _drop_tags(self, entry: Entry) -> None:
+        """The tags of the content a path held: it is about to hold other content (removals cascade)."""
+        self.conn.execute(self._sql("DELETE FROM {tags} WHERE id IN (SELECT id FROM {items} WHERE path = %s AND "
+                                    "key = %s)"), (entry.path, entry.key))
 
     def _record_bad(self, bad) -> None:
         for entry, reason, message in bad:
