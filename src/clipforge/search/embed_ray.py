@@ -68,6 +68,10 @@ def embed_ray(folder: Path, sources: list[str], model: str, options: EmbedOption
 def _run(ray, folder: Path, works: list[Work], todo: list[Work], config: dict, spec: str, random_init: bool,
          preprocess, options: EmbedOptions, actors: int | None, progress: Progress) -> None:
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if not gpus and actors and actors >= cpus:  # each CPU actor holds a CPU for good: decoding would never run
+        raise ValueError(f"--ray-actors {actors} on a cluster of {cpus} CPUs and no GPU leaves no CPU for decoding "
+                         f"the images: use at most {max(1, cpus - 1)} actors, or add CPUs")
     draft = preprocess.config.image_size if options.fast_decode else None
     rows = [{"work": w.to_json()} for w in todo]
     # A row-by-row flat_map before batches of the encoder's size is a pair that Ray Data does not fuse, so the

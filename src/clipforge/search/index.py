@@ -112,6 +112,8 @@ class Index:
     def update(self, sources, **options) -> dict:
         """Update this index from ``sources`` (options as ``build``, with this index's model)."""
         device = options.pop("device", self.device)
+        if "max_index_memory" in options:
+            options["max_index_memory"] = _size(options["max_index_memory"])
         options = BuildOptions(**{"rebuild": False, **options})
         spec, random_init = indexed_spec(self.config)
         self.last_update = build(build_target(self._address), sources, spec, device, options, random_init)

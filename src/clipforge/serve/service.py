@@ -37,12 +37,14 @@ class SearchService:
         return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
 
     def warm_up(self) -> None:
-        """Load the model, run it once and search once, so that the first client waits for neither the
-        model nor the float32 copies of the vectors."""
+        """Load the model, run it once and search once as a client's plain search goes, so that the first client
+        waits for neither the model nor (where exact search answers it) the float32 copies of the vectors."""
         from clipforge.search import Query
         vector = self._compute.submit(self.index.encode_query, Query.from_terms([("text", "a photo")])).result()
         if len(self.index):
-            self._compute.submit(self.index.search, vector, 1, approximate=False).result()
+            # as a client's search goes (the approximate index where there is one): exact search would read every
+            # vector of a large index before the first client is served
+            self._compute.submit(self.index.search, vector, 1).result()
 
     def check_upload(self, data: bytes) -> str:
         """Decode an uploaded image to check it (a ValueError naming what is wrong); returns its upload key."""
