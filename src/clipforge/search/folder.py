@@ -189,24 +189,9 @@ class FolderStore:
         return np.where(positions < 0, -1, ids[np.maximum(positions, 0)]), found  # -1: fewer than k found
 
     def _ids_matching(self, filters: Filters) -> np.ndarray:
-        conditions, params = [], []
-        if filters.folder is not None:
-            conditions.append("substr(path, 1, ?) = ?")
-            params += [len(filters.prefix), filters.prefix]
         if filters.after is not None or filters.before is not None:
             self._need_dates()
-        if filters.after is not None:
-            conditions.append("substr(captured, 1, 19) >= ?")
-            params.append(filters.after)
-        if filters.before is not None:
-            conditions.append("substr(captured, 1, 19) < ?")
-            params.append(filters.before)
-        if filters.caption is not None:
-            conditions.append("instr(lower(caption), lower(?)) > 0")
-            params.append(filters.caption)
-        for label in filters.tags:
-            conditions.append("id IN (SELECT id FROM tags WHERE label = ?)")
-            params.append(label)
+        conditions, params = filters.sql("sqlite")
         with self._lock:
             found = self._db.execute(f"SELECT id FROM items WHERE {' AND '.join(conditions)}", params).fetchall()
         return np.array([r[0] for r in found], dtype=np.int64)

@@ -105,6 +105,28 @@ class Filters:
     def __bool__(self) -> bool:
         return any(v is not None for v in (self.folder, self.after, self.before, self.caption)) or bool(self.tags)
 
+    def sql(self, dialect: str, tags_table: str = "tags") -> tuple[list[str], list]:
+        """The filters as SQL conditions on an items table, with their parameters (every value a parameter,
+        never SQL text): ``dialect`` "sqlite" (``?``) or "postgresql" (``%s``; ``tags_table`` may be a
+        ``psycopg.sql`` placeholder such as ``{tags}``). The same conditions in both stores."""
+        mark, contains = ("?", "instr(lower(caption), lower(?)) > 0") if dialect == "sqlite" else \
+            ("%s", "strpos(lower(caption), lower(%s)) > 0")
+        conditions, params = [], []
+        if self.folder is not None:
+            conditions.append(f"substr(path, 1, {mark}) = {mark}")
+            params += [len(self.prefix), self.prefix]
+        for value, operator in ((self.after, ">="), (self.before, "<")):
+            if value is not None:  # the wall-clock time: the first 19 characters of the ISO 8601 capture time
+                conditions.append(f"substr(captured, 1, 19) {operator} {mark}")
+                params.append(value)
+        if self.caption is not None:
+            conditions.append(contains)
+            params.append(self.caption)
+        for label in self.tags:
+            conditions.append(f"id IN (SELECT id FROM {tags_table} WHERE label = {mark})")
+            params.append(label)
+        return conditions, params
+
 
 _WHEN = re.compile(r"^(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d))?)?$")
 

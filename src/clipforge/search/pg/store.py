@@ -108,22 +108,8 @@ class PostgresStore:
     @staticmethod
     def _where(column: str, q, filters: Filters, min_score: float | None) -> tuple[str, list]:
         """The WHERE clause of a search and its parameters: every value a parameter, never SQL text."""
-        conditions, params = [f"{column} IS NOT NULL"], []
-        if filters.folder is not None:
-            conditions.append("starts_with(path, %s)")
-            params.append(filters.prefix)
-        if filters.after is not None:
-            conditions.append("substr(captured, 1, 19) >= %s")
-            params.append(filters.after)
-        if filters.before is not None:
-            conditions.append("substr(captured, 1, 19) < %s")
-            params.append(filters.before)
-        if filters.caption is not None:
-            conditions.append("strpos(lower(caption), lower(%s)) > 0")
-            params.append(filters.caption)
-        for label in filters.tags:
-            conditions.append("id IN (SELECT id FROM {tags} WHERE label = %s)")
-            params.append(label)
+        conditions, params = filters.sql("postgresql", tags_table="{tags}")
+        conditions.insert(0, f"{column} IS NOT NULL")
         if min_score is not None:
             conditions.append(f"({column} <#> %s) <= %s")
             params += [q, -float(min_score)]
