@@ -82,8 +82,10 @@ def test_text_search_matches_a_direct_computation(client, direct):
     found = _search(client, {"query": "a red circle", "top_k": 8})
     _check_exact(found["results"], direct, direct["text"]("a red circle")[0], 8)
     first = found["results"][0]
-    assert set(first) == {"id", "path", "score", "caption", "width", "height", "captured", "tags", "time", "thumbnail_url"}
-    mtime = datetime.fromtimestamp(os.stat(first["path"]).st_mtime, timezone.utc).astimezone()  # no EXIF date
+    assert set(first) == {"id", "path", "score", "caption", "width", "height", "captured", "tags", "time",
+                          "thumbnail_url"}
+    seconds, ns = divmod(os.stat(first["path"]).st_mtime_ns, 10**9)  # no EXIF date: the mtime, to the microsecond
+    mtime = datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=ns // 1000).astimezone()
     assert first["captured"] == mtime.isoformat()
     assert first["thumbnail_url"] == f"/thumbnails/{first['id']}" and (first["width"], first["height"]) == (96, 96)
 
