@@ -8,7 +8,13 @@ import os
 
 import torch
 
-from clipforge.cli.options import add_device_option, add_json_option, add_model_options, model_spec
+from clipforge.cli.options import (
+    add_decoding_options,
+    add_device_option,
+    add_json_option,
+    add_model_options,
+    model_spec,
+)
 from clipforge.runtime.distributed import cleanup, init_distributed
 from clipforge.search.embed import ENGINES, EmbedOptions, embed
 from clipforge.search.embeddings import DTYPES
@@ -45,15 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"images of a folder or table per partition (default {EmbedOptions.partition_size:,}; "
                              "a shard is one partition)")
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="the stored vectors' type (default float16)")
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                        help="leave out folder paths matching GLOB (relative to the folder; repeatable)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once (default 64)")
-    parser.add_argument("--workers", type=int, default=_default_workers(),
-                        help=f"DataLoader processes decoding images (default {_default_workers()}: cores - 1)")
-    parser.add_argument("--threads", type=int, help="torch threads for encoding (default: all cores)")
-    parser.add_argument("--max-pixels", type=int, help="skip images with more pixels (default 89,478,485)")
-    parser.add_argument("--fast-decode", action="store_true",
-                        help="decode JPEGs at reduced scale (draft mode): faster, slightly different vectors")
+    add_decoding_options(parser)
     parser.add_argument("--rebuild", action="store_true", help="discard the folder's embeddings and start over")
     parser.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster (default: RAY_ADDRESS, else a new "
                                                               "local one)")
@@ -62,10 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_option(parser)
-
-
-def _default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def run(args: argparse.Namespace) -> int:

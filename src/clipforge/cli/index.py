@@ -7,7 +7,13 @@ import os
 
 import torch
 
-from clipforge.cli.options import add_device_option, add_json_option, add_model_options, model_spec
+from clipforge.cli.options import (
+    add_decoding_options,
+    add_device_option,
+    add_json_option,
+    add_model_options,
+    model_spec,
+)
 from clipforge.runtime.distributed import cleanup, init_distributed
 from clipforge.search import Index, is_database_url
 from clipforge.search.approximate import describe
@@ -64,15 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add the vectors and metadata of an embeddings folder (clipforge embed's output) to "
                              "--index as they are, instead of indexing SOURCEs")
     add_model_options(parser, required=False)
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                        help="leave out folder paths matching GLOB (relative to the folder; repeatable)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once (default 64)")
-    parser.add_argument("--workers", type=int, default=_default_workers(),
-                        help=f"DataLoader processes decoding images (default {_default_workers()}: cores - 1)")
-    parser.add_argument("--threads", type=int, help="torch threads for encoding (default: all cores)")
-    parser.add_argument("--max-pixels", type=int, help="skip images with more pixels (default 89,478,485)")
-    parser.add_argument("--fast-decode", action="store_true",
-                        help="decode JPEGs at reduced scale (draft mode): faster, slightly different vectors")
+    add_decoding_options(parser)
     parser.add_argument("--approximate", choices=["auto", "always", "never", "ivfpq"], default="auto",
                         help="build an approximate index too (a folder: faiss IVF-Flat, inverted lists over k-means "
                              "cells beside the exact vectors; PostgreSQL: pgvector HNSW): always, never, or auto "
@@ -104,10 +102,6 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
 """The options every subcommand shares, each defined once with one help text: the model (``--model``,
 ``--pretrained``, ``--random-init``, read by the model-spec rule of ``clipforge.io.spec``), ``--device``,
-``--precision`` and ``--json``; and loading the model the parsed options name."""
+``--precision``, ``--json``, the image decoding of ``index`` and ``embed``; and loading the model the parsed options name."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable
 
 import torch
@@ -60,3 +61,22 @@ def load_model(args: argparse.Namespace, **options) -> tuple[torch.nn.Module, Ca
     options.setdefault("device", getattr(args, "device", None))
     options.setdefault("precision", getattr(args, "precision", None))
     return load(model_spec(args), **options)
+
+
+def default_workers() -> int:
+    """DataLoader processes decoding images: one core is left to encoding (at least 1, at most 8)."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """How ``index`` and ``embed`` list, decode and encode images: ``--exclude``, ``--batch-size``,
+    ``--workers``, ``--threads``, ``--max-pixels``, ``--fast-decode``."""
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                        help="leave out folder paths matching GLOB (relative to the folder; repeatable)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once (default 64)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help=f"DataLoader processes decoding images (default {default_workers()}: cores - 1)")
+    parser.add_argument("--threads", type=int, help="torch threads for encoding (default: all cores)")
+    parser.add_argument("--max-pixels", type=int, help="skip images with more pixels (default 89,478,485)")
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="decode JPEGs at reduced scale (draft mode): faster, slightly different vectors")

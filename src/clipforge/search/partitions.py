@@ -19,7 +19,7 @@ from clipforge.data.sources import source_kind
 from clipforge.encode import encode_texts
 from clipforge.search import embeddings
 from clipforge.search.embeddings import PartitionData
-from clipforge.search.plan import Entry, list_sources
+from clipforge.search.plan import Entry, content_digest, list_sources
 
 # What must match for a rerun to continue a folder, and how the refusal names it.
 _RESUME_KEYS = {"format": "format", "format_version": "format version", "model": "model",
@@ -172,7 +172,7 @@ class HashedImages(DescribedImages):
         try:
             data = read_image_bytes(ref)
             img = load_image(data, self.max_pixels, self.draft_size, name=str(ref))
-            return i, self.preprocess(img), (image_info(img), hashlib.blake2b(data, digest_size=16).hexdigest()), None
+            return i, self.preprocess(img), (image_info(img), content_digest(data)), None
         except BadSample as e:
             return i, None, None, (e.reason, str(e))
         except (OSError, ValueError) as e:  # preprocessing refusing a decoded image

@@ -126,6 +126,15 @@ def _list_shard(source: str, shard: str, catalog, listing: Listing) -> None:
                               s.member.offset) for s in images]
 
 
+def _digest(data: bytes = b""):
+    return hashlib.blake2b(data, digest_size=16)
+
+
+def content_digest(data: bytes) -> str:
+    """The content hash an index (and an embeddings folder) records: BLAKE2b-128 of the encoded bytes, hex."""
+    return _digest(data).hexdigest()
+
+
 def content_hash(entry: Entry) -> str | tuple[str, str]:
     """BLAKE2b-128 (hex) of the entry's encoded bytes, or (reason, message) if they cannot be read. A video
     is read in pieces: it may be larger than memory."""
@@ -133,10 +142,10 @@ def content_hash(entry: Entry) -> str | tuple[str, str]:
         if entry.video:
             try:
                 with open(entry.path, "rb") as f:
-                    return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+                    return hashlib.file_digest(f, _digest).hexdigest()
             except OSError as e:
                 return "unreadable_file", f"cannot read video {entry.path}: {e.strerror or e}"
-        return hashlib.blake2b(read_image_bytes(entry.ref), digest_size=16).hexdigest()
+        return content_digest(read_image_bytes(entry.ref))
     except BadSample as e:
         return e.reason, str(e)
 
