@@ -27,7 +27,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# The inner loop: the tests not marked slow (under 2 minutes on 2 cores).
+# The inner loop: the tests not marked slow (2 to 2.5 minutes on 2 cores).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 

@@ -29,6 +29,7 @@ def exported(request, tmp_path_factory):
     return model, folder
 
 
+@pytest.mark.slow
 def test_the_int8_folder_describes_itself_like_the_float32_one(exported):
     model, int8 = exported
     expected_files = {IMAGE_FILE, TEXT_FILE, META_FILE, *hf_tokenizer_files(model.context_length)}

@@ -362,6 +362,7 @@ def _expected_tags(index, labels, threshold, top):
     return expected, scores
 
 
+@pytest.mark.slow
 def test_tags_are_the_classifiers_and_filter_searches(tmp_path, index_at, photos, one_thread):
     from clipforge.cli import main
     labels = ["a red thing", "a green thing", "a blue thing", "a yellow thing"]
