@@ -1,9 +1,10 @@
 """Search benchmarks: indexing throughput against a plain OpenCLIP loop, and top-10 latency over many vectors.
 
-``index``: JPEG photos of mixed sizes (long side 256 to 4000 px), ViT-B/32 fp32 on the CPU with the same
+``index``: JPEG photos of mixed sizes (long side 256 to 4000 px), ViT-B/32 on the CPU with the same
 (random) weights in both libraries, the same DataLoader workers and batch size; ``clipforge index`` (exact
-OpenAI preprocessing, hashing, SQLite, fsync included) against OpenCLIP's model and preprocessing in a plain
-loop, and ``--fast-decode`` (JPEG draft decoding) with its top-10 overlap with the exact index.
+OpenAI preprocessing, hashing, SQLite, fsync included; fp32, and ``--precision int8``) against OpenCLIP's
+fp32 model and preprocessing in a plain loop, each also with ``--fast-decode`` (JPEG draft decoding); the
+variants' top-10 overlap with the exact fp32 index.
 ``vectors``: a synthetic index of clustered unit vectors (d = 512): exact top-10 latency for 1 and 16
 queries, the process's resident memory, and the approximate index's recall@10 and speed-up.
 Usage: ``PYTHONPATH=src python bench/bench_search.py [--parts index vectors] [--quick] [--json out.json]``.
@@ -74,21 +75,22 @@ def open_clip_loop(model_dir: Path, paths: list[Path], workers: int, batch_size:
 
 
 def clipforge_index(model_dir: Path, photos: Path, out: Path, workers: int, batch_size: int,
-                    fast_decode: bool) -> tuple[float, Index]:
+                    fast_decode: bool, precision: str = "fp32") -> tuple[float, Index]:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     index = Index.build(out, [photos], model=str(model_dir), device="cpu", workers=workers, batch_size=batch_size,
-                        progress=False, fast_decode=fast_decode, approximate="never")
+                        progress=False, fast_decode=fast_decode, approximate="never", precision=precision)
     return time.perf_counter() - start, index
 
 
 def top10_overlap(exact: Index, other: Index) -> float:
-    """Mean share of each exact top-10 ("more like this" on every item) that ``other`` also returns."""
-    ids = [int(i) for i in exact._ids]
-    queries = np.stack([exact._vector("images", exact.item(i).row) for i in ids]).astype(np.float32)
+    """Mean share of each exact top-10 ("more like this" on every item, by path) that ``other`` also returns."""
+    queries = exact.vectors(exact.ids())
+    path = {index: {int(i): index.item(int(i)).path for i in index.ids()} for index in (exact, other)}
     a, _ = exact.search_batch(queries, 10)
     b, _ = other.search_batch(queries, 10)
-    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)]))
+    return float(np.mean([len({path[exact][i] for i in x} & {path[other][i] for i in y}) / 10
+                          for x, y in zip(a, b)]))
 
 
 def bench_index(count: int, workers: int, batch_size: int, rounds: int) -> list[dict]:
@@ -100,15 +102,18 @@ def bench_index(count: int, workers: int, batch_size: int, rounds: int) -> list[
         model_dir = save(create_model("ViT-B-32"), tmp / "vit-b-32")
         for p in paths:  # same page cache for everyone
             p.read_bytes()
-        times = {"clipforge": [], "clipforge --fast-decode": [], "open_clip": []}
+        variants = {"clipforge": ("exact", False, "fp32"), "clipforge --fast-decode": ("fast", True, "fp32"),
+                    "clipforge --precision int8": ("int8", False, "int8"),
+                    "clipforge --precision int8 --fast-decode": ("int8-fast", True, "int8")}
+        times = {name: [] for name in [*variants, "open_clip"]}
         for _ in range(rounds):
-            times["clipforge"].append(clipforge_index(model_dir, tmp / "photos", tmp / "exact", workers,
-                                                      batch_size, False)[0])
-            times["clipforge --fast-decode"].append(clipforge_index(model_dir, tmp / "photos", tmp / "fast",
-                                                                    workers, batch_size, True)[0])
+            for name, (folder, fast, precision) in variants.items():
+                times[name].append(clipforge_index(model_dir, tmp / "photos", tmp / folder, workers, batch_size,
+                                                   fast, precision)[0])
             if optional_import("open_clip") is not None:
                 times["open_clip"].append(open_clip_loop(model_dir, paths, workers, batch_size))
-        overlap = top10_overlap(Index.open(tmp / "exact"), Index.open(tmp / "fast"))
+        overlaps = {name: top10_overlap(Index.open(tmp / "exact"), Index.open(tmp / folder))
+                    for name, (folder, _, _) in variants.items() if folder != "exact"}
         reference = statistics.median(times["open_clip"]) if times["open_clip"] else None
         for impl, ts in times.items():
             if ts:
@@ -117,7 +122,7 @@ def bench_index(count: int, workers: int, batch_size: int, rounds: int) -> list[
                              "rounds_s": [round(t, 2) for t in ts],
                              "images_per_s": round(count / seconds, 2),
                              "vs_open_clip": round(reference / seconds, 2) if reference else None,
-                             **({"top10_overlap_with_exact": round(overlap, 4)} if "fast" in impl else {})})
+                             **({"top10_overlap_with_exact": round(overlaps[impl], 4)} if impl in overlaps else {})})
     return rows
 
 

@@ -5,8 +5,10 @@ generated JPEGs, then grown to ``--items`` rows of random unit vectors written i
 format (``clipforge.search.store``), each row pointing at one of the real images. The service runs in its own
 process (the ``clipforge serve`` command); the reference, measured in the same run and interleaved query by
 query, is the library called directly in this process (``Index.encode_query`` + ``Index.search``, holding the
-service's float32 copies of the vectors too): the ratio is what HTTP, JSON and the service add. Then 16 concurrent clients measure throughput.
-Usage: ``python bench/bench_serve.py [--items 100000] [--queries 100] [--concurrent-requests 400] [--json out.json]``.
+service's in-RAM copies of the vectors too): the ratio is what HTTP, JSON and the service add. Then 16 concurrent clients measure throughput.
+``--precision int8`` builds the index in int8, so that the service encodes its queries in int8.
+Usage: ``python bench/bench_serve.py [--items 100000] [--queries 100] [--concurrent-requests 400]
+[--precision fp32|int8] [--json out.json]``.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def queries(n: int) -> list[str]:
     return [f"a photo of a {COLOURS[i % 8]} {SHAPES[i // 8 % 6]} {PLACES[i // 48 % 5]} number {i}" for i in range(n)]
 
 
-def build_index(folder: Path, items: int, seed: int = 0, clusters: int | None = None) -> Path:
+def build_index(folder: Path, items: int, seed: int = 0, clusters: int | None = None,
+                precision: str = "fp32") -> Path:
     """A ViT-B/32 (random weights) index of 32 real JPEGs, grown to ``items`` rows of random unit vectors
     (``clusters``: drawn around that many random centres, as real image embeddings gather by content;
     uniformly random unit vectors in 512 dimensions are all about equally far apart, the worst case for a
@@ -56,7 +59,7 @@ def build_index(folder: Path, items: int, seed: int = 0, clusters: int | None = 
     for i in range(32):
         shapes.image(i).save(photos / f"{i:05d}.jpg", quality=90)
     index_dir = folder / "index"
-    Index.build(index_dir, [str(photos)], model=str(folder / "model"), progress=False).close()
+    Index.build(index_dir, [str(photos)], model=str(folder / "model"), progress=False, precision=precision).close()
     _grow(index_dir, items, np.random.default_rng(seed), clusters=clusters)
     return index_dir
 
@@ -142,12 +145,13 @@ def concurrent(base: str, texts: list[str], clients: int = 16) -> tuple[float, l
     return time.perf_counter() - start, [t for t, _ in outcomes], sum(s != 200 for _, s in outcomes)
 
 
-def run(items: int = 100_000, n_queries: int = 100, concurrent_requests: int = 400) -> dict:
+def run(items: int = 100_000, n_queries: int = 100, concurrent_requests: int = 400, precision: str = "fp32") -> dict:
     texts = queries(n_queries + concurrent_requests + 5)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        index_dir = build_index(Path(tmp), items)
-        print(f"built a {items:,}-item ViT-B/32 index in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        index_dir = build_index(Path(tmp), items, precision=precision)
+        print(f"built a {items:,}-item ViT-B/32 {precision} index in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr)
         process, base = start_child(index_dir)
         try:
             index = Index.open(index_dir, device="cpu", float32_mib=DEFAULT_FLOAT32_MIB)
@@ -161,7 +165,7 @@ def run(items: int = 100_000, n_queries: int = 100, concurrent_requests: int = 4
             process.terminate()
             process.wait(timeout=60)
     library, http = statistics.median(times["library"]), statistics.median(times["http"])
-    return {"items": items, "model": "ViT-B/32 (random weights)", "queries": n_queries,
+    return {"items": items, "model": "ViT-B/32 (random weights)", "precision": precision, "queries": n_queries,
             "http_p50_ms": 1000 * http, "http_p99_ms": 1000 * percentile(times["http"], 0.99),
             "library_p50_ms": 1000 * library, "http_vs_library": http / library,
             "concurrent_clients": 16, "concurrent_requests": concurrent_requests,
@@ -176,10 +180,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=100, help="sequential queries timed (default 100)")
     parser.add_argument("--concurrent-requests", type=int, default=400, help="requests from 16 clients (default 400)")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="the index's (and so its queries') precision (default fp32)")
     parser.add_argument("--json", help="write the figures and the environment here")
     args = parser.parse_args()
-    figures = run(args.items, args.queries, args.concurrent_requests)
-    print(f"text query through HTTP, {figures['items']:,} items, {figures['model']}, top 10:")
+    figures = run(args.items, args.queries, args.concurrent_requests, args.precision)
+    print(f"text query through HTTP, {figures['items']:,} items, {figures['model']}, {figures['precision']}, top 10:")
     print(f"  one client:  p50 {figures['http_p50_ms']:.1f} ms, p99 {figures['http_p99_ms']:.1f} ms; library called "
           f"directly p50 {figures['library_p50_ms']:.1f} ms (HTTP / library {figures['http_vs_library']:.2f}x)")
     print(f"  16 clients:  {figures['concurrent_queries_per_s']:.1f} queries/s, p50 {figures['concurrent_p50_ms']:.0f} "

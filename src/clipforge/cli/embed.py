@@ -13,6 +13,7 @@ from clipforge.cli.options import (
     add_device_option,
     add_json_option,
     add_model_options,
+    add_precision_option,
     model_spec,
 )
 from clipforge.runtime.distributed import cleanup, init_distributed
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-actors", type=int, metavar="N",
                         help="encoding actors on Ray (default: one per GPU of the cluster, else one)")
     add_device_option(parser)
+    add_precision_option(parser, "embed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_option(parser)
 
@@ -76,12 +78,12 @@ def run(args: argparse.Namespace) -> int:
         if os.environ.get("WORLD_SIZE", "1") != "1":
             raise ValueError("--engine ray runs from one process; start it without torchrun")
         result = embed(args.output, args.sources, spec.text, options, random_init=spec.random_init, engine="ray",
-                       ray_address=args.ray_address, ray_actors=args.ray_actors)
+                       ray_address=args.ray_address, ray_actors=args.ray_actors, precision=args.precision or "fp32")
     else:
         env = init_distributed(args.device or "auto")
         try:
             result = embed(args.output, args.sources, spec.text, options, device=args.device,
-                           random_init=spec.random_init)
+                           random_init=spec.random_init, precision=args.precision or "fp32")
         finally:
             cleanup(env)
     if result:  # rank 0's (the other ranks return none)

@@ -12,6 +12,7 @@ from clipforge.cli.options import (
     add_device_option,
     add_json_option,
     add_model_options,
+    add_precision_option,
     model_spec,
 )
 from clipforge.runtime.distributed import cleanup, init_distributed
@@ -93,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --watch, an incremental run at least every S seconds, events or not: file "
                              "systems that send none, such as network shares (default 300)")
     add_device_option(parser)
+    add_precision_option(parser, "index")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_option(parser)
 
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
                             workers=args.workers, exclude=args.exclude, max_pixels=args.max_pixels,
                             rebuild=args.rebuild, progress=not args.no_progress, fast_decode=args.fast_decode,
                             approximate=args.approximate, random_init=random_init,
-                            max_index_memory=args.max_index_memory, **_video_options(args))
+                            max_index_memory=args.max_index_memory, precision=args.precision,
+                            **_video_options(args))
     finally:
         cleanup(env)
     if env.is_master:
@@ -148,7 +151,7 @@ def _watch(args: argparse.Namespace, model: str, random_init: bool) -> int:
         raise ValueError(f"--rescan-interval must be positive, got {args.rescan_interval}")
     options = dict(device=args.device, batch_size=args.batch_size, workers=args.workers, exclude=args.exclude,
                    max_pixels=args.max_pixels, progress=False, fast_decode=args.fast_decode,
-                   approximate=args.approximate, **_video_options(args))
+                   approximate=args.approximate, precision=args.precision, **_video_options(args))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
@@ -182,9 +185,10 @@ def _copy(args: argparse.Namespace) -> int:
     option = "--copy-from" if args.copy_from is not None else "--from-embeddings"
     if args.copy_from is not None and args.from_embeddings is not None:
         raise ValueError("give --copy-from or --from-embeddings, not both")
-    if args.sources or args.model is not None or args.pretrained is not None or args.random_init:
-        raise ValueError(f"{option} takes vectors as they are: give no SOURCEs and no --model (the index keeps the "
-                         f"model that made them); index new images into it afterwards")
+    if (args.sources or args.model is not None or args.pretrained is not None or args.random_init
+            or args.precision is not None):
+        raise ValueError(f"{option} takes vectors as they are: give no SOURCEs, --model or --precision (the index "
+                         f"keeps the model and precision that made them); index new images into it afterwards")
     if args.copy_from is not None:
         index = Index.copy(args.copy_from, args.index, rebuild=args.rebuild, approximate=args.approximate,
                            progress=not args.no_progress, max_index_memory=args.max_index_memory)

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from typing import Callable
+import sys
+import warnings
+from typing import Callable, Iterator
 
 import torch
 
 from clipforge.io.factory import PRECISIONS, load
 from clipforge.io.spec import ModelSpec, resolve_spec
+from clipforge.search.model import PRECISIONS as INDEX_PRECISIONS
 
 MODEL_HELP = ("the model: a name with weights (ViT-B/32, RN50, ...), an architecture and pretrained tag in one "
               "string (ViT-H-14:laion2b_s32b_b79k), a saved model folder or checkpoint file, a training run "
@@ -39,9 +43,24 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help=DEVICE_HELP)
 
 
-def add_precision_option(parser: argparse.ArgumentParser) -> None:
-    """``--precision``: the model's weights and arithmetic (``clipforge.load``'s ``precision``)."""
-    parser.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+INDEX_PRECISION_HELP = {
+    "index": "how images and captions are encoded: fp32, or int8 (CPU only: int8 linear layers, faster, vectors "
+             "within a cosine of about 0.99 of fp32's). The index records it and holds one kind. Default: the "
+             "existing index's, else fp32",
+    "embed": "how images and captions are encoded: fp32, or int8 (CPU only: int8 linear layers, faster, vectors "
+             "within a cosine of about 0.99 of fp32's; recorded in embeddings.json). Default: fp32",
+    "queries": "how text and image queries are encoded: fp32 or int8 (CPU only). Default: as the index's vectors "
+               "were (fp32 on a GPU); the other one is allowed, and said once, since results can differ slightly",
+}
+
+
+def add_precision_option(parser: argparse.ArgumentParser, role: str | None = None) -> None:
+    """``--precision``: the model's weights and arithmetic (``clipforge.load``'s ``precision``); for ``role``
+    "index", "embed" or "queries", the precisions an index's vectors and queries take (fp32, int8)."""
+    if role is None:
+        parser.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    else:
+        parser.add_argument("--precision", choices=INDEX_PRECISIONS, help=INDEX_PRECISION_HELP[role])
 
 
 def add_json_option(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup) -> None:
@@ -61,6 +80,16 @@ def load_model(args: argparse.Namespace, **options) -> tuple[torch.nn.Module, Ca
     options.setdefault("device", getattr(args, "device", None))
     options.setdefault("precision", getattr(args, "precision", None))
     return load(model_spec(args), **options)
+
+
+@contextlib.contextmanager
+def console_warnings(command: str) -> Iterator[None]:
+    """Within the block, a warning prints as one line, ``clipforge COMMAND: warning: MESSAGE``, on stderr (once
+    per place it is raised from, Python's default), rather than with the file and line that raised it."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_args, **_kwargs: print(
+            f"clipforge {command}: warning: {message}", file=sys.stderr, flush=True)
+        yield
 
 
 def default_workers() -> int:

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import json
 
-from clipforge.cli.options import add_device_option, add_json_option
+from clipforge.cli.options import add_device_option, add_json_option, add_precision_option, console_warnings
 from clipforge.search import Index
 
 HELP = """Search an index built by `clipforge index` (a folder, or a postgresql:// URL).
@@ -22,7 +22,8 @@ query (labels given by `clipforge tag`; _ for a space). A frame of an indexed vi
 
 Output: score, id and path (shard.tar:key inside a shard) per line (and the capture time with --sort date or a
 date filter), or --json (a list of results), or --paths-only for piping (e.g. into xargs). Queries are encoded
-with the model the index was built with (its config.json or configuration row), on --device. In PostgreSQL,
+with the model the index was built with (its config.json or configuration row), on --device, in the precision
+its vectors were encoded in (fp32 or int8; --precision chooses, and a mismatch is said once). In PostgreSQL,
 search and filters run in the database."""
 
 EXAMPLES = """examples:
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_option(output)
     output.add_argument("--paths-only", action="store_true", help="print only the paths, one per line")
     add_device_option(parser)
+    add_precision_option(parser, "queries")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top must be at least 1 and --offset at least 0, got {args.top} and {args.offset}")
     if args.dedup is not None and not -1 <= args.dedup <= 1:
         raise ValueError(f"--dedup is a cosine similarity between -1 and 1, got {args.dedup}")
-    with Index.open(args.index, device=args.device) as index:
+    with console_warnings("search"), Index.open(args.index, device=args.device, precision=args.precision) as index:
         results = index.search(" ".join(args.query), top_k=args.top, offset=args.offset, folder=args.folder,
                                min_score=args.min_score, dedup=args.dedup, captions=args.captions,
                                approximate=False if args.exact else None, after=args.after, before=args.before,

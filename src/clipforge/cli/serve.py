@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from clipforge.cli.options import add_device_option
+from clipforge.cli.options import add_device_option, add_precision_option, console_warnings
 
 HELP = """Serve an index (a folder, or a postgresql:// URL) over HTTP: a web page at / to search by text, by image or by
 example, and a JSON API (POST /api/search, GET /api/items/ID, GET /thumbnails/ID, GET /healthz, GET /metrics;
@@ -37,10 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a web origin (e.g. http://192.168.1.5:3005) besides this machine's whose pages may "
                              "call clip-retrieval's routes (/knn-service, /metadata, /indices-list); repeatable")
     add_device_option(parser)
+    add_precision_option(parser, "queries")
     parser.add_argument("--float32-mib", type=float, default=1024, metavar="MIB",
-                        help="RAM for float32 copies of the vectors, which exact search scans without widening "
-                             "them per query (default 1024; an index of N vectors of size D needs N*D*4 bytes; "
-                             "0 reads every query from the float16 files)")
+                        help="RAM for copies of the vectors that make exact search faster: an int8 screen "
+                             "(N*(D+8) bytes for N vectors of size D, from 32,768 vectors) and float32 copies "
+                             "(N*D*4 bytes) in what is left (default 1024; 0 reads every query from the float16 "
+                             "files)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="uvicorn's log level (default warning; info logs each request)")
 
@@ -64,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
                            max_pixels=args.max_pixels, cache_dir=args.cache_dir,
                            cors_origins=tuple(args.cors_origin))
     try:
-        serve(args.index, host=args.host, port=args.port, options=options, device=args.device,
-              log_level=args.log_level, float32_mib=args.float32_mib)
+        with console_warnings("serve"):
+            serve(args.index, host=args.host, port=args.port, options=options, device=args.device,
+                  log_level=args.log_level, float32_mib=args.float32_mib, precision=args.precision)
     except KeyboardInterrupt:
         pass
     return 0

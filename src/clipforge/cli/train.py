@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import warnings
 
 HELP = """Train or fine-tune a CLIP model on image-caption pairs, or an image-only model: --loss bow (predict the
 caption's words), caption (generate it), classify (class labels of a labelled set).
@@ -36,16 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show the full traceback of an error")
 
 
-def _show_warning(message, *_args, **_kwargs) -> None:
-    print(f"clipforge train: warning: {message}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
+    from clipforge.cli.options import console_warnings
     from clipforge.train import train
     from clipforge.train.config import config_from_args
 
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+    with console_warnings("train"):
         result = train(config_from_args(args))
     summary = {"step": result["step"], "checkpoint": result["checkpoint"],
                "loss": result["train"].get("loss"), **{f"val_{k}": v for k, v in result["val"].items()}}

@@ -21,7 +21,7 @@ from clipforge.models.clip import CLIP
 from clipforge.models.layers import MLP, Attention, Transformer, attend
 from clipforge.models.resnet import AttentionPool2d
 
-__all__ = ["INT8_DEVICE_ERROR", "is_int8", "quantize_int8"]
+__all__ = ["INT8_DEVICE_ERROR", "input_levels", "is_int8", "pack_rows", "quantize_int8", "quantize_rows"]
 
 _PACKING = threading.Lock()
 INT8_DEVICE_ERROR = ("precision 'int8' runs on the CPU only (PyTorch's dynamically quantised int8 kernels have "
@@ -68,14 +68,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, engine: str | None = None):
         super().__init__()
-        with _quiet_quantization():
-            from torch.ao.quantization import per_channel_dynamic_qconfig
-            observer = per_channel_dynamic_qconfig.weight()
-            observer(weight.detach().float())
-            scale, zero_point = observer.calculate_qparams()
-            quantized = torch.quantize_per_channel(weight.detach().float(), scale.float(), zero_point, 0, torch.qint8)
-        self.register_buffer("weight", quantized.int_repr())  # (out, in) int8, symmetric: zero points are 0
-        self.register_buffer("weight_scale", scale.float())  # (out,)
+        values, scale = quantize_rows(weight)
+        self.register_buffer("weight", values)  # (out, in) int8, symmetric: zero points are 0
+        self.register_buffer("weight_scale", scale)  # (out,)
         self.register_buffer("bias", bias.detach().float().clone())  # (out,)
         self.engine = engine or torch.backends.quantized.engine
         self._packed: tuple[torch.ScriptObject, bool] | None = self._pack()
@@ -89,11 +84,7 @@ class Int8Linear(nn.Module):
     def _pack(self) -> tuple[torch.ScriptObject, bool]:
         if self.weight.device.type != "cpu":
             raise RuntimeError(INT8_DEVICE_ERROR)
-        # the engine is process-wide: one layer packs at a time, so concurrent first calls cannot mix engines
-        with _PACKING, _quiet_quantization(), _engine(self.engine):
-            zero_point = torch.zeros_like(self.weight_scale, dtype=torch.long)
-            quantized = torch._make_per_channel_quantized_tensor(self.weight, self.weight_scale.double(), zero_point, 0)
-            return torch.ops.quantized.linear_prepack(quantized, self.bias.float()), not _has_vnni()
+        return pack_rows(self.weight, self.weight_scale, self.bias, self.engine)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_packed": None}
@@ -108,6 +99,39 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, engine={self.engine}"
+
+
+def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values int8 (out, in), scales float32 (out,)) of a float matrix, one symmetric scale per row (PyTorch's
+    per-channel dynamic qconfig): row i is about ``values[i] * scales[i]``."""
+    with _quiet_quantization():
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+        observer = per_channel_dynamic_qconfig.weight()
+        observer(matrix.detach().float())
+        scale, zero_point = observer.calculate_qparams()
+        quantized = torch.quantize_per_channel(matrix.detach().float(), scale.float(), zero_point, 0, torch.qint8)
+    return quantized.int_repr(), scale.float()
+
+
+def pack_rows(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
+              engine: str | None = None) -> tuple[torch.ScriptObject, bool]:
+    """(packed weight, reduce_range) for ``torch.ops.quantized.linear_dynamic(x, packed, reduce_range)``, which
+    computes ``x̂ @ (values * scales).T + bias`` with ``x̂`` the input quantised to 8 bits (7 with reduce_range,
+    on CPUs without AVX-512 VNNI) from its own range: per element at most half a step, the step
+    ``(max(x, 0) - min(x, 0)) / input_levels(reduce_range)``."""
+    if values.device.type != "cpu":
+        raise RuntimeError(INT8_DEVICE_ERROR)
+    # the engine is process-wide: one layer packs at a time, so concurrent first calls cannot mix engines
+    with _PACKING, _quiet_quantization(), _engine(engine or torch.backends.quantized.engine):
+        zero_point = torch.zeros_like(scales, dtype=torch.long)
+        quantized = torch._make_per_channel_quantized_tensor(values, scales.double(), zero_point, 0)
+        return torch.ops.quantized.linear_prepack(quantized, bias.float()), not _has_vnni()
+
+
+def input_levels(reduce_range: bool) -> int:
+    """The steps between the smallest and largest input value that the int8 product quantises to (uint8: 255;
+    127 with reduce_range)."""
+    return 127 if reduce_range else 255
 
 
 class Int8Attention(nn.Module):

@@ -28,7 +28,7 @@ from clipforge.data.exif import mtime_capture
 from clipforge.encode import encode_images, encode_texts
 from clipforge.runtime.distributed import DistEnv, barrier, gather_objects, init_distributed
 from clipforge.search.approximate import check_mode
-from clipforge.search.model import load_model, model_identity, model_name
+from clipforge.search.model import indexed_precision, load_model, model_identity, model_name
 from clipforge.search.plan import Entry, Plan, frame_key, hash_all, list_sources, resolve, resolve_sources, triage
 from clipforge.search.records import captured_columns
 
@@ -90,17 +90,21 @@ class Target(Protocol):
 
 
 def build(target: Target, sources, model: str, device: str | None, options: BuildOptions,
-          random_init: bool = False) -> dict:
+          random_init: bool = False, precision: str | None = None) -> dict:
     """Create or incrementally update the index ``target`` with the model spec ``model`` (``random_init``:
-    seed-0 random weights); returns the run's summary (rank 0's)."""
+    seed-0 random weights) in ``precision`` ("fp32" or "int8"; None: the existing index's, else "fp32");
+    returns the run's summary (rank 0's)."""
     sources = resolve_sources(sources)
     check_mode(options.approximate)
     env = init_distributed(device or "auto")
-    network, preprocess = load_model(str(model), env.device, random_init)
+    if precision is None:
+        config = None if options.rebuild else target.read_config()
+        precision = indexed_precision(config or {})
+    network, preprocess = load_model(str(model), env.device, random_init, precision)
     try:
         with (target.lock_sources(sources) if env.is_master else contextlib.nullcontext()):
-            model_check = (_ModelCheck(target, str(model), network, preprocess, options.rebuild, random_init)
-                           if env.is_master else None)
+            model_check = (_ModelCheck(target, str(model), network, preprocess, options.rebuild, random_init,
+                                       precision) if env.is_master else None)
             barrier(env)
             plan = _plan(target, sources, options, env)
             summary = _run(target, plan, network, preprocess, model_check, options, env)
@@ -123,12 +127,14 @@ class _ModelCheck:
     computed at once, so that a wrong model is refused before the sources are listed.
     """
 
-    def __init__(self, target: Target, spec: str, network, preprocess, rebuild: bool, random_init: bool = False):
+    def __init__(self, target: Target, spec: str, network, preprocess, rebuild: bool, random_init: bool = False,
+                 precision: str = "fp32"):
         self.target, self._args = target, (spec, network, preprocess, random_init)
         target.prepare(rebuild)
         self.config = target.read_config()
         self.identity = None
-        if self.config is not None and self.config["model"] != model_name(spec, random_init):
+        if self.config is not None and (self.config["model"] != model_name(spec, random_init)
+                                        or indexed_precision(self.config) != precision):
             self.settle()
 
     def settle(self) -> dict:
@@ -141,6 +147,13 @@ class _ModelCheck:
                                  f"(weights sha256 {config['weights_sha256'][:12]}), not {identity['model']} "
                                  f"(sha256 {identity['weights_sha256'][:12]}); use that model, or --rebuild to "
                                  f"start over")
+            if indexed_precision(config) != indexed_precision(identity):
+                raise ValueError(f"the index in {self.target.location} holds vectors encoded in "
+                                 f"{indexed_precision(config)}, and this run encodes in "
+                                 f"{indexed_precision(identity)}: vectors of both in one index would rank slightly "
+                                 f"differently. Leave --precision out (or pass --precision "
+                                 f"{indexed_precision(config)}) to add to it, or --rebuild to start over in "
+                                 f"{indexed_precision(identity)}")
             self.identity = identity
         return self.identity
 

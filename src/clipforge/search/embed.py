@@ -39,14 +39,15 @@ ENGINES = ("local", "ray")
 
 def embed(folder: str | os.PathLike, sources, model: str, options: EmbedOptions = EmbedOptions(),
           device: str | None = None, random_init: bool = False, engine: str = "local",
-          ray_address: str | None = None, ray_actors: int | None = None) -> dict:
+          ray_address: str | None = None, ray_actors: int | None = None, precision: str = "fp32") -> dict:
     """Embed the images of ``sources`` (image folders, CSV/TSV files, WebDataset shards) with the model spec
     ``model`` into the embeddings folder ``folder``; returns the summary (``summary``; rank 0's under torchrun,
     ``{}`` on the other ranks).
 
     ``engine``: "local" (this process, or under torchrun each rank its own partitions, ``n % world_size``)
     or "ray" (a Ray Data pipeline on the cluster at ``ray_address``, else the running one or a new local one;
-    ``ray_actors`` encoders, default one per GPU, else one). Partitions already complete are skipped."""
+    ``ray_actors`` encoders, default one per GPU, else one). Partitions already complete are skipped.
+    ``precision``: "fp32" or "int8" (CPU encoders only; recorded in the model identity, as an index records it)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if options.dtype not in embeddings.DTYPES:
@@ -56,10 +57,10 @@ def embed(folder: str | os.PathLike, sources, model: str, options: EmbedOptions 
     folder, sources = Path(folder), resolve_sources(sources)
     embeddings.parquet()  # refused now, not once the first partition is encoded
     if engine == "ray":
-        return embed_ray(folder, sources, model, options, random_init, ray_address, ray_actors)
+        return embed_ray(folder, sources, model, options, random_init, ray_address, ray_actors, precision)
     env = init_distributed(device or "auto")
     works = plan_partitions(sources, options)  # every rank lists the sources itself
-    network, preprocess = load_model(str(model), env.device, random_init)
+    network, preprocess = load_model(str(model), env.device, random_init, precision)
     config = folder_config(model_identity(str(model), network, preprocess, random_init), sources, works, options)
     if env.is_master:  # before any rank writes: partitions finished by an earlier run
         prepare_folder(folder, config, options.rebuild)

@@ -39,12 +39,13 @@ def _ray():
 
 
 def embed_ray(folder: Path, sources: list[str], model: str, options: EmbedOptions, random_init: bool,
-              address: str | None, actors: int | None) -> dict:
+              address: str | None, actors: int | None, precision: str = "fp32") -> dict:
     """``clipforge.search.embed.embed`` on Ray: the cluster at ``address`` (else the one this process is
-    connected to, or a new local one, which is shut down after)."""
+    connected to, or a new local one, which is shut down after). An int8 run encodes on CPU actors only."""
     ray = _ray()  # before the work of planning, to fail fast without Ray
     works = plan_partitions(sources, options)
-    network, preprocess = load_model(str(model), "cpu", random_init)  # for the identity and the preprocessing
+    # for the identity and the preprocessing
+    network, preprocess = load_model(str(model), "cpu", random_init, precision)
     identity = model_identity(str(model), network, preprocess, random_init)
     config = folder_config(identity, sources, works, options)
     prepare_folder(folder, config, options.rebuild)
@@ -67,7 +68,7 @@ def embed_ray(folder: Path, sources: list[str], model: str, options: EmbedOption
 
 def _run(ray, folder: Path, works: list[Work], todo: list[Work], config: dict, spec: str, random_init: bool,
          preprocess, options: EmbedOptions, actors: int | None, progress: Progress) -> None:
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if config.get("precision", "fp32") == "fp32" else 0
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if not gpus and actors and actors >= cpus:  # each CPU actor holds a CPU for good: decoding would never run
         raise ValueError(f"--ray-actors {actors} on a cluster of {cpus} CPUs and no GPU leaves no CPU for decoding "
@@ -83,7 +84,8 @@ def _run(ray, folder: Path, works: list[Work], todo: list[Work], config: dict, s
         _Encoder, batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=actors or max(1, gpus)),
         num_cpus=1, num_gpus=1 if gpus else 0,
         fn_constructor_kwargs={"spec": spec, "random_init": random_init, "weights_sha256": config["weights_sha256"],
-                               "text": config["text"]})
+                               "text": config["text"], "precision": config.get("precision", "fp32"),
+                               "gpu": bool(gpus)})
     assembler = _Assembler(folder, {w.number: w for w in todo}, len(works), config, progress)
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False  # ours counts images, Ray's blocks
@@ -126,9 +128,10 @@ def _row(number: int, position: int, rows: int, pixels, meta: dict, size: int) -
 class _Encoder:
     """An actor: the model, loaded once (on its GPU when it has one), checked against the driver's weights."""
 
-    def __init__(self, spec: str, random_init: bool, weights_sha256: str, text: bool):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.network, _ = load_model(spec, device, random_init)
+    def __init__(self, spec: str, random_init: bool, weights_sha256: str, text: bool, precision: str = "fp32",
+                 gpu: bool = False):
+        device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+        self.network, _ = load_model(spec, device, random_init, precision)
         if weights_checksum(self.network) != weights_sha256:
             raise RuntimeError(f"a Ray worker loaded {spec} with other weights than the driver's (sha256 "
                                f"{weights_sha256[:12]}): every node must see the same model files")

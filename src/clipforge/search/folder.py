@@ -122,8 +122,7 @@ class FolderStore:
             ids, found = self._approximate_top(vector[None], limit)
             keep = (ids[0] >= 0) & (found[0] >= (min_score if min_score is not None else -np.inf))
             return ids[0][keep], found[0][keep]
-        ids, scores = self._scored(vector, filters, captions)
-        positions, best = exact.top_k(scores, limit)
+        ids, positions, best = self._exact_top(vector, limit, filters, captions)
         if min_score is not None:
             positions, best = positions[best >= min_score], best[best >= min_score]
         return ids[positions], best
@@ -141,15 +140,34 @@ class FolderStore:
                                                        float(scores[j]), -int(ids[j])), reverse=True)[:limit]
         return ids[order], scores[order]
 
+    def _exact_top(self, vector: np.ndarray, limit: int, filters: Filters,
+                   captions: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids of the items ``filters`` keeps, positions of the best ``limit`` among them, their exact
+        scores): through the int8 screens where the vectors have them in RAM, else by scanning every row."""
+        kind = "captions" if captions else "images"
+        ids, rows = self._kept(filters, captions)
+        with self._lock:
+            screens = self._copies.screens(kind, self._segments[kind], self._identities[kind])
+        found = exact.screened_top(screens, self._segments[kind], rows, vector, limit) if screens else None
+        if found is None:
+            scores = exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
+            found = exact.top_k(scores, limit)
+        return ids, *found
+
     def _scored(self, vector: np.ndarray, filters: Filters, captions: bool) -> tuple[np.ndarray, np.ndarray]:
         """(ids, exact scores) of every item ``filters`` keeps."""
         kind = "captions" if captions else "images"
+        ids, rows = self._kept(filters, captions)
+        scores = exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
+        return ids, scores
+
+    def _kept(self, filters: Filters, captions: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of every item ``filters`` keeps, by id."""
         ids, rows = (self._caption_ids, self._caption_rows) if captions else (self._ids, self._rows)
         if filters:
             keep = np.isin(ids, self._ids_matching(filters))
             ids, rows = ids[keep], rows[keep]
-        scores = exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
-        return ids, scores
+        return ids, rows
 
     def _need_dates(self) -> None:
         if not self._dated:
@@ -220,6 +238,10 @@ class FolderStore:
     @property
     def float32_bytes(self) -> int:
         return self._copies.nbytes
+
+    @property
+    def screen_bytes(self) -> int:
+        return self._copies.screen_nbytes
 
     def close(self) -> None:
         self._db.close()

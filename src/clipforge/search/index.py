@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,19 @@ import torch
 
 from clipforge.data import ImageRef, load_image, read_image_bytes
 from clipforge.encode import encode_images, encode_texts
+from clipforge.runtime.device import resolve_device
 from clipforge.runtime.distributed import process_env
 from clipforge.search.build import BuildOptions, build
 from clipforge.search.ingest import ingest
 from clipforge.search.ivfpq import parse_size
-from clipforge.search.model import indexed_spec, load_indexed_model, prepare_for_queries, weights_checksum
+from clipforge.search.model import (
+    check_precision,
+    indexed_precision,
+    indexed_spec,
+    load_indexed_model,
+    prepare_for_queries,
+    weights_checksum,
+)
 from clipforge.search.query import Query, parse_query
 from clipforge.search.records import Filters, Item, SearchResult
 from clipforge.search.stores import build_target, is_database_url, open_store
@@ -31,12 +40,16 @@ class Index:
     ``Index.build`` creates or updates one, ``Index.open`` reads one; the model is loaded on the first text or
     image query."""
 
-    def __init__(self, location: str | os.PathLike, device: str | None = None, float32_mib: float = 0):
+    def __init__(self, location: str | os.PathLike, device: str | None = None, float32_mib: float = 0,
+                 precision: str | None = None):
+        if precision is not None:
+            check_precision(precision)
         self.store = open_store(location, float32_mib)
         # what messages show (a URL without its password); the address itself stays private, for updates
         self.location = self.store.location if is_database_url(location) else Path(location)
         self._address = location
         self.device = device
+        self._precision = precision  # the queries' (None: the index's own, where the device allows it)
         self.last_update: dict | None = None  # the summary of the build or update this object ran
         self._lock = threading.RLock()
         self._model = self._preprocess = None
@@ -54,19 +67,24 @@ class Index:
         return self.store.config
 
     @classmethod
-    def open(cls, location: str | os.PathLike, device: str | None = None, float32_mib: float = 0) -> "Index":
-        """Open an existing index. A folder's vectors are memory-mapped; exact search keeps float32 copies of up
-        to ``float32_mib`` MiB of them in RAM, made by the first search that scans them: it multiplies those as
-        they are instead of widening float16 rows chunk by chunk, so a long-running service gains and a
-        one-off search does not (docs/search.md). A PostgreSQL index searches in the database."""
-        return cls(location, device, float32_mib)
+    def open(cls, location: str | os.PathLike, device: str | None = None, float32_mib: float = 0,
+             precision: str | None = None) -> "Index":
+        """Open an existing index. A folder's vectors are memory-mapped; exact search keeps copies of up to
+        ``float32_mib`` MiB of them in RAM, made by the first search that needs them: an int8 screen that rules
+        out most vectors with a proven bound (from 32,768 vectors), and float32 copies for scans, multiplied
+        as they are instead of widening float16 rows chunk by chunk; a long-running service gains and a
+        one-off search does not (docs/search.md, "How search works"). A PostgreSQL index searches in the database. ``precision``:
+        how text and image queries are encoded, "fp32" or "int8" (None: as the index's vectors were, except
+        that an int8 index queried on a GPU encodes in fp32); a precision other than the index's is allowed and
+        said once (a ``UserWarning``), since the two kinds of vector differ slightly."""
+        return cls(location, device, float32_mib, precision)
 
     @classmethod
     def build(cls, location: str | os.PathLike, sources, model: str, device: str | None = None, batch_size: int = 64,
               workers: int = 2, exclude=(), max_pixels: int | None = None, rebuild: bool = False,
               progress: bool = True, fast_decode: bool = False, approximate: str = "auto",
               random_init: bool = False, max_index_memory: int | str | None = None, video_every: float | None = 5.0,
-              video_scenes: bool = True) -> "Index":
+              video_scenes: bool = True, precision: str | None = None) -> "Index":
         """Create the index, or update it incrementally; the run's summary is on ``last_update``.
         ``model`` is a model spec (``clipforge.io.spec``); ``random_init``: seed-0 random weights of an
         architecture (tests and demos; recorded with the model identity). ``approximate``: build the
@@ -75,10 +93,12 @@ class Index:
         parameters fit ``max_index_memory`` (bytes, or a size such as "4GB"; with "auto" too, IVF-PQ is chosen
         where IVF-Flat would not fit it). Videos in folders (the ``video`` extra) become an item per frame:
         one every ``video_every`` seconds (None: only the first) and, with ``video_scenes``, one at each scene
-        change."""
+        change. ``precision``: "fp32" or "int8" (the CPU only: int8 linear layers, faster, vectors within a
+        cosine of about 0.999 of float32's; recorded in the model identity, and an index holds one kind); None:
+        the existing index's, else "fp32"."""
         options = BuildOptions(batch_size, workers, tuple(exclude), max_pixels, fast_decode, progress, rebuild,
                                approximate, _size(max_index_memory), video_every, video_scenes)
-        summary = build(build_target(location), sources, str(model), device, options, random_init)
+        summary = build(build_target(location), sources, str(model), device, options, random_init, precision)
         index = cls(location, device)
         index.last_update = summary
         index._tag_new_items()
@@ -110,13 +130,15 @@ class Index:
         return index
 
     def update(self, sources, **options) -> dict:
-        """Update this index from ``sources`` (options as ``build``, with this index's model)."""
+        """Update this index from ``sources`` (options as ``build``, with this index's model and precision)."""
         device = options.pop("device", self.device)
+        precision = options.pop("precision", None)
         if "max_index_memory" in options:
             options["max_index_memory"] = _size(options["max_index_memory"])
         options = BuildOptions(**{"rebuild": False, **options})
         spec, random_init = indexed_spec(self.config)
-        self.last_update = build(build_target(self._address), sources, spec, device, options, random_init)
+        self.last_update = build(build_target(self._address), sources, spec, device, options, random_init,
+                                 precision)
         self.refresh()
         self._tag_new_items()
         return self.last_update
@@ -154,11 +176,27 @@ class Index:
         """The query syntax of ``clipforge search`` (see ``clipforge.search.query.parse_query``)."""
         return parse_query(text, look_up_files)
 
+    @property
+    def query_precision(self) -> str:
+        """How this object encodes text and image queries: the precision asked for, else the index's own
+        (``clipforge.search.model.indexed_precision``) where the device allows it (int8 runs on the CPU only)."""
+        if self._precision is not None:
+            return self._precision
+        own = indexed_precision(self.config)
+        return own if own == "fp32" or resolve_device(self.device or "cpu").type == "cpu" else "fp32"
+
     def model(self):
-        """(model, preprocess), loaded once and checked against the weights checksum the index records."""
+        """(model, preprocess), loaded once in ``query_precision`` and checked against the weights checksum the
+        index records; a precision other than the index's is said once (``UserWarning``)."""
         with self._lock:
             if self._model is None:
-                model, preprocess = load_indexed_model(self.config, self.device)
+                precision, own = self.query_precision, indexed_precision(self.config)
+                if precision != own:
+                    warnings.warn(f"the index in {self.location} holds vectors encoded in {own}, and its queries "
+                                  f"are encoded in {precision}: results can differ slightly from queries in "
+                                  f"{own} (pass --precision {own}, or precision={own!r}, to match)", UserWarning,
+                                  stacklevel=3)
+                model, preprocess = load_indexed_model(self.config, self.device, precision)
                 if weights_checksum(model) != self.config["weights_sha256"]:
                     raise ValueError(f"model {self.config['model']} has changed since this index was built "
                                      "(weights checksum differs); rebuild the index with --rebuild")

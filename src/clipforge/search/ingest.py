@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from clipforge.search import embeddings
 from clipforge.search.approximate import check_mode
-from clipforge.search.model import IDENTITY_KEYS
+from clipforge.search.model import IDENTITY_KEYS, indexed_precision
 from clipforge.search.plan import Entry
 from clipforge.search.records import captured_from_exif_text
 from clipforge.search.stores import build_target
@@ -39,6 +39,11 @@ def ingest(location: str | os.PathLike, folder: str | os.PathLike, rebuild: bool
                              f"{stored['weights_sha256'][:12]}), not {identity['model']} (sha256 "
                              f"{identity['weights_sha256'][:12]}) that embedded {folder}; use another index, or "
                              f"--rebuild to start over")
+        if stored is not None and indexed_precision(stored) != indexed_precision(identity):
+            raise ValueError(f"the index in {target.location} holds vectors encoded in {indexed_precision(stored)}, "
+                             f"and {folder} holds vectors encoded in {indexed_precision(identity)}: vectors of both "
+                             f"in one index would rank slightly differently; use another index, or --rebuild to "
+                             f"start over")
         if stored is None:
             target.create(identity)
         with target.catalog() as catalog:
