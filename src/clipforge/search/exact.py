@@ -95,8 +95,9 @@ class Int8Screen:
         vectors = _as_tensor(rows).float()
         values, scales = quantize_rows(vectors)
         approximate = values.float() * scales[:, None]
-        self.slack = torch.linalg.vector_norm(vectors - approximate, dim=1)  # (N,)
-        self.norms = torch.linalg.vector_norm(approximate, dim=1)  # (N,)
+        # with a margin for the float rounding of the kernel's scales and of these norms
+        self.slack = torch.linalg.vector_norm(vectors - approximate, dim=1) * (1 + 1e-4) + 1e-5  # (N,)
+        self.norms = torch.linalg.vector_norm(approximate, dim=1) * (1 + 1e-4)  # (N,)
         self.packed, self.reduce_range = pack_rows(values, scales, torch.zeros(len(values)))
         self.dim = vectors.shape[1]
         self.nbytes = values.numel() + 8 * len(values)  # the packed int8 rows and the two norms per row
@@ -110,8 +111,7 @@ class Int8Screen:
         approximate = torch.ops.quantized.linear_dynamic(query, self.packed, self.reduce_range)[0]
         step = (max(float(query.max()), 0.0) - min(float(query.min()), 0.0)) / input_levels(self.reduce_range)
         query_error = 0.5 * step * math.sqrt(self.dim)
-        # a margin for the float rounding of the kernel's scales and of the norms above
-        return approximate, (self.slack + query_error * self.norms) * (1 + 1e-4) + 1e-5
+        return approximate, torch.addcmul(self.slack, self.norms, torch.tensor(query_error))
 
 
 def screened_top(screens: list[Int8Screen], segments: list[np.ndarray], rows: np.ndarray, query: np.ndarray,
