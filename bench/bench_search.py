@@ -1,6 +1,6 @@
 """Search benchmarks: indexing throughput against a plain OpenCLIP loop, and top-10 latency over many vectors.
 
-``index``: JPEG photos of mixed sizes (long side 256 to 4000 px), ViT-B/32 on the CPU with the same
+``index``: JPEG photos of mixed sizes (long side 256 to 4000 px, or ``--sides MIN MAX``), ViT-B/32 on the CPU with the same
 (random) weights in both libraries, the same DataLoader workers and batch size; ``clipforge index`` (exact
 OpenAI preprocessing, hashing, SQLite, fsync included; fp32, and ``--precision int8``) against OpenCLIP's
 fp32 model and preprocessing in a plain loop, each also with ``--fast-decode`` (JPEG draft decoding); the
@@ -33,13 +33,13 @@ from clipforge.search import Index  # noqa: E402
 from clipforge.search import store  # noqa: E402
 
 
-def write_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """Photo-like JPEGs (smooth colour fields plus grain) with long sides log-uniform in 256..4000 px."""
+def write_photos(folder: Path, count: int, seed: int = 0, sides: tuple[int, int] = (256, 4000)) -> list[Path]:
+    """Photo-like JPEGs (smooth colour fields plus grain) with long sides log-uniform in ``sides`` px."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     paths = []
     for i in range(count):
-        long_side = int(np.exp(rng.uniform(np.log(256), np.log(4000))))
+        long_side = int(np.exp(rng.uniform(np.log(sides[0]), np.log(sides[1]))))
         short_side = int(long_side * rng.uniform(0.56, 0.8))
         w, h = (long_side, short_side) if i % 3 else (short_side, long_side)
         small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
@@ -93,11 +93,12 @@ def top10_overlap(exact: Index, other: Index) -> float:
                           for x, y in zip(a, b)]))
 
 
-def bench_index(count: int, workers: int, batch_size: int, rounds: int) -> list[dict]:
+def bench_index(count: int, workers: int, batch_size: int, rounds: int,
+                sides: tuple[int, int] = (256, 4000)) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = write_photos(tmp / "photos", count)
+        paths = write_photos(tmp / "photos", count, sides=sides)
         torch.manual_seed(0)
         model_dir = save(create_model("ViT-B-32"), tmp / "vit-b-32")
         for p in paths:  # same page cache for everyone
@@ -118,7 +119,8 @@ def bench_index(count: int, workers: int, batch_size: int, rounds: int) -> list[
         for impl, ts in times.items():
             if ts:
                 seconds = statistics.median(ts)
-                rows.append({"bench": "index", "impl": impl, "images": count, "seconds": round(seconds, 2),
+                rows.append({"bench": "index", "impl": impl, "images": count, "long_sides_px": list(sides),
+                             "seconds": round(seconds, 2),
                              "rounds_s": [round(t, 2) for t in ts],
                              "images_per_s": round(count / seconds, 2),
                              "vs_open_clip": round(reference / seconds, 2) if reference else None,
@@ -208,6 +210,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="photos to index (default 48; quick 12)")
     parser.add_argument("--vectors", type=int, help="vectors to search (default 1,000,000; quick 100,000)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sides", type=int, nargs=2, default=[256, 4000], metavar=("MIN", "MAX"),
+                        help="the photos' long sides, log-uniform in this range of pixels (default 256 4000)")
     parser.add_argument("--rounds", type=int, help="indexing rounds of each implementation, median (default 3; quick 1)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
@@ -215,7 +219,7 @@ def main() -> None:
     rows = []
     if "index" in args.parts:
         rows += bench_index(args.images or (12 if args.quick else 48), args.workers, 16,
-                            args.rounds or (1 if args.quick else 3))
+                            args.rounds or (1 if args.quick else 3), tuple(args.sides))
     if "vectors" in args.parts:
         rows += bench_vectors(args.vectors or (100_000 if args.quick else 1_000_000), 512, 5 if args.quick else 20)
     for r in rows:

@@ -224,3 +224,26 @@ def test_index_and_search_end_to_end(tmp_path, one_thread, capsys):
     assert "--max-index-memory: '4 parsecs' is not a size" in capsys.readouterr().err
     assert main(["index", str(photos), "--index", "postgresql://me@nowhere/db?table=t", "--approximate", "ivfpq"]) == 2
     assert "PostgreSQL index has pgvector's HNSW" in capsys.readouterr().err
+
+
+def test_nprobe_chosen_at_open_trades_recall_for_speed(built, one_thread):
+    folder, vectors, info = built
+    rng = np.random.default_rng(11)
+    queries = vectors[rng.integers(0, len(vectors), 40)] + 0.1 * rng.standard_normal((40, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+
+    def recall(index: Index) -> float:
+        return float(np.mean([len({r.id for r in index.search(q, top_k=10)} &
+                                  {r.id for r in index.search(q, top_k=10, approximate=False)}) / 10
+                              for q in queries]))
+
+    with Index.open(folder, nprobe=1) as one, Index.open(folder) as tuned, \
+            Index.open(folder, nprobe=info["cells"]) as every:
+        assert (one.store._approximate[0].nprobe, tuned.store._approximate[0].nprobe) == (1, info["nprobe"])
+        assert info["nprobe"] > 1
+        low, middle, high = recall(one), recall(tuned), recall(every)
+    assert low < middle <= high and high >= 0.95, (low, middle, high)
+    with pytest.raises(ValueError, match="at least 1"):
+        Index.open(folder, nprobe=0)
+    with pytest.raises(ValueError, match="PostgreSQL index's HNSW"):
+        Index.open("postgresql://me@nowhere/db?table=t", nprobe=8)

@@ -82,6 +82,13 @@ def load_model(args: argparse.Namespace, **options) -> tuple[torch.nn.Module, Ca
     return load(model_spec(args), **options)
 
 
+def add_nprobe_option(parser: argparse.ArgumentParser) -> None:
+    """``--nprobe``: the cells a folder index's approximate (faiss) index probes per query."""
+    parser.add_argument("--nprobe", type=int, metavar="N",
+                        help="cells the approximate index probes per query (a folder index; default: the number "
+                             "its build tuned, in config.json): fewer is faster and may miss neighbours")
+
+
 @contextlib.contextmanager
 def console_warnings(command: str) -> Iterator[None]:
     """Within the block, a warning prints as one line, ``clipforge COMMAND: warning: MESSAGE``, on stderr (once

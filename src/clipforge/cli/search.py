@@ -5,7 +5,13 @@ import argparse
 import dataclasses
 import json
 
-from clipforge.cli.options import add_device_option, add_json_option, add_precision_option, console_warnings
+from clipforge.cli.options import (
+    add_device_option,
+    add_json_option,
+    add_nprobe_option,
+    add_precision_option,
+    console_warnings,
+)
 from clipforge.search import Index
 
 HELP = """Search an index built by `clipforge index` (a folder, or a postgresql:// URL).
@@ -58,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--paths-only", action="store_true", help="print only the paths, one per line")
     add_device_option(parser)
     add_precision_option(parser, "queries")
+    add_nprobe_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top must be at least 1 and --offset at least 0, got {args.top} and {args.offset}")
     if args.dedup is not None and not -1 <= args.dedup <= 1:
         raise ValueError(f"--dedup is a cosine similarity between -1 and 1, got {args.dedup}")
-    with console_warnings("search"), Index.open(args.index, device=args.device, precision=args.precision) as index:
+    with console_warnings("search"), Index.open(args.index, device=args.device, precision=args.precision,
+                                                  nprobe=args.nprobe) as index:
         results = index.search(" ".join(args.query), top_k=args.top, offset=args.offset, folder=args.folder,
                                min_score=args.min_score, dedup=args.dedup, captions=args.captions,
                                approximate=False if args.exact else None, after=args.after, before=args.before,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from clipforge.cli.options import add_device_option, add_precision_option, console_warnings
+from clipforge.cli.options import add_device_option, add_nprobe_option, add_precision_option, console_warnings
 
 HELP = """Serve an index (a folder, or a postgresql:// URL) over HTTP: a web page at / to search by text, by image or by
 example, and a JSON API (POST /api/search, GET /api/items/ID, GET /thumbnails/ID, GET /healthz, GET /metrics;
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "call clip-retrieval's routes (/knn-service, /metadata, /indices-list); repeatable")
     add_device_option(parser)
     add_precision_option(parser, "queries")
+    add_nprobe_option(parser)
     parser.add_argument("--float32-mib", type=float, default=1024, metavar="MIB",
                         help="RAM for copies of the vectors that make exact search faster: an int8 screen "
                              "(N*(D+8) bytes for N vectors of size D, from 32,768 vectors) and float32 copies "
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with console_warnings("serve"):
             serve(args.index, host=args.host, port=args.port, options=options, device=args.device,
-                  log_level=args.log_level, float32_mib=args.float32_mib, precision=args.precision)
+                  log_level=args.log_level, float32_mib=args.float32_mib, precision=args.precision,
+                  nprobe=args.nprobe)
     except KeyboardInterrupt:
         pass
     return 0

@@ -34,6 +34,16 @@ def _faiss():
     return faiss
 
 
+def search(searcher, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions) (Q, k) of a loaded searcher (``load``). Fewer queries than threads are split over
+    the inverted lists they probe, more over the queries: faiss's default splits over queries only, which
+    leaves one query to one thread."""
+    faiss = _faiss()
+    inner = searcher.index if isinstance(searcher, ivfpq.Reranked) else searcher
+    faiss.extract_index_ivf(inner).parallel_mode = 1 if len(queries) < faiss.omp_get_max_threads() else 0
+    return searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
 def live_vectors(segments: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     """The float32 vectors of ``rows`` (N,), in that order."""
     return ivfpq.gather(segments, rows)
@@ -109,9 +119,10 @@ def is_current(info: dict | None, items: int, rows: int) -> bool:
     return bool(info) and info["items"] == items and info["rows"] == rows
 
 
-def refresh(folder: Path, mode: str, max_index_memory: int | None = None) -> dict | None:
+def refresh(folder: Path, mode: str, max_index_memory: int | None = None, progress: bool = True) -> dict | None:
     """After an update: build the approximate index that ``mode`` asks for (``choose``) unless it is current,
-    or drop it; records it in config.json and removes the files of any other."""
+    or drop it; records it in config.json and removes the files of any other. ``progress``: the IVF-PQ
+    build's bar on a terminal."""
     check_mode(mode)
     config = store.read_config(folder)
     with contextlib.closing(store.connect(folder)) as db:
@@ -128,7 +139,7 @@ def refresh(folder: Path, mode: str, max_index_memory: int | None = None) -> dic
         else:
             segments = store.open_segments(folder, "images", rows_used)
             built = ivfpq.build(folder, segments, rows, chosen, _faiss(), sample_queries, TARGET_RECALL,
-                                SAMPLED_QUERIES)
+                                SAMPLED_QUERIES, progress)
             info = {**built, "items": int(len(ids)), "rows": int(rows_used), "max_index_memory": limit}
     elif kind == FLAT_KIND and not current:
         vectors = live_vectors(store.open_segments(folder, "images", rows_used), rows)

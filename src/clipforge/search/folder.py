@@ -11,6 +11,7 @@ import numpy as np
 from clipforge.search import exact, store
 from clipforge.search.approximate import is_current
 from clipforge.search.approximate import load as load_approximate
+from clipforge.search.approximate import search as search_approximate
 from clipforge.search.records import Filters, Item
 
 
@@ -35,8 +36,9 @@ class FolderStore:
 
     kind = "folder"
 
-    def __init__(self, folder: str | os.PathLike, float32_mib: float = 0):
+    def __init__(self, folder: str | os.PathLike, float32_mib: float = 0, nprobe: int | None = None):
         self.folder = Path(folder)
+        self._nprobe = nprobe  # the approximate index's cells probed per query (None: as its build tuned)
         self.location = str(folder)
         config = store.read_config(self.folder)
         if config is None or not (self.folder / store.DATABASE).exists():
@@ -90,6 +92,8 @@ class FolderStore:
         info = self.config.get("approximate")
         current = is_current(info, len(self._ids), store.next_row(self._db, "images"))
         self._approximate = load_approximate(self.folder, info, self._ids, self._rows, generation) if current else None
+        if self._approximate is not None and self._nprobe is not None:
+            self._approximate[0].nprobe = self._nprobe
 
     def __len__(self) -> int:
         self._current()
@@ -203,7 +207,7 @@ class FolderStore:
         if self._approximate is None:
             raise ValueError("this index has no current approximate index; build it with --approximate always")
         searcher, ids = self._approximate
-        found, positions = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        found, positions = search_approximate(searcher, queries, k)
         return np.where(positions < 0, -1, ids[np.maximum(positions, 0)]), found  # -1: fewer than k found
 
     def _ids_matching(self, filters: Filters) -> np.ndarray:

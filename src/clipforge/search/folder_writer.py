@@ -52,8 +52,9 @@ class FolderTarget:
     def importer(self) -> "FolderImporter":
         return FolderImporter(self.folder, int(self.read_config()["dim"]))
 
-    def refresh_approximate(self, mode: str, max_index_memory: int | None = None) -> dict | None:
-        return approximate.refresh(self.folder, mode, max_index_memory)
+    def refresh_approximate(self, mode: str, max_index_memory: int | None = None,
+                            progress: bool = True) -> dict | None:
+        return approximate.refresh(self.folder, mode, max_index_memory, progress)
 
     def compact(self) -> dict | None:
         """Reclaim the rows of deleted and changed items once they are half the used rows

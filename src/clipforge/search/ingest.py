@@ -50,7 +50,7 @@ def ingest(location: str | os.PathLike, folder: str | os.PathLike, rebuild: bool
             existing = {(r["path"], r["key"]): (r["hash"], r["caption"]) for r in catalog.items()}
         with target.writer(int(identity["dim"]), None) as writer:
             summary = _add_partitions(writer, folder, config, done, existing, progress)
-        target.refresh_approximate(approximate, max_index_memory)
+        target.refresh_approximate(approximate, max_index_memory, progress)
         return summary
     finally:
         target.close()

@@ -249,7 +249,7 @@ def gather(segments: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
 
 
 def build(folder: Path, segments: list[np.ndarray], rows: np.ndarray, chosen: Plan, faiss, sample_queries,
-          target: float, queries: int) -> dict:
+          target: float, queries: int, progress: bool = True) -> dict:
     """Train, fill partition by partition, merge on disk and tune an IVF-PQ index over the vectors at segment
     ``rows`` (the items in id order; a vector's faiss label is its position there). Returns what config.json
     records (without the item and row counts)."""
@@ -267,7 +267,7 @@ def build(folder: Path, segments: list[np.ndarray], rows: np.ndarray, chosen: Pl
     try:
         trained = _train(faiss, segments, rows, chosen, dim)
         lap("train")
-        parts = _fill(faiss, trained, segments, rows, work)
+        parts = _fill(faiss, trained, segments, rows, work, progress)
         lap("lists")
         _merge(faiss, trained, parts, folder, names)
         lap("merge")
@@ -300,11 +300,12 @@ def _train(faiss, segments, rows: np.ndarray, chosen: Plan, dim: int):
     return index
 
 
-def _fill(faiss, trained, segments, rows: np.ndarray, work: Path) -> list[Path]:
+def _fill(faiss, trained, segments, rows: np.ndarray, work: Path, progress: bool = True) -> list[Path]:
     """One faiss index file a partition of ``PARTITION_ROWS`` vectors, each filled ``CHUNK_ROWS`` at a time;
     labels are positions in ``rows``."""
     parts = []
-    bar = tqdm(total=len(rows), unit="vectors", desc="IVF-PQ lists", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=len(rows), unit="vectors", desc="IVF-PQ lists", disable=None if progress else True,
+               dynamic_ncols=True)
     for first in range(0, len(rows), PARTITION_ROWS):
         part = faiss.clone_index(trained)
         for start in range(first, min(len(rows), first + PARTITION_ROWS), CHUNK_ROWS):

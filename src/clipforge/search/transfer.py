@@ -57,7 +57,7 @@ def copy_index(source: str | os.PathLike, destination: str | os.PathLike, rebuil
             importer.add_skipped(list(catalog.skipped()))
             importer.add_shards(list(catalog.shards()))
         importer.close()
-        target.refresh_approximate(approximate, max_index_memory)
+        target.refresh_approximate(approximate, max_index_memory, progress)
         return {"copied": int(len(todo)), "already": len(have), "items": int(len(ids))}
     finally:
         src.close()

@@ -43,17 +43,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions = ServeOptions(),
           device: str | None = None, log_level: str = "warning", float32_mib: float = DEFAULT_FLOAT32_MIB,
-          precision: str | None = None) -> None:
+          precision: str | None = None, nprobe: int | None = None) -> None:
     """Serve the index at ``index_dir`` (a folder or a PostgreSQL URL) until interrupted; prints the address
     once it is listening.
-    ``float32_mib``: RAM for float32 copies of the vectors; ``precision``: the queries' (None: the index's; see
-    ``clipforge.search.Index.open``)."""
+    ``float32_mib``: RAM for copies of the vectors; ``precision``: the queries' (None: the index's);
+    ``nprobe``: the approximate index's cells probed per query (None: as tuned); see
+    ``clipforge.search.Index.open``."""
     from clipforge.search import Index
     if not is_loopback(host) and options.token is None:
         print(f"clipforge serve: warning: listening on {host}, which other machines can reach, without a token: "
               f"anyone who can connect can search and view every indexed image; pass --token (or set "
               f"CLIPFORGE_TOKEN)", file=sys.stderr)
-    index = Index.open(index_dir, device=device, float32_mib=float32_mib, precision=precision)
+    index = Index.open(index_dir, device=device, float32_mib=float32_mib, precision=precision, nprobe=nprobe)
     app = create_app(index, replace(options, loopback_only=is_loopback(host)))
     app.state.service.warm_up()
     sock = bind(host, port)

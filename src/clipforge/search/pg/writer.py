@@ -118,7 +118,8 @@ class PostgresTarget:
     def importer(self) -> "PostgresImporter":
         return PostgresImporter(self)
 
-    def refresh_approximate(self, mode: str, max_index_memory: int | None = None) -> dict | None:
+    def refresh_approximate(self, mode: str, max_index_memory: int | None = None,
+                            progress: bool = True) -> dict | None:
         if mode == "ivfpq":
             raise ValueError("--approximate ivfpq is the folder store's compressed index; a PostgreSQL index has "
                              "pgvector's HNSW index: use --approximate always (or auto)")
