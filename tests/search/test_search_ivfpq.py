@@ -118,6 +118,24 @@ def test_recorded_recall_is_an_independent_count(built):
     assert info["recall@10"] == pytest.approx(recall, abs=1e-4)
 
 
+def test_tuning_keeps_the_fewest_cells_that_reach_the_target(built):
+    """The recorded nprobe reaches the target on the build's sampled queries and, within an eighth below it,
+    fewer cells do not (found by bisection after doubling overshot)."""
+    folder, vectors, info = built
+    searcher, _ = _searcher(folder, info)
+    queries = approximate.sample_queries(vectors, info["recall_queries"])
+    exact_top = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+
+    def recall(nprobe: int) -> float:
+        searcher.nprobe = nprobe
+        found = searcher.search(queries, 10)[1]
+        return float(np.mean([len(set(e) & set(f)) / 10 for e, f in zip(exact_top, found)]))
+
+    nprobe = info["nprobe"]
+    assert nprobe > 1 and recall(nprobe) >= approximate.TARGET_RECALL
+    assert recall(nprobe - max(1, nprobe // 8)) < approximate.TARGET_RECALL
+
+
 @pytest.mark.slow  # builds an index (the first of these tests builds the module's)
 def test_lists_merged_on_disk_equal_lists_filled_in_memory(built):
     folder, vectors, info = built

@@ -370,23 +370,39 @@ def tune(searcher: Reranked, segments, rows: np.ndarray, cells: int, sample_quer
          count: int) -> tuple[int, int, float]:
     """(nprobe, re-ranking depth per result, recall@10): from nprobe 1 and depth ``FIRST_RERANK``, probe twice
     the cells while the probed cells miss more than half of what the target allows of the exact top 10, else
-    re-rank twice as many candidates, until recall@10 after re-ranking reaches ``target``."""
+    re-rank twice as many candidates, until recall@10 after re-ranking reaches ``target``. Where doubling the
+    cells reached it, the fewest cells between the two that still do are found by bisection, to within an
+    eighth: a query's time grows with the cells it probes."""
     queries = sample_queries(Live(segments, rows), count)
     truth = exact_top(segments, rows, queries, 10)
     quantizer = searcher.index.quantizer
     cell_of = quantizer.assign(gather(segments, rows[truth.ravel()]), 1).reshape(truth.shape)
-    nprobe = 1
-    while True:
+
+    def recall_at(nprobe: int) -> float:
         searcher.nprobe = nprobe
-        recall = recall_at_10(searcher.search(queries, 10)[1], truth)
+        return recall_at_10(searcher.search(queries, 10)[1], truth)
+
+    nprobe, short = 1, None  # short: the fewest cells known to miss the target at this depth
+    while True:
+        recall = recall_at(nprobe)
         if recall >= target or (nprobe >= cells and searcher.rerank >= MAX_RERANK):
-            return nprobe, searcher.rerank, recall
+            break
         probed = quantizer.search(queries, nprobe)[1]
         reached = np.mean([np.isin(cell_of[q], probed[q]).mean() for q in range(len(queries))])
         if nprobe < cells and (reached < (1 + target) / 2 or searcher.rerank >= MAX_RERANK):
-            nprobe = min(cells, nprobe * 2)
+            short, nprobe = nprobe, min(cells, nprobe * 2)
         else:
-            searcher.rerank *= 2
+            short, searcher.rerank = None, searcher.rerank * 2
+    if recall >= target and short is not None:
+        while nprobe - short > max(1, nprobe // 8):
+            middle = (short + nprobe) // 2
+            found = recall_at(middle)
+            if found >= target:
+                nprobe, recall = middle, found
+            else:
+                short = middle
+    searcher.nprobe = nprobe
+    return nprobe, searcher.rerank, recall
 
 
 class Live:
