@@ -372,7 +372,8 @@ def tune(searcher: Reranked, segments, rows: np.ndarray, cells: int, sample_quer
     the cells while the probed cells miss more than half of what the target allows of the exact top 10, else
     re-rank twice as many candidates, until recall@10 after re-ranking reaches ``target``. Where doubling the
     cells reached it, the fewest cells between the two that still do are found by bisection, to within an
-    eighth: a query's time grows with the cells it probes."""
+    eighth, and then the depth is halved while the target is still reached: a query's time grows with the cells
+    it probes and the vectors it reads to re-rank."""
     queries = sample_queries(Live(segments, rows), count)
     truth = exact_top(segments, rows, queries, 10)
     quantizer = searcher.index.quantizer
@@ -401,6 +402,13 @@ def tune(searcher: Reranked, segments, rows: np.ndarray, cells: int, sample_quer
                 nprobe, recall = middle, found
             else:
                 short = middle
+    while recall >= target and searcher.rerank > FIRST_RERANK:  # then re-rank as few as still reach it
+        searcher.rerank //= 2
+        found = recall_at(nprobe)
+        if found < target:
+            searcher.rerank *= 2
+            break
+        recall = found
     searcher.nprobe = nprobe
     return nprobe, searcher.rerank, recall
 
