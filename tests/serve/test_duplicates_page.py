@@ -2,7 +2,6 @@
 GET /api/duplicates with their thumbnails and the suggested keeper marked, the header's link opens it, a search
 leaves it, and the browser's back button returns to it."""
 import os
-import shutil
 
 import pytest
 
@@ -10,23 +9,17 @@ httpx = pytest.importorskip("httpx", reason="the page tests need the test extra 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests need playwright (the test extra)")
 pytest.importorskip("pyarrow", reason="the library is indexed from an embeddings folder, which needs pyarrow")
 from planted_duplicates import library_index
-from test_duplicates_route import served
+from served import launch_chromium, needs_chromium, served
 
 from clipforge.serve import ServeOptions, create_app
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) or shutil.which("chromium")),
-                                 reason="the page tests need Debian's chromium at /usr/bin/chromium "
-                                        "(apt-get install chromium; .ci/run installs it)")]
+pytestmark = [pytest.mark.slow, needs_chromium]
 
 
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = launch_chromium(playwright)
         yield browser
         browser.close()
 

@@ -1,39 +1,15 @@
 """GET /api/duplicates over HTTP on 127.0.0.1, on both stores: the groups ``find_duplicates`` gives with each
 file's thumbnail URL, the threshold checked (422), answers kept per index size and threshold, the token."""
-import socket
-import threading
-import time
-from contextlib import contextmanager
-
 import pytest
 
 httpx = pytest.importorskip("httpx", reason="the service tests need the test extra (httpx)")
 pytest.importorskip("fastapi", reason="the service tests need the serve extra (fastapi, uvicorn)")
 pytest.importorskip("pyarrow", reason="the library is indexed from an embeddings folder, which needs pyarrow")
 from planted_duplicates import library_index, listing
+from served import served
 
 from clipforge.search.duplicates import DEFAULT_THRESHOLD, find_duplicates
 from clipforge.serve import ServeOptions, create_app
-
-
-@contextmanager
-def served(app):
-    """``app`` served by uvicorn in a thread on a free port of 127.0.0.1; yields its base URL."""
-    import uvicorn
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture

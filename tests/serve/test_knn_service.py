@@ -11,7 +11,6 @@ import importlib.util
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ httpx = pytest.importorskip("httpx", reason="the service tests need the test ext
 pytest.importorskip("fastapi", reason="the service tests need the serve extra (fastapi, uvicorn)")
 pytest.importorskip("requests", reason="clip-retrieval's ClipClient needs requests (the test extra)")
 from PIL import Image  # noqa: E402
+from served import NO_CHROMIUM, chromium_executable, launch_chromium  # noqa: E402
 
 from clipforge.search import Query  # noqa: E402
 
@@ -257,9 +257,6 @@ def test_schema_describes_the_routes(server):
 
 # ------------------------------------------------------------------------------------------ clip-front
 
-CHROMIUM = "/usr/bin/chromium"
-
-
 @pytest.fixture(scope="module")
 def front(loopback_http, server):
     """clip-front (the web page in clip-retrieval's wheel) served from another loopback port, as
@@ -288,12 +285,10 @@ def front(loopback_http, server):
 @pytest.fixture
 def page(front, server):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the page test needs playwright (the test extra)")
-    executable = CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
-    if executable is None:
-        pytest.skip("the page test needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    if chromium_executable() is None:
+        pytest.skip(NO_CHROMIUM)
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable,
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = launch_chromium(playwright)
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         outside, errors, failed = [], [], []
         context.route("**/*", lambda route: route.continue_() if route.request.url.startswith((front, server))

@@ -14,7 +14,6 @@ import threading
 import time
 from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 httpx = pytest.importorskip("httpx", reason="the service tests need the test extra (httpx)")
 pytest.importorskip("fastapi", reason="the service tests need the serve extra (fastapi, uvicorn)")
 from PIL import Image  # noqa: E402
+from served import served  # noqa: E402
 
 from clipforge.data import list_images, load_image  # noqa: E402
 from clipforge.encode import encode_images, encode_texts  # noqa: E402
@@ -291,30 +291,11 @@ def test_other_host_names_are_refused_on_loopback(search_server):
     assert _raw_get(search_server, "/healthz", host="localhost")[0] == 200
 
 
-@contextmanager
-def _served_in_thread(app):
-    import uvicorn
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 def test_token_is_required_when_set(search_index, tmp_path):
     from clipforge.search import Index
     from clipforge.serve import ServeOptions, create_app
     app = create_app(Index.open(search_index), ServeOptions(token="s3cret", cache_dir=str(tmp_path)))
-    with _served_in_thread(app) as base, httpx.Client(base_url=base, timeout=60) as c:
+    with served(app) as base, httpx.Client(base_url=base, timeout=60) as c:
         body = {"query": "id:1", "top_k": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             refused = c.post("/api/search", json=body, headers=headers)

@@ -3,26 +3,22 @@ image searches by it, a click or the keyboard searches for more like a result, i
 reloaded URL gives the same results."""
 import base64
 import os
-import shutil
 
 import pytest
 
 httpx = pytest.importorskip("httpx", reason="the page tests need the test extra (httpx)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests need playwright (the test extra)")
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) or shutil.which("chromium")),
-                                reason="the page tests need Debian's chromium at /usr/bin/chromium "
-                                       "(apt-get install chromium; .ci/run installs it)")
+from served import launch_chromium, needs_chromium  # noqa: E402
+
+pytestmark = needs_chromium
 PAGE_SIZE = 40  # app.js's PAGE_SIZE
 
 
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = launch_chromium(playwright)
         yield browser
         browser.close()
 
