@@ -47,3 +47,20 @@ def served(app):
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@contextmanager
+def guarded_page(browser, base: str, height: int = 800):
+    """A page of a new browser context at ``base`` (1280 × ``height``) that may load nothing but ``base``;
+    after the block, asserts that it tried nothing else and raised no script error."""
+    context = browser.new_context(viewport={"width": 1280, "height": height}, base_url=base)
+    page = context.new_page()
+    outside = []
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base)
+                  else (outside.append(route.request.url), route.abort()))
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    context.close()
+    assert not outside, f"the page reached outside the service: {outside}"
+    assert not errors, f"script errors on the page: {errors}"

@@ -6,22 +6,14 @@ import os
 import pytest
 
 httpx = pytest.importorskip("httpx", reason="the page tests need the test extra (httpx)")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests need playwright (the test extra)")
+pytest.importorskip("playwright.sync_api", reason="the page tests need playwright (the test extra)")
 pytest.importorskip("pyarrow", reason="the library is indexed from an embeddings folder, which needs pyarrow")
 from planted_duplicates import library_index
-from served import launch_chromium, needs_chromium, served
+from served import guarded_page, needs_chromium, served
 
 from clipforge.serve import ServeOptions, create_app
 
 pytestmark = [pytest.mark.slow, needs_chromium]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +35,8 @@ def service(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, service):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=service)
-    page = context.new_page()
-    outside = []
-    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(service)
-                  else (outside.append(route.request.url), route.abort()))
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    yield page
-    context.close()
-    assert not outside, f"the page reached outside the service: {outside}"
-    assert not errors, f"script errors on the page: {errors}"
+    with guarded_page(browser, service, height=900) as page:
+        yield page
 
 
 def _wait_for_groups(page):

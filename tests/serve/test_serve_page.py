@@ -7,35 +7,18 @@ import os
 import pytest
 
 httpx = pytest.importorskip("httpx", reason="the page tests need the test extra (httpx)")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests need playwright (the test extra)")
+pytest.importorskip("playwright.sync_api", reason="the page tests need playwright (the test extra)")
 
-from served import launch_chromium, needs_chromium  # noqa: E402
+from served import guarded_page, needs_chromium  # noqa: E402
 
 pytestmark = needs_chromium
 PAGE_SIZE = 40  # app.js's PAGE_SIZE
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
 def page(browser, search_server):
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=search_server)
-    page = context.new_page()
-    outside = []
-    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(search_server)
-                  else (outside.append(route.request.url), route.abort()))
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    yield page
-    context.close()
-    assert not outside, f"the page reached outside the service: {outside}"
-    assert not errors, f"script errors on the page: {errors}"
+    with guarded_page(browser, search_server, height=800) as page:
+        yield page
 
 
 def _api_ids(search_server, body):
