@@ -210,7 +210,7 @@ def exact_recall(folder: Path, vectors: np.ndarray, found: list[list[int]]) -> t
         segments = store.open_segments(folder, "images", store.next_row(db, "images"))
     top = ivfpq.exact_top(segments, rows, vectors.astype(np.float32), 10)
     truth = ids[top]
-    cosines = np.einsum("qkd,qd->qk", ivfpq.gather(segments, rows[top.ravel()]).reshape(*top.shape, DIM), vectors)
+    cosines = np.einsum("qkd,qd->qk", store.gather(segments, rows[top.ravel()]).reshape(*top.shape, DIM), vectors)
     recall = float(np.mean([len(set(t.tolist()) & set(f)) / 10 for t, f in zip(truth, found)]))
     return recall, float(cosines[:, 0].mean()), float(cosines[:, -1].mean())
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipforge.search import exact
+from clipforge.search import exact, store
 
 
 @pytest.fixture(params=[1, 2, 5], ids=lambda n: f"{n}-threads")
@@ -95,7 +95,8 @@ def test_int8_screen_bounds_every_row_error():
 
 
 @pytest.mark.parametrize("k", [1, 10, 100])
-def test_screened_top_k_is_the_full_scans(k, torch_threads):
+def test_screened_top_k_is_the_full_scans(k, torch_threads, monkeypatch):
+    monkeypatch.setattr(store, "SEGMENT_ROWS", 2048)  # segments as the store lays them out, only smaller
     rng = np.random.default_rng(k)
     d = 64
     vectors = _unit_rows(rng, 5000, d, clusters=50)

@@ -46,7 +46,7 @@ def search(searcher, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
 
 def live_vectors(segments: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     """The float32 vectors of ``rows`` (N,), in that order."""
-    return ivfpq.gather(segments, rows)
+    return store.gather(segments, rows)
 
 
 def sample_queries(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

@@ -12,6 +12,7 @@ import torch
 
 from clipforge.models.quantize import input_levels, pack_rows, quantize_rows
 from clipforge.runtime.threads import single_intraop_thread
+from clipforge.search import store
 
 CHUNK_ROWS = 4096  # a worker's float32 buffer (8 MiB at d = 512) stays in cache between widening and product
 SCREEN_MIN_ROWS = 32768  # below this a float32 scan takes a millisecond or two: screening gains nothing
@@ -141,15 +142,10 @@ def screened_top(screens: list[Int8Screen], segments: list[np.ndarray], rows: np
 
 
 def rows_scores(segments: list[np.ndarray], rows: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Exact scores (float32) of the given rows (indices into the concatenated segments) for the unit ``query``
+    """Exact scores (float32) of the given rows (``clipforge.search.store.gather``'s) for the unit ``query``
     (dim,). The sums are in float64: a float32 product's rounding depends on where a row falls in the BLAS
     kernel's blocks, and equal rows must score alike so that ties go by position."""
-    starts = np.cumsum([0] + [len(s) for s in segments])
-    gathered = np.empty((len(rows), segments[0].shape[1]), dtype=np.float64)
-    segment_of = np.searchsorted(starts, rows, side="right") - 1
-    for s in np.unique(segment_of):
-        where = np.flatnonzero(segment_of == s)
-        gathered[where] = segments[s][rows[where] - starts[s]]
+    gathered = store.gather(segments, rows).astype(np.float64)  # float16 values, exact in both widenings
     return (gathered @ np.asarray(query, dtype=np.float64)).astype(np.float32)
 
 

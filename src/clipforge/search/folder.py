@@ -112,11 +112,9 @@ class FolderStore:
             np.zeros(len(ids), dtype=bool)
         if not found.all():
             raise KeyError(f"no {'caption ' if captions else ''}vector for item {int(ids[~found][0])} in this index")
-        kind = "captions" if captions else "images"
-        out = np.empty((len(ids), int(self.config["dim"])), dtype=np.float32)
-        for j, row in enumerate(rows[where]):
-            out[j] = self._segments[kind][row // store.SEGMENT_ROWS][row % store.SEGMENT_ROWS]
-        return out
+        if not len(ids):
+            return np.empty((0, int(self.config["dim"])), dtype=np.float32)
+        return store.gather(self._segments["captions" if captions else "images"], rows[where])
 
     def ranked(self, vector: np.ndarray, limit: int, filters: Filters = Filters(), captions: bool = False,
                min_score: float | None = None, approximate: bool | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -238,16 +238,6 @@ _POOL_LOCK = threading.Lock()
 os.register_at_fork(after_in_child=lambda: setattr(StoredVectors, "_pool", None))
 
 
-def gather(segments: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """The float32 vectors (N, dim) at segment ``rows`` (N,), in that order."""
-    out = np.empty((len(rows), segments[0].shape[1] if segments else 0), dtype=np.float32)
-    numbers = rows // store.SEGMENT_ROWS
-    for number in np.unique(numbers):
-        inside = np.nonzero(numbers == number)[0]
-        out[inside] = segments[number][rows[inside] % store.SEGMENT_ROWS]
-    return out
-
-
 def build(folder: Path, segments: list[np.ndarray], rows: np.ndarray, chosen: Plan, faiss, sample_queries,
           target: float, queries: int, progress: bool = True) -> dict:
     """Train, fill partition by partition, merge on disk and tune an IVF-PQ index over the vectors at segment
@@ -271,7 +261,8 @@ def build(folder: Path, segments: list[np.ndarray], rows: np.ndarray, chosen: Pl
         lap("lists")
         _merge(faiss, trained, parts, folder, names)
         lap("merge")
-        searcher = Reranked(read(faiss, folder, names), lambda some: gather(segments, some), rows, FIRST_RERANK)
+        searcher = Reranked(read(faiss, folder, names), lambda some: store.gather(segments, some), rows,
+                            FIRST_RERANK)
         nprobe, rerank, recall = tune(searcher, segments, rows, chosen.cells, sample_queries, target, queries)
         lap("tune")
     except BaseException:
@@ -290,7 +281,7 @@ def _train(faiss, segments, rows: np.ndarray, chosen: Plan, dim: int):
     """An empty IVF-PQ index trained on ``chosen.train`` vectors sampled without replacement (read in row order)."""
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(len(rows), size=chosen.train, replace=False))
-    vectors = gather(segments, rows[sample])
+    vectors = store.gather(segments, rows[sample])
     if len(vectors) < 2 ** chosen.bits:  # k-means needs a point per centroid: a tiny index repeats its vectors
         vectors = np.repeat(vectors, -(-2 ** chosen.bits // len(vectors)), axis=0)
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, chosen.cells, chosen.m, chosen.bits,
@@ -310,7 +301,7 @@ def _fill(faiss, trained, segments, rows: np.ndarray, work: Path, progress: bool
         part = faiss.clone_index(trained)
         for start in range(first, min(len(rows), first + PARTITION_ROWS), CHUNK_ROWS):
             end = min(len(rows), first + PARTITION_ROWS, start + CHUNK_ROWS)
-            part.add_with_ids(gather(segments, rows[start:end]), np.arange(start, end, dtype=np.int64))
+            part.add_with_ids(store.gather(segments, rows[start:end]), np.arange(start, end, dtype=np.int64))
             bar.update(end - start)
         parts.append(work / f"part-{len(parts):05d}.index")
         faiss.write_index(part, str(parts[-1]))
@@ -377,7 +368,7 @@ def tune(searcher: Reranked, segments, rows: np.ndarray, cells: int, sample_quer
     queries = sample_queries(Live(segments, rows), count)
     truth = exact_top(segments, rows, queries, 10)
     quantizer = searcher.index.quantizer
-    cell_of = quantizer.assign(gather(segments, rows[truth.ravel()]), 1).reshape(truth.shape)
+    cell_of = quantizer.assign(store.gather(segments, rows[truth.ravel()]), 1).reshape(truth.shape)
 
     def recall_at(nprobe: int) -> float:
         searcher.nprobe = nprobe
@@ -423,7 +414,7 @@ class Live:
         return len(self.rows)
 
     def __getitem__(self, positions) -> np.ndarray:
-        return gather(self.segments, self.rows[positions])
+        return store.gather(self.segments, self.rows[positions])
 
 
 def exact_top(segments, rows: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -433,7 +424,7 @@ def exact_top(segments, rows: np.ndarray, queries: np.ndarray, k: int) -> np.nda
     best_scores = np.empty((len(queries), 0), dtype=np.float32)
     best = np.empty((len(queries), 0), dtype=np.int64)
     for start in range(0, len(rows), CHUNK_ROWS):
-        scores = queries @ gather(segments, rows[start:start + CHUNK_ROWS]).T  # (Q, C)
+        scores = queries @ store.gather(segments, rows[start:start + CHUNK_ROWS]).T  # (Q, C)
         take = min(k, scores.shape[1])
         part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
         best_scores = np.concatenate([best_scores, np.take_along_axis(scores, part, axis=1)], axis=1)

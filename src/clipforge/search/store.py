@@ -223,6 +223,16 @@ def open_identified_segments(folder: Path, kind: str, rows: int,
     return found
 
 
+def gather(segments: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The float32 vectors (N, dim) at ``rows`` (N,) of a kind's segments (``open_segments``), in that order."""
+    out = np.empty((len(rows), segments[0].shape[1] if segments else 0), dtype=np.float32)
+    numbers = rows // SEGMENT_ROWS
+    for number in np.unique(numbers):
+        inside = np.nonzero(numbers == number)[0]
+        out[inside] = segments[number][rows[inside] % SEGMENT_ROWS]
+    return out
+
+
 def compact(folder: Path, dim: int, min_dead: float = 0.5) -> dict | None:
     """Rewrite the live vectors into a new generation of segments when at least ``min_dead`` of the used rows
     (and at least one segment's worth) belong to no item: deleted and changed files leave their rows behind.
