@@ -87,7 +87,7 @@ def load(name_or_path: str | Path | ModelSpec, device: str | torch.device | None
     """
     if jit:
         raise ValueError(_JIT_UNSUPPORTED)
-    device = resolve_device(_int8_device(device) if precision == "int8" else device)
+    device = resolve_device(int8_device(device) if precision == "int8" else device)
     precision = precision or ("fp16" if device.type == "cuda" else "fp32")
     _check_precision(device, precision)  # before any weights are read
     model, preprocess = build_from_spec(resolve_spec(name_or_path, pretrained, random_init), download_root)
@@ -166,10 +166,10 @@ def _check_precision(device: str | torch.device | None, precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision == "int8":
-        _int8_device(device)
+        int8_device(device)
 
 
-def _int8_device(device: str | torch.device | None) -> str | torch.device:
+def int8_device(device: str | torch.device | None) -> str | torch.device:
     """The CPU, where int8 runs (also the default): ValueError for any other device, before anything is loaded."""
     if device is None or device == "auto":
         return "cpu"

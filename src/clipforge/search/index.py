@@ -73,12 +73,13 @@ class Index:
         ``float32_mib`` MiB of them in RAM, made by the first search that needs them: an int8 screen that rules
         out most vectors with a proven bound (from 32,768 vectors), and float32 copies for scans, multiplied
         as they are instead of widening float16 rows chunk by chunk; a long-running service gains and a
-        one-off search does not (docs/search.md, "How search works"). A PostgreSQL index searches in the database. ``precision``:
-        how text and image queries are encoded, "fp32" or "int8" (None: as the index's vectors were, except
-        that an int8 index queried on a GPU encodes in fp32); a precision other than the index's is allowed and
-        said once (a ``UserWarning``), since the two kinds of vector differ slightly. ``nprobe``: the cells a
-        folder's approximate index probes per query, instead of the number its build tuned to reach recall@10
-        0.95 on its sampled queries (``config.json``): fewer is faster and may miss neighbours."""
+        one-off search does not (docs/search.md, "How search works"). A PostgreSQL index searches in the
+        database. ``precision``: how text and image queries are encoded, "fp32" or "int8" (None: as the index's
+        vectors were, except that an int8 index queried on a GPU encodes in fp32); a precision other than the
+        index's is allowed and said once (a ``UserWarning``), since the two kinds of vector differ slightly.
+        ``nprobe``: the cells a folder's approximate index probes per query, instead of the number its build
+        tuned to reach recall@10 0.95 on its sampled queries (``config.json``): fewer is faster and may miss
+        neighbours."""
         return cls(location, device, float32_mib, precision, nprobe)
 
     @classmethod

@@ -8,11 +8,10 @@ from typing import Callable
 import torch
 
 from clipforge.encode import model_device
-from clipforge.io.factory import load
+from clipforge.io.factory import int8_device, load
 from clipforge.io.spec import NoWeightsError, no_weights_message, resolve_spec
 from clipforge.models.layers import pack_linear_weights
-from clipforge.models.quantize import INT8_DEVICE_ERROR, is_int8, quantize_int8
-from clipforge.runtime.device import resolve_device
+from clipforge.models.quantize import is_int8, quantize_int8
 
 PRECISIONS = ("fp32", "int8")  # what an index's vectors and queries are encoded in
 
@@ -29,9 +28,7 @@ def load_model(spec: str, device: str | torch.device | None = None, random_init:
     check_precision(precision)
     if precision == "fp32":
         return load(spec, device=device, precision="fp32", random_init=random_init)
-    if resolve_device(device or "cpu").type != "cpu":
-        raise ValueError(f"device {str(device)!r}: {INT8_DEVICE_ERROR}")
-    model, preprocess = load(spec, device="cpu", precision="fp32", random_init=random_init)
+    model, preprocess = load(spec, device=int8_device(device), precision="fp32", random_init=random_init)
     checksum = weights_checksum(model)
     quantize_int8(model).float32_sha256 = checksum
     return model, preprocess
