@@ -3,6 +3,10 @@ on generated photos and captions, which layers are int8, copies and state dicts,
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +127,45 @@ def test_vit_b32_int8_features_are_within_the_stated_cosine(one_thread):
     images, tokens = _photos_and_texts(preprocess, fp32.context_length, n=4)
     for tower, cosines in _cosines(fp32, int8, images, tokens).items():
         assert cosines.min() >= MIN_COSINE and cosines.mean() >= MEAN_COSINE, tower
+
+
+def test_kernels_capped_below_vnni_or_amx_by_their_switches_get_7_bit_activations(monkeypatch):
+    """FBGEMM_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA make the kernels behave as on an older CPU; the activation
+    width and the image tower's engine follow them, whatever this CPU has."""
+    from clipforge.models import quantize
+    cpu_vnni = bool(torch.cpu._is_vnni_supported())
+    for name in ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    assert quantize._has_vnni("x86") == quantize._has_vnni("onednn") == cpu_vnni
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX512_E1")
+    assert quantize._has_vnni("x86") == cpu_vnni
+    for capped in ("AVX2", "avx512", "AVX512_256"):
+        monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", capped)
+        assert not quantize._has_vnni("x86")
+        assert Int8Linear(torch.randn(8, 4), torch.zeros(8), "x86")._packed[1]  # reduce_range: 7 bits
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not quantize._has_vnni("onednn") and not quantize._onednn_has_amx()
+    assert quantize._packing_engine("image") == quantize._packing_engine("text")  # FBGEMM for both
+
+
+@pytest.mark.slow
+def test_vit_b32_int8_stays_within_the_stated_cosine_with_kernels_capped_at_avx2():
+    """On a CPU with VNNI, kernels capped at AVX2 by their own switches saturate 8-bit activations (ViT-B/32
+    image cosine 0.994 mean); with the width following the cap the features stay within the stated bounds. The
+    switches are read once per process, so this runs in a fresh one."""
+    script = (
+        "import json, torch, torch.nn.functional as F, clipforge\n"
+        "torch.set_num_threads(1)\n"
+        "fp32, _ = clipforge.load('ViT-B-32', random_init=True, device='cpu')\n"
+        "int8, _ = clipforge.load('ViT-B-32', random_init=True, precision='int8')\n"
+        "images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))\n"
+        "tokens = clipforge.tokenize(['a photo of a dog on the beach', 'a red square'])\n"
+        "with torch.inference_mode():\n"
+        "    image = F.cosine_similarity(fp32.encode_image(images), int8.encode_image(images))\n"
+        "    text = F.cosine_similarity(fp32.encode_text(tokens), int8.encode_text(tokens))\n"
+        "print(json.dumps({'image': image.tolist(), 'text': text.tolist()}))\n")
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for tower, cosines in json.loads(done.stdout.splitlines()[-1]).items():
+        assert min(cosines) >= MIN_COSINE and sum(cosines) / len(cosines) >= MEAN_COSINE, (tower, cosines)

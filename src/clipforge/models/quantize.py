@@ -11,6 +11,7 @@ convolutions (the patch embedding, a ResNet's body), LayerNorm, the projections 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 
@@ -125,7 +126,8 @@ def pack_rows(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
     with _PACKING, _quiet_quantization(), _engine(engine or torch.backends.quantized.engine):
         zero_point = torch.zeros_like(scales, dtype=torch.long)
         quantized = torch._make_per_channel_quantized_tensor(values, scales.double(), zero_point, 0)
-        return torch.ops.quantized.linear_prepack(quantized, bias.float()), not _has_vnni()
+        packed = torch.ops.quantized.linear_prepack(quantized, bias.float())
+        return packed, not _has_vnni(torch.backends.quantized.engine)
 
 
 def input_levels(reduce_range: bool) -> int:
@@ -157,10 +159,34 @@ class Int8MLP(nn.Sequential):
         self.c_proj = Int8Linear(mlp.c_proj.weight, mlp.c_proj.bias, engine)
 
 
-def _has_vnni() -> bool:
-    """Whether this CPU has AVX-512 VNNI, by PyTorch's own test (which also chooses its oneDNN qconfig by it)."""
+# FBGEMM's and oneDNN's own switches that cap the instructions they use below what the CPU has
+# (FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA): the kernels then behave as on that older CPU, so the
+# activation width and the image tower's engine must follow them, not the CPU. FBGEMM's VNNI values end in
+# "E1"; oneDNN's AMX values name AMX ("ALL", its default, allows everything).
+_FBGEMM_ISAS = {"AVX2": False, "AVX512": False, "AVX512_256": False, "AVX512_E1": True, "AVX512_E1_256": True}
+
+
+def _has_vnni(engine: str = "x86") -> bool:
+    """Whether ``engine``'s int8 products accumulate straight into 32 bits (AVX-512 VNNI, or AMX for oneDNN), so
+    8-bit activations cannot saturate: the CPU's support by PyTorch's own test (which also chooses its oneDNN
+    qconfig by it), unless FBGEMM_ENABLE_INSTRUCTIONS or ONEDNN_MAX_CPU_ISA caps the engine's kernels below it."""
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    return bool(is_vnni is not None and is_vnni())
+    if not (is_vnni is not None and is_vnni()):
+        return False
+    if engine == "onednn":
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+        return not cap or cap in ("ALL", "DEFAULT") or "VNNI" in cap or "AMX" in cap or "AVX10" in cap
+    forced = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper()
+    return _FBGEMM_ISAS.get(forced, True)
+
+
+def _onednn_has_amx() -> bool:
+    """Whether oneDNN may use AMX here: the CPU has it and ONEDNN_MAX_CPU_ISA does not cap oneDNN below it."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if not (has_amx is not None and has_amx()):
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return not cap or cap in ("ALL", "DEFAULT") or "AMX" in cap
 
 
 def _packing_engine(tower: str) -> str:
@@ -169,8 +195,7 @@ def _packing_engine(tower: str) -> str:
     product) up to twice as fast as FBGEMM, and a text query (about ten rows) slightly slower; with only AVX-512
     VNNI or AVX2 (oneDNN capped by ONEDNN_MAX_CPU_ISA) it is slower than FBGEMM for both."""
     engines = torch.backends.quantized.supported_engines
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if tower == "image" and "onednn" in engines and has_amx is not None and has_amx():
+    if tower == "image" and "onednn" in engines and _onednn_has_amx():
         return "onednn"
     return "x86" if "x86" in engines else torch.backends.quantized.engine
 
