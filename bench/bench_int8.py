@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import cpu_flags, environment, optional_import, time_interleaved  # noqa: E402
+from common import cpu_flags, environment, isa_cap, optional_import, time_interleaved  # noqa: E402
 
 import clipforge  # noqa: E402
 from clipforge.data import ShapesDataset, class_names, templates  # noqa: E402
@@ -39,6 +39,9 @@ from clipforge.models import get_model_config  # noqa: E402
 from clipforge.models.quantize import quantize_int8  # noqa: E402
 from clipforge.tokenizer import tokenize  # noqa: E402
 from clipforge.zeroshot import fill_template  # noqa: E402
+
+# ONNX Runtime has no switch to cap its kernels (bench/capped.py): under a cap its rows say so
+ONNX_INT8 = "clipforge-onnx int8" + (" (not capped)" if isa_cap() else "")
 
 SEARCH_IMAGES, HELDOUT_IMAGES, CAPTION_QUERIES, TOP_K = 2000, 1000, 200, 10
 Encoders = dict[str, dict[str, Callable[[torch.Tensor], torch.Tensor]]]
@@ -74,7 +77,7 @@ def build_encoders(name: str, onnx: bool, folder: Path) -> tuple[Encoders, Calla
         from clipforge.io.onnx import OnnxEncoder, export_onnx
         export_onnx(fp32, folder / name, int8=True)
         session = OnnxEncoder(folder / name, threads=torch.get_num_threads())
-        encoders["clipforge-onnx int8"] = {"image": session.encode_image, "text": session.encode_text}
+        encoders[ONNX_INT8] = {"image": session.encode_image, "text": session.encode_text}
     return encoders, preprocess
 
 
@@ -167,7 +170,7 @@ def quality_rows(spec: str, onnx: bool, label: str | None = None) -> list[dict[s
             from clipforge.io.onnx import OnnxEncoder, export_onnx
             export_onnx(fp32, tmp, int8=True)
             session = OnnxEncoder(tmp, threads=torch.get_num_threads())
-            impls["clipforge-onnx int8"] = {"image": session.encode_image, "text": session.encode_text}
+            impls[ONNX_INT8] = {"image": session.encode_image, "text": session.encode_text}
         reference = _encode({"image": fp32.encode_image, "text": fp32.encode_text}, inputs)
         top1 = _zeroshot_top1(fp32.encode_text, reference["heldout"], inputs)
         ref_top = (reference["queries"] @ reference["corpus"].T).topk(TOP_K).indices
@@ -194,7 +197,8 @@ def run(models: tuple[str, ...] = ("ViT-B-32", "ViT-L-14"), batch_sizes: tuple[i
         speed: bool = True, quality: bool = True) -> list[dict[str, Any]]:
     """Speed rows per (model, tower, batch, implementation) and quality rows per int8 implementation."""
     print(f"cpu: {environment('cpu')['cpu']}; flags: {' '.join(cpu_flags())}; torch capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; threads: {torch.get_num_threads()}", flush=True)
+          f"{torch.backends.cpu.get_cpu_capability()}; threads: {torch.get_num_threads()}"
+          + (f"; libraries capped at {isa_cap()} (bench/capped.py)" if isa_cap() else ""), flush=True)
     rows = run_speed(models, batch_sizes, repeats, onnx) if speed else []
     if quality:
         with tempfile.TemporaryDirectory() as tmp:

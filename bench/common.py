@@ -42,6 +42,9 @@ def environment(device: str) -> dict[str, Any]:
     """What the figures were measured on: versions, threads, processor or GPU, current load."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
            "threads": torch.get_num_threads(), "cpu": _cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count()}
+    if isa_cap():
+        env["isa_cap"] = isa_cap()  # bench/capped.py: the libraries' kernels limited to an older instruction set
+        env["torch_capability"] = torch.backends.cpu.get_cpu_capability()
     if hasattr(os, "getloadavg"):
         env["load_avg_1min"] = round(os.getloadavg()[0], 2)
     if device.startswith("cuda"):
@@ -54,6 +57,11 @@ def environment(device: str) -> dict[str, Any]:
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
               "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def isa_cap() -> str | None:
+    """The instruction set ``bench/capped.py`` limited the libraries to in this process, if it did."""
+    return os.environ.get("CLIPFORGE_BENCH_ISA_CAP") or None
 
 
 def cpu_flags() -> list[str]:
