@@ -21,8 +21,8 @@ from clipforge.search import embeddings
 from clipforge.search.embed import EmbedOptions, embed
 from clipforge.search.model import load_model, model_identity
 
-from conftest import EMBED_MODEL as MODEL
-from conftest import make_embed_sources
+from embed_sources import EMBED_MODEL as MODEL
+from embed_sources import make_embed_sources
 
 pq = pytest.importorskip("pyarrow.parquet")
 
