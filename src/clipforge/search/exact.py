@@ -4,14 +4,13 @@ exactly."""
 from __future__ import annotations
 
 import math
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from clipforge.models.quantize import input_levels, pack_rows, quantize_rows
-from clipforge.runtime.threads import single_intraop_thread
+from clipforge.runtime.threads import read_only_tensor, single_intraop_thread, torch_matmul
 from clipforge.search import store
 
 CHUNK_ROWS = 4096  # a worker's float32 buffer (8 MiB at d = 512) stays in cache between widening and product
@@ -37,7 +36,7 @@ def scores(segments: list[np.ndarray], queries: np.ndarray) -> np.ndarray:
     narrow = [(rows, first) for rows, first in placed if rows.dtype != np.float32]
     for rows, first in placed:
         if rows.dtype == np.float32:
-            torch.matmul(_as_tensor(rows), q, out=torch.from_numpy(out[first:first + len(rows)]))
+            torch.matmul(read_only_tensor(rows), q, out=torch.from_numpy(out[first:first + len(rows)]))
     with single_intraop_thread() as threads:
         parts = _split(narrow, max(1, min(threads, sum(len(r) for r, _ in narrow) // CHUNK_ROWS)))
         if len(parts) == 1:
@@ -68,16 +67,9 @@ def _scan(part: list[tuple[np.ndarray, int]], q: torch.Tensor, out: np.ndarray) 
     for rows, first in part:
         for begin in range(0, len(rows), CHUNK_ROWS):
             block = buffer[:min(CHUNK_ROWS, len(rows) - begin)]  # (C, dim)
-            block.copy_(_as_tensor(rows[begin:begin + len(block)]))
+            block.copy_(read_only_tensor(rows[begin:begin + len(block)]))
             target = torch.from_numpy(out[first + begin:first + begin + len(block)])
             torch.matmul(block, q, out=target)
-
-
-def _as_tensor(rows: np.ndarray) -> torch.Tensor:
-    """A tensor viewing (not copying) rows of a read-only memory map; it is only read."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch warns that the array is not writable
-        return torch.from_numpy(np.asarray(rows))
 
 
 class Int8Screen:
@@ -93,7 +85,7 @@ class Int8Screen:
     """
 
     def __init__(self, rows: np.ndarray):
-        vectors = _as_tensor(rows).float()
+        vectors = read_only_tensor(rows).float()
         values, scales = quantize_rows(vectors)
         approximate = values.float() * scales[:, None]
         # with a margin for the float rounding of the kernel's scales and of these norms
@@ -146,7 +138,7 @@ def rows_scores(segments: list[np.ndarray], rows: np.ndarray, query: np.ndarray)
     (dim,). The sums are in float64: a float32 product's rounding depends on where a row falls in the BLAS
     kernel's blocks, and equal rows must score alike so that ties go by position."""
     gathered = store.gather(segments, rows).astype(np.float64)  # float16 values, exact in both widenings
-    return (gathered @ np.asarray(query, dtype=np.float64)).astype(np.float32)
+    return torch_matmul(gathered, query).astype(np.float32)
 
 
 class Float32Copies:
@@ -174,7 +166,7 @@ class Float32Copies:
             if used + size > self.budget:
                 out.append(segment)
                 continue
-            copy = previous[identity] if identity in previous else _as_tensor(segment).float().numpy()
+            copy = previous[identity] if identity in previous else read_only_tensor(segment).float().numpy()
             kept[identity], used = copy, used + size
             out.append(copy)
         self._copies[key] = kept

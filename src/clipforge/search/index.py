@@ -15,6 +15,7 @@ from clipforge.data import ImageRef, load_image, read_image_bytes
 from clipforge.encode import encode_images, encode_texts
 from clipforge.runtime.device import resolve_device
 from clipforge.runtime.distributed import process_env
+from clipforge.runtime.threads import torch_matmul
 from clipforge.search.build import BuildOptions, build
 from clipforge.search.ingest import ingest
 from clipforge.search.ivfpq import parse_size
@@ -290,8 +291,9 @@ class Index:
             chosen: list[int] = []
             for start in range(0, len(ids), 256):
                 block = vectors[start:start + 256]
-                fresh = np.ones(len(block), dtype=bool) if not len(kept) else (kept @ block.T).max(axis=0) < threshold
-                within = block @ block.T
+                fresh = (np.ones(len(block), dtype=bool) if not len(kept)
+                         else torch_matmul(kept, block.T).max(axis=0) < threshold)
+                within = torch_matmul(block, block.T)
                 taken: list[int] = []
                 for j in np.flatnonzero(fresh):
                     if taken and within[j, taken].max() >= threshold:

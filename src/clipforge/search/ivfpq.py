@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clipforge.io.runs import write_files
+from clipforge.runtime.threads import torch_matmul
 from clipforge.search import store
 
 KIND = "faiss IVF-PQ (inner product), re-ranked exactly"
@@ -131,7 +132,7 @@ class Reranked:
         positions = np.full((len(queries), k), -1, dtype=np.int64)
         for q, found in enumerate(candidates):
             found = found[found >= 0]
-            exact = self.read(self.rows[found]) @ queries[q]
+            exact = torch_matmul(self.read(self.rows[found]), queries[q])
             best = np.lexsort((found, -exact))[:k]  # ties by position, that is by id
             scores[q, :len(best)], positions[q, :len(best)] = exact[best], found[best]
         return scores, positions

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -66,11 +67,12 @@ class SearchResponse(BaseModel):
     upload: str | None
 
 
-def create_app(index, options: ServeOptions = ServeOptions()) -> FastAPI:
+def create_app(index, options: ServeOptions = ServeOptions(), compute: ThreadPoolExecutor | None = None) -> FastAPI:
     """The service over an open ``clipforge.search.Index`` (thumbnails kept in ``options.cache_dir``, else
-    ``clipforge.serve.thumbnails.default_folder``)."""
+    ``clipforge.serve.thumbnails.default_folder``); ``compute``: the thread that opened the index, to run every
+    query on (``clipforge.serve.service.query_thread``; a new one by default)."""
     metrics = Metrics()
-    service = SearchService(index, metrics, Uploads(options.upload_cache_bytes), options.max_pixels)
+    service = SearchService(index, metrics, Uploads(options.upload_cache_bytes), options.max_pixels, compute)
     cache = Path(options.cache_dir) if options.cache_dir else default_thumbnail_folder(index)
     thumbnails = Thumbnails(index, cache, options.max_pixels)
     app = FastAPI(title="clipforge search", description="Search an image index by text, image or example.",

@@ -11,6 +11,7 @@ from dataclasses import replace
 import uvicorn
 
 from clipforge.serve.app import ServeOptions, create_app
+from clipforge.serve.service import query_thread
 
 DEFAULT_FLOAT32_MIB = 1024  # RAM for float32 copies of the vectors (clipforge serve --float32-mib)
 
@@ -54,8 +55,10 @@ def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, options: Se
         print(f"clipforge serve: warning: listening on {host}, which other machines can reach, without a token: "
               f"anyone who can connect can search and view every indexed image; pass --token (or set "
               f"CLIPFORGE_TOKEN)", file=sys.stderr)
-    index = Index.open(index_dir, device=device, float32_mib=float32_mib, precision=precision, nprobe=nprobe)
-    app = create_app(index, replace(options, loopback_only=is_loopback(host)))
+    compute = query_thread()  # torch runs on this thread only, from opening the index on (see query_thread)
+    index = compute.submit(Index.open, index_dir, device=device, float32_mib=float32_mib, precision=precision,
+                           nprobe=nprobe).result()
+    app = create_app(index, replace(options, loopback_only=is_loopback(host)), compute)
     app.state.service.warm_up()
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
