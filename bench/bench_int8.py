@@ -14,7 +14,13 @@ pairs on images of the 8 pairs never seen in training (int8 minus fp32, in point
 top 10 images that 248 text queries (the 48 pairs' prompts, 200 captions) retrieve from 2,000 shapes by exact
 cosine search (1.0: the same ten images).
 
-Usage: ``python bench/bench_int8.py [--models ViT-B-32 ViT-L-14] [--batch-sizes 1 64] [--quick] [--json out.json]``.
+Kernels (``--parts kernels``): one linear layer of each shape those cases multiply (rows: a caption's tokens, one
+image's, 64 images'; ViT-B/32's and ViT-L/14's MLP widths), float32 ``F.linear`` against the int8 product on each
+engine this machine has (FBGEMM through PyTorch's ``x86`` engine, oneDNN): what the instruction set gives int8
+before LayerNorm, attention and the rest of a model share the time.
+
+Usage: ``python bench/bench_int8.py [--models ViT-B-32 ViT-L-14] [--batch-sizes 1 64] [--parts speed quality kernels]
+[--quick] [--json out.json]``; under ``bench/capped.py avx2`` for what a CPU without AVX-512 does.
 """
 from __future__ import annotations
 
@@ -116,6 +122,35 @@ def run_speed(models: tuple[str, ...], batch_sizes: tuple[int, ...], repeats: in
     return rows
 
 
+# (case, rows, in, out): a text query's tokens and ViT-B/32's MLP; one image of ViT-B/32 (50 tokens) and of
+# ViT-L/14 (257), and 64 images of ViT-B/32, each through the first MLP layer
+KERNEL_SHAPES = (("text b1, B/32 MLP", 12, 512, 2048), ("text b1, L/14 MLP", 12, 768, 3072),
+                 ("image b1, B/32 MLP", 50, 768, 3072), ("image b1, L/14 MLP", 257, 1024, 4096),
+                 ("images b64, B/32 MLP", 64 * 50, 768, 3072))
+
+
+def run_kernels(repeats: int) -> list[dict[str, Any]]:
+    """Milliseconds of one linear layer per shape: float32 and the int8 product on each quantised engine."""
+    from clipforge.models.quantize import _has_vnni, pack_rows, quantize_rows
+    rows = []
+    for case, m, k, n in KERNEL_SHAPES:
+        generator = torch.Generator().manual_seed(0)
+        weight, bias = torch.randn(n, k, generator=generator) / k ** 0.5, torch.randn(n, generator=generator)
+        x = torch.randn(m, k, generator=generator)
+        values, scales = quantize_rows(weight)
+        fns = {"fp32": lambda: F.linear(x, weight, bias)}
+        for engine in ("x86", "onednn"):
+            if engine in torch.backends.quantized.supported_engines:
+                packed, reduce_range = pack_rows(values, scales, bias, engine)
+                fns[f"int8 {engine}{'' if _has_vnni(engine) else ' 7-bit'}"] = \
+                    lambda p=packed, r=reduce_range: torch.ops.quantized.linear_dynamic(x, p, reduce_range=r)
+        seconds = time_interleaved(fns, repeats=max(repeats, 20), warmup=3)
+        rows += [{"bench": "int8 kernel", "case": case, "impl": impl, "value": 1000 * secs, "unit": "ms",
+                  "vs_fp32": seconds["fp32"] / secs} for impl, secs in seconds.items()]
+        print(format_rows(rows[-len(fns):]), flush=True)
+    return rows
+
+
 def trained_model(steps: int, folder: Path) -> str:
     """A tiny-vit trained for ``steps`` on the built-in data (as the tests' trained model, longer): its run folder."""
     from clipforge.train import TrainConfig, train
@@ -194,12 +229,13 @@ def _quality_row(case: str, impl: str, encoder: dict, inputs: dict, reference: d
 
 def run(models: tuple[str, ...] = ("ViT-B-32", "ViT-L-14"), batch_sizes: tuple[int, ...] = (1, 64),
         repeats: int = 9, onnx: bool = True, train_steps: int = 400, quality_model: str | None = None,
-        speed: bool = True, quality: bool = True) -> list[dict[str, Any]]:
+        speed: bool = True, quality: bool = True, kernels: bool = False) -> list[dict[str, Any]]:
     """Speed rows per (model, tower, batch, implementation) and quality rows per int8 implementation."""
     print(f"cpu: {environment('cpu')['cpu']}; flags: {' '.join(cpu_flags())}; torch capability "
           f"{torch.backends.cpu.get_cpu_capability()}; threads: {torch.get_num_threads()}"
           + (f"; libraries capped at {isa_cap()} (bench/capped.py)" if isa_cap() else ""), flush=True)
-    rows = run_speed(models, batch_sizes, repeats, onnx) if speed else []
+    rows = run_kernels(repeats) if kernels else []
+    rows += run_speed(models, batch_sizes, repeats, onnx) if speed else []
     if quality:
         with tempfile.TemporaryDirectory() as tmp:
             label = quality_model or f"tiny-vit trained {train_steps} steps"
@@ -210,7 +246,9 @@ def run(models: tuple[str, ...] = ("ViT-B-32", "ViT-L-14"), batch_sizes: tuple[i
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
-        if r["bench"] == "int8":
+        if r["bench"] == "int8 kernel":
+            lines.append(f"{r['case']:<22} {r['impl']:<20} {r['value']:9.3f} ms  {r['vs_fp32']:.2f}x fp32")
+        elif r["bench"] == "int8":
             ratio = "" if r["impl"] == "clipforge fp32" else \
                 f"  {r['vs_fp32']:.2f}x fp32  cos mean {r['cos_mean']:.5f} worst {r['cos_worst']:.5f}"
             lines.append(f"{r['case']:<22} {r['impl']:<20} {r['value']:9.2f} {r['unit']}{ratio}")
@@ -229,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime int8 export")
     parser.add_argument("--train-steps", type=int, default=400, help="training steps of the quality model")
     parser.add_argument("--quality-model", metavar="SPEC", help="a trained model to judge quality on instead")
-    parser.add_argument("--parts", nargs="+", choices=("speed", "quality"), default=["speed", "quality"])
+    parser.add_argument("--parts", nargs="+", choices=("speed", "quality", "kernels"),
+                        default=["speed", "quality"])
     parser.add_argument("--quick", action="store_true", help="ViT-B/32 only, 3 repeats, 150 training steps")
     parser.add_argument("--threads", type=int, help="torch's (and ONNX Runtime's) threads (default: torch's)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -240,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         args.models, args.repeats, args.train_steps = ["ViT-B-32"], 3, 150
     print(json.dumps(environment("cpu")))
     rows = run(tuple(args.models), tuple(args.batch_sizes), args.repeats, not args.no_onnx, args.train_steps,
-               args.quality_model, "speed" in args.parts, "quality" in args.parts)
+               args.quality_model, "speed" in args.parts, "quality" in args.parts, "kernels" in args.parts)
     print("\n" + format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
