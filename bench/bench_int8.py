@@ -131,7 +131,7 @@ KERNEL_SHAPES = (("text b1, B/32 MLP", 12, 512, 2048), ("text b1, L/14 MLP", 12,
 
 def run_kernels(repeats: int) -> list[dict[str, Any]]:
     """Milliseconds of one linear layer per shape: float32 and the int8 product on each quantised engine."""
-    from clipforge.models.quantize import _has_vnni, pack_rows, quantize_rows
+    from clipforge.models.quantize import pack_rows, quantize_rows
     rows = []
     for case, m, k, n in KERNEL_SHAPES:
         generator = torch.Generator().manual_seed(0)
@@ -142,7 +142,7 @@ def run_kernels(repeats: int) -> list[dict[str, Any]]:
         for engine in ("x86", "onednn"):
             if engine in torch.backends.quantized.supported_engines:
                 packed, reduce_range = pack_rows(values, scales, bias, engine)
-                fns[f"int8 {engine}{'' if _has_vnni(engine) else ' 7-bit'}"] = \
+                fns[f"int8 {engine}{' 7-bit' if reduce_range else ''}"] = \
                     lambda p=packed, r=reduce_range: torch.ops.quantized.linear_dynamic(x, p, reduce_range=r)
         seconds = time_interleaved(fns, repeats=max(repeats, 20), warmup=3)
         rows += [{"bench": "int8 kernel", "case": case, "impl": impl, "value": 1000 * secs, "unit": "ms",
