@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from clipforge.io.runs import write_files
-from clipforge.search import exact, ivfpq, store
+from clipforge.search import ivfpq, store
 
 AUTO_THRESHOLD = 200_000  # items above which ``approximate="auto"`` builds it
 FILE, IDS = "approximate.faiss", "approximate-ids.npy"
@@ -57,17 +57,10 @@ def sample_queries(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray
     return queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
 
 
-def recall_at_10(index, vectors: np.ndarray, queries: np.ndarray) -> float:
-    """Mean fraction of the exact top-10 that the approximate top-10 finds."""
-    truth = exact.scores([vectors], queries)  # (N, Q)
-    found = index.search(np.ascontiguousarray(queries, dtype=np.float32), 10)[1]
-    hits = [len(set(exact.top_k(truth[:, q], 10)[0].tolist()) & set(found[q].tolist())) for q in range(len(queries))]
-    return float(np.mean(hits)) / min(10, len(vectors))
-
-
 def build(folder: Path, ids: np.ndarray, vectors: np.ndarray, rows_used: int) -> dict:
-    """Train and fill an IVF index on ``vectors`` (N, dim), raise ``nprobe`` until recall@10 reaches
-    ``TARGET_RECALL`` on sampled queries, save it; returns what config.json records about it."""
+    """Train and fill an IVF index on ``vectors`` (N, dim), double ``nprobe`` until recall@10 reaches
+    ``TARGET_RECALL`` on sampled queries and bisect back to the fewest cells that still do, save it; returns
+    what config.json records about it."""
     faiss = _faiss()
     dim = vectors.shape[1]
     cells = max(1, min(int(np.sqrt(len(vectors))), len(vectors) // 39))
@@ -77,14 +70,22 @@ def build(folder: Path, ids: np.ndarray, vectors: np.ndarray, rows_used: int) ->
     train = vectors[rng.choice(len(vectors), size=min(len(vectors), 50 * cells), replace=False)]
     index.train(train)
     index.add(vectors)
-    queries = sample_queries(vectors, SAMPLED_QUERIES)
-    nprobe, recall = 1, 0.0
-    while True:
+    queries = np.ascontiguousarray(sample_queries(vectors, SAMPLED_QUERIES), dtype=np.float32)
+    truth = ivfpq.exact_top([vectors], np.arange(len(vectors)), queries, 10)
+
+    def recall_at(nprobe: int) -> float:
         index.nprobe = nprobe
-        recall = recall_at_10(index, vectors, queries)
+        return ivfpq.recall_at_10(index.search(queries, 10)[1], truth)
+
+    nprobe, short, recall = 1, None, 0.0
+    while True:
+        recall = recall_at(nprobe)
         if recall >= TARGET_RECALL or nprobe >= cells:
             break
-        nprobe = min(cells, nprobe * 2)
+        short, nprobe = nprobe, min(cells, nprobe * 2)
+    if recall >= TARGET_RECALL and short is not None:
+        nprobe, recall = ivfpq.fewest_probes(recall_at, short, nprobe, recall, TARGET_RECALL)
+    index.nprobe = nprobe
     def save_ids(path: Path) -> None:
         with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary's name
             np.save(f, ids)

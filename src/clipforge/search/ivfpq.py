@@ -387,13 +387,7 @@ def tune(searcher: Reranked, segments, rows: np.ndarray, cells: int, sample_quer
         else:
             short, searcher.rerank = None, searcher.rerank * 2
     if recall >= target and short is not None:
-        while nprobe - short > max(1, nprobe // 8):
-            middle = (short + nprobe) // 2
-            found = recall_at(middle)
-            if found >= target:
-                nprobe, recall = middle, found
-            else:
-                short = middle
+        nprobe, recall = fewest_probes(recall_at, short, nprobe, recall, target)
     while recall >= target and searcher.rerank > FIRST_RERANK:  # then re-rank as few as still reach it
         searcher.rerank //= 2
         found = recall_at(nprobe)
@@ -433,6 +427,20 @@ def exact_top(segments, rows: np.ndarray, queries: np.ndarray, k: int) -> np.nda
         order = np.lexsort((best, -best_scores), axis=1)[:, :k]
         best_scores, best = np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best, order, axis=1)
     return best
+
+
+def fewest_probes(recall_at, short: int, enough: int, recall: float, target: float) -> tuple[int, float]:
+    """(nprobe, its recall): the fewest cells between ``short`` (known to miss ``target``) and ``enough`` (known
+    to reach it, with ``recall``) that still reach it, by bisection to within an eighth of ``enough``: doubling
+    the cells overshoots by up to twice what a query needs, and a query's time grows with the cells it probes."""
+    while enough - short > max(1, enough // 8):
+        middle = (short + enough) // 2
+        found = recall_at(middle)
+        if found >= target:
+            enough, recall = middle, found
+        else:
+            short = middle
+    return enough, recall
 
 
 def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
