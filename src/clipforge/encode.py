@@ -93,3 +93,13 @@ def encode_texts(model, texts: Sequence[str] | torch.Tensor, tokenizer: Callable
             tokenizer = model_tokenizer(model)
         batches = (tokenizer(list(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size))
     return _encode(model, model.encode_text, batches, autocast, normalize=True)
+
+
+def encode_captions(model, captions: Sequence[str | None], dim: int) -> torch.Tensor:
+    """``encode_texts`` of the captions there are, as float32 rows (N, ``dim``) on the CPU in the order of
+    ``captions``, with a row of zeros where one is None or empty (an image without a caption)."""
+    out = torch.zeros(len(captions), dim)
+    present = [i for i, caption in enumerate(captions) if caption]
+    if present:
+        out[present] = encode_texts(model, [captions[i] for i in present]).float().cpu()
+    return out

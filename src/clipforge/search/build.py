@@ -25,7 +25,7 @@ from clipforge.data import (
     video_info,
 )
 from clipforge.data.exif import mtime_capture
-from clipforge.encode import encode_images, encode_texts
+from clipforge.encode import encode_captions, encode_images
 from clipforge.runtime.distributed import DistEnv, barrier, gather_objects, init_distributed
 from clipforge.search.approximate import check_mode
 from clipforge.search.model import indexed_precision, load_model, model_identity, model_name
@@ -234,7 +234,7 @@ def _rounds(batches, rounds: int, mine: list[int], encode: list, network, env: D
         good = []
         if tensors is not None:
             vectors = encode_images(network, tensors, batch_size=len(tensors)).cpu().numpy().astype(np.float16)
-            captions = caption_vectors(network, [encode[mine[i]][0].caption for i in local])
+            captions = caption_rows(network, [encode[mine[i]][0].caption for i in local])
             good = [(mine[i], vectors[j], captions[j], info) for j, (i, info) in enumerate(zip(local, infos))]
         bad = [(mine[i], reason, message) for i, reason, message in bad]
         yield gather_objects((good, bad), env)
@@ -267,13 +267,10 @@ def _store_video(writer: "Writer", entry: Entry, digest: str, network, preproces
     writer._commit(records, vectors)
 
 
-def caption_vectors(network, captions: list[str | None]) -> list[np.ndarray | None]:
-    """Float16 caption vectors, None where there is no caption."""
-    texts = [c for c in captions if c]
-    if not texts:
-        return [None] * len(captions)
-    vectors = iter(encode_texts(network, texts).cpu().numpy().astype(np.float16))
-    return [next(vectors) if c else None for c in captions]
+def caption_rows(network, captions: list[str | None]) -> list[np.ndarray | None]:
+    """Caption vectors as the index stores them (float16), None where there is no caption."""
+    vectors = encode_captions(network, captions, int(network.config.embed_dim)).numpy().astype(np.float16)
+    return [vector if caption else None for vector, caption in zip(vectors, captions)]
 
 
 def described(info, entry: Entry) -> tuple:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from clipforge.data import collate_described
-from clipforge.encode import encode_images
+from clipforge.encode import encode_captions, encode_images
 from clipforge.runtime.distributed import DistEnv, barrier, init_distributed
 from clipforge.search import embeddings
 from clipforge.search.embed_ray import embed_ray
@@ -23,7 +23,6 @@ from clipforge.search.partitions import (
     HashedImages,
     Progress,
     Work,
-    caption_vectors,
     check_same_run,
     folder_config,
     metadata_row,
@@ -117,7 +116,8 @@ def encode_partition(work: Work, network, preprocess, options: EmbedOptions, tex
     for local, tensors, infos, bad in loader:
         if tensors is not None:
             vectors = encode_images(network, tensors, batch_size=len(tensors)).cpu().numpy()
-            texts = caption_vectors(network, [entries[i].caption for i in local]) if text else itertools.repeat(None)
+            texts = (encode_captions(network, [entries[i].caption for i in local], vectors.shape[1]).numpy()
+                     if text else itertools.repeat(None))
             encoded += [(i, v, t, metadata_row(entries[i], *info))
                         for i, v, t, info in zip(local, vectors, texts, infos)]
         skipped += [(entries[i].name, reason, message) for i, reason, message in bad]

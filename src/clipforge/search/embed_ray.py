@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforge.encode import encode_images
+from clipforge.encode import encode_captions, encode_images
 from clipforge.search import embeddings
 from clipforge.search.model import load_model, model_identity, model_name, weights_checksum
 from clipforge.search.partitions import (
@@ -19,7 +19,6 @@ from clipforge.search.partitions import (
     HashedImages,
     Progress,
     Work,
-    caption_vectors,
     folder_config,
     metadata_row,
     partition_data,
@@ -146,7 +145,7 @@ class _Encoder:
                                         batch_size=int(ok.sum())).cpu().numpy()
             if self.text:
                 captions = [json.loads(m).get("caption") for m in batch["meta"][ok]]
-                texts[ok] = caption_vectors(self.network, captions)
+                texts[ok] = encode_captions(self.network, captions, self.dim).numpy()
         return {"partition": batch["partition"], "position": batch["position"], "rows": batch["rows"],
                 "ok": ok, "meta": batch["meta"], "vector": vectors, "text": texts}
 

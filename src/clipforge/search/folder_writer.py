@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from clipforge.search import approximate, store
-from clipforge.search.build import Writer, caption_vectors, reused, touched
+from clipforge.search.build import Writer, caption_rows, reused, touched
 from clipforge.search.plan import Entry, Plan
 
 
@@ -143,7 +143,7 @@ class FolderWriter(Writer):
         images = store.open_segments(self.folder, "images", store.next_row(self.db, "images"), self.generation)
         rows = [donor["row"] for _, _, donor in chunk]
         vectors = np.stack([images[r // store.SEGMENT_ROWS][r % store.SEGMENT_ROWS] for r in rows])
-        captions = caption_vectors(self.network, [entry.caption for entry, _, _ in chunk])
+        captions = caption_rows(self.network, [entry.caption for entry, _, _ in chunk])
         records = [(entry, digest, reused(donor, entry), caption)
                    for (entry, digest, donor), caption in zip(chunk, captions)]
         self._commit(records, vectors)

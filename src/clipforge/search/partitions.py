@@ -16,7 +16,6 @@ from tqdm import tqdm
 from clipforge.data import DescribedImages, expand_shards, image_info, load_image, read_image_bytes
 from clipforge.data.samples import BadSample
 from clipforge.data.sources import source_kind
-from clipforge.encode import encode_texts
 from clipforge.search import embeddings
 from clipforge.search.embeddings import PartitionData
 from clipforge.search.plan import Entry, content_digest, list_sources
@@ -184,15 +183,6 @@ def metadata_row(entry: Entry, info, digest: str) -> dict:
     return {"image_path": entry.path, "key": entry.key, "member": entry.member, "offset": entry.offset,
             "size": entry.size, "mtime_ns": entry.mtime_ns, "source": entry.source, "caption": entry.caption,
             "width": info.width, "height": info.height, "taken": info.taken, "hash": digest}
-
-
-def caption_vectors(network, captions: list[str | None]) -> np.ndarray:
-    """Float32 caption vectors (n, D), a row of zeros where there is no caption."""
-    out = np.zeros((len(captions), int(network.config.embed_dim)), np.float32)
-    texts = [i for i, c in enumerate(captions) if c]
-    if texts:
-        out[texts] = encode_texts(network, [captions[i] for i in texts]).cpu().numpy()
-    return out
 
 
 def partition_data(number: int, listed: int, encoded: list, skipped: list, problems: dict, text: bool,

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from clipforge.search.build import Writer, caption_vectors, reused, touched
+from clipforge.search.build import Writer, caption_rows, reused, touched
 from clipforge.search.pg import hnsw, schema
 from clipforge.search.pg.connection import connect, database_errors, vector_type
 from clipforge.search.pg.url import parse
@@ -210,7 +210,7 @@ class PostgresWriter(Writer):
             self._record_bad(plan.bad)
 
     def _store_reused(self, chunk: list) -> None:
-        captions = caption_vectors(self.network, [entry.caption for entry, _, _ in chunk])
+        captions = caption_rows(self.network, [entry.caption for entry, _, _ in chunk])
         with database_errors(self.target.where, "copying reused vectors"), self.conn.transaction():
             for (entry, digest, donor), caption in zip(chunk, captions):
                 width, height, taken, captured, captured_from = reused(donor, entry)
