@@ -53,6 +53,20 @@ def test_video_frames_are_items_with_their_times(tmp_path, index_at, capsys, one
     assert capsys.readouterr().out.split()[2] == f"{photos / 'clip.mp4'}@00:05"
     assert main(["index", str(photos), "--index", str(index_at), *common[3:]]) == 0
     assert f"unchanged {3 + len(frames)}," in capsys.readouterr().out  # not read again
+    with Index.open(index_at) as index:
+        kept = {i: index.item(i) for i in index.ids() if index.item(i).time is not None}
+    later = (photos / "clip.mp4").stat().st_mtime_ns + 3600 * 10**9  # touched (a copy, a sync): same bytes
+    os.utime(photos / "clip.mp4", ns=(later, later))
+    assert main(["index", str(photos), "--index", str(index_at), *common[3:]]) == 0
+    out = capsys.readouterr().out
+    assert "indexed 0," in out and f"unchanged {3 + len(frames)}," in out, out  # hashed, not decoded again
+    with Index.open(index_at) as index:
+        again = {i: index.item(i) for i in index.ids() if index.item(i).time is not None}
+        assert again.keys() == kept.keys()  # the same items, with their vectors
+        for i, item in again.items():
+            assert item.mtime_ns == later and item.captured_from == kept[i].captured_from
+            if item.captured_from == "video":  # the container's time stays; an mtime one follows the file
+                assert item.captured == kept[i].captured
     (photos / "clip.mp4").write_bytes(video([(2, GREEN), (2, RED)]))  # changed: 4 s, a cut at 2 s
     assert main(["index", str(photos), "--index", str(index_at), "--video-every", "5", *common[3:]]) == 0
     with Index.open(index_at) as index:

@@ -290,10 +290,10 @@ def reused(donor: Mapping, entry: Entry) -> tuple:
 
 
 def touched(item: Mapping, entry: Entry) -> tuple[str, str]:
-    """(captured, captured_from) of an item whose file changed its mtime but not its content: an mtime
-    capture time follows the file."""
-    if item["captured_from"] == "exif":
-        return item["captured"], "exif"
+    """(captured, captured_from) of an item whose file changed its mtime but not its content: a capture time
+    from the content (EXIF, a video's creation time) stays; an mtime capture time follows the file."""
+    if item["captured_from"] in ("exif", "video"):
+        return item["captured"], item["captured_from"]
     return captured_columns(mtime_capture(entry.mtime_ns).when, "mtime")
 
 

@@ -173,6 +173,7 @@ class Plan:
     bad: list[tuple[Entry, str, str]] = field(default_factory=list)              # (entry, reason, message)
     unchanged: int = 0
     skipped_again: Counter = field(default_factory=Counter)
+    frames: dict[str, list] = field(default_factory=dict, repr=False)  # stored frames of each video, by path
 
 
 def triage(listing: Listing, catalog) -> tuple[Plan, list[Entry]]:
@@ -180,7 +181,7 @@ def triage(listing: Listing, catalog) -> tuple[Plan, list[Entry]]:
     plan, candidates, seen = Plan(), [], set()
     stored = {(r["path"], r["key"]): r for r in catalog.items()}
     skipped = {(r["path"], r["key"]): r for r in catalog.skipped()}
-    frames: dict[str, list] = {}  # a video's stored frames
+    frames = plan.frames
     for (path, key), item in stored.items():
         if key.startswith(FRAME_PREFIX):
             frames.setdefault(path, []).append(item)
@@ -219,8 +220,14 @@ def resolve(plan: Plan, candidates: list[Entry], hashes: list, catalog) -> Plan:
         if isinstance(digest, tuple):
             plan.bad.append((entry, *digest))
             continue
-        if entry.video:  # its frames are encoded again: a video's vectors are not copied between paths
-            plan.encode.append((entry, digest))
+        if entry.video:
+            mine = plan.frames.get(entry.path, [])
+            if mine and all(frame["hash"] == digest for frame in mine):  # the same video, only its stat changed
+                plan.touched += [(entry, digest, frame) for frame in mine]
+                kept = {frame["id"] for frame in mine}  # triage planned to remove them with the video's old stat
+                plan.removed = [item_id for item_id in plan.removed if item_id not in kept]
+            else:  # its frames are encoded again: a video's vectors are not copied between paths
+                plan.encode.append((entry, digest))
             continue
         item = catalog.item_at(entry.path, entry.key)
         if item is not None and item["hash"] == digest and item["caption"] == entry.caption:
