@@ -1,11 +1,13 @@
 """The single-intra-op-thread setting is counted across overlapping holders and always undone."""
 import threading
+import warnings
 
+import numpy as np
 import pytest
 
 import torch
 
-from clipforge.runtime.threads import single_intraop_thread
+from clipforge.runtime.threads import single_intraop_thread, torch_matmul
 
 
 def test_overlapping_holders_on_two_threads_restore_the_count_once_both_leave():
@@ -74,3 +76,18 @@ def test_threads_must_be_positive():
 
     with pytest.raises(ValueError, match="--threads must be a positive integer"):
         TrainConfig(model="tiny-vit", train_data="builtin", steps=1, output="x", threads=0).validate()
+
+
+def test_torch_matmul_is_numpys_product_for_views_memory_maps_and_mixed_dtypes(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((300, 64)).astype(np.float16)
+    np.save(tmp_path / "rows.npy", rows)
+    mapped = np.load(tmp_path / "rows.npy", mmap_mode="r")  # read-only, as the index's segments
+    query = rng.standard_normal(64).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not writable" warning from torch
+        for a, b in ((mapped, query), (mapped[::3], query.astype(np.float64)), (mapped[:50], mapped[50:80].T)):
+            out = torch_matmul(a, b)
+            expected = a @ b
+            assert out.dtype == expected.dtype and out.shape == expected.shape
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

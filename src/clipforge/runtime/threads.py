@@ -57,13 +57,14 @@ def threads_beside_workers(workers: int) -> int:
 
 
 def torch_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` of NumPy arrays (``b`` cast to ``a``'s dtype), computed by torch on its own threads.
+    """``a @ b`` of NumPy arrays, in the wider of their dtypes (as NumPy's ``@``), computed by torch on its threads.
 
     For code that runs between torch's model calls, such as a search after encoding its query: NumPy's BLAS
     keeps threads of its own, which spin for a while after each product large enough to share out, and then
     take the cores from torch's threads on the next call (measured in ``clipforge serve`` on 2 cores: an int8
     text query 9 ms after a search whose re-scoring product ran here, 35 ms after one that ran in NumPy)."""
-    return (read_only_tensor(a) @ read_only_tensor(np.asarray(b, dtype=a.dtype))).numpy()
+    dtype = np.result_type(a, b)
+    return (read_only_tensor(np.asarray(a, dtype=dtype)) @ read_only_tensor(np.asarray(b, dtype=dtype))).numpy()
 
 
 def read_only_tensor(array: np.ndarray) -> torch.Tensor:
