@@ -83,8 +83,6 @@ class Int8Linear(nn.Module):
         return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=reduce_range)
 
     def _pack(self) -> tuple[torch.ScriptObject, bool]:
-        if self.weight.device.type != "cpu":
-            raise RuntimeError(INT8_DEVICE_ERROR)
         return pack_rows(self.weight, self.weight_scale, self.bias, self.engine)
 
     def __getstate__(self) -> dict:
@@ -174,8 +172,7 @@ def _has_vnni(engine: str = "x86") -> bool:
     if not (is_vnni is not None and is_vnni()):
         return False
     if engine == "onednn":
-        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-        return not cap or cap in ("ALL", "DEFAULT") or "VNNI" in cap or "AMX" in cap or "AVX10" in cap
+        return _onednn_allows("VNNI", "AMX", "AVX10")
     forced = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper()
     return _FBGEMM_ISAS.get(forced, True)
 
@@ -183,10 +180,14 @@ def _has_vnni(engine: str = "x86") -> bool:
 def _onednn_has_amx() -> bool:
     """Whether oneDNN may use AMX here: the CPU has it and ONEDNN_MAX_CPU_ISA does not cap oneDNN below it."""
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if not (has_amx is not None and has_amx()):
-        return False
+    return bool(has_amx is not None and has_amx()) and _onednn_allows("AMX")
+
+
+def _onednn_allows(*names: str) -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA lets oneDNN use an instruction set named by any of ``names`` (unset, ALL and
+    DEFAULT let it use everything the CPU has)."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    return not cap or cap in ("ALL", "DEFAULT") or "AMX" in cap
+    return not cap or cap in ("ALL", "DEFAULT") or any(name in cap for name in names)
 
 
 def _packing_engine(tower: str) -> str:

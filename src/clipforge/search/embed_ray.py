@@ -13,7 +13,7 @@ import torch
 
 from clipforge.encode import encode_captions, encode_images
 from clipforge.search import embeddings
-from clipforge.search.model import load_model, model_identity, model_name, weights_checksum
+from clipforge.search.model import indexed_precision, load_model, model_identity, model_name, weights_checksum
 from clipforge.search.partitions import (
     EmbedOptions,
     HashedImages,
@@ -67,7 +67,8 @@ def embed_ray(folder: Path, sources: list[str], model: str, options: EmbedOption
 
 def _run(ray, folder: Path, works: list[Work], todo: list[Work], config: dict, spec: str, random_init: bool,
          preprocess, options: EmbedOptions, actors: int | None, progress: Progress) -> None:
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if config.get("precision", "fp32") == "fp32" else 0
+    precision = indexed_precision(config)  # int8 runs on the CPU: no GPU actors
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if precision == "fp32" else 0
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if not gpus and actors and actors >= cpus:  # each CPU actor holds a CPU for good: decoding would never run
         raise ValueError(f"--ray-actors {actors} on a cluster of {cpus} CPUs and no GPU leaves no CPU for decoding "
@@ -83,7 +84,7 @@ def _run(ray, folder: Path, works: list[Work], todo: list[Work], config: dict, s
         _Encoder, batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=actors or max(1, gpus)),
         num_cpus=1, num_gpus=1 if gpus else 0,
         fn_constructor_kwargs={"spec": spec, "random_init": random_init, "weights_sha256": config["weights_sha256"],
-                               "text": config["text"], "precision": config.get("precision", "fp32"),
+                               "text": config["text"], "precision": precision,
                                "gpu": bool(gpus)})
     assembler = _Assembler(folder, {w.number: w for w in todo}, len(works), config, progress)
     context = ray.data.DataContext.get_current()

@@ -152,16 +152,18 @@ class FolderStore:
             screens = self._copies.screens(kind, self._segments[kind], self._identities[kind])
         found = exact.screened_top(screens, self._segments[kind], rows, vector, limit) if screens else None
         if found is None:
-            scores = exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
-            found = exact.top_k(scores, limit)
+            found = exact.top_k(self._scan_scores(kind, rows, vector), limit)
         return ids, *found
 
     def _scored(self, vector: np.ndarray, filters: Filters, captions: bool) -> tuple[np.ndarray, np.ndarray]:
         """(ids, exact scores) of every item ``filters`` keeps."""
         kind = "captions" if captions else "images"
         ids, rows = self._kept(filters, captions)
-        scores = exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
-        return ids, scores
+        return ids, self._scan_scores(kind, rows, vector)
+
+    def _scan_scores(self, kind: str, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        """Exact scores of ``rows`` of ``kind``, from a scan of every row."""
+        return exact.scores(self._scan_segments(kind), vector[None])[rows, 0] if len(rows) else np.empty(0)
 
     def _kept(self, filters: Filters, captions: bool) -> tuple[np.ndarray, np.ndarray]:
         """(ids, rows) of every item ``filters`` keeps, by id."""
